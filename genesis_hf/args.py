@@ -32,9 +32,7 @@ def check_keys(values: dict[str, Any], dataclass_types: tuple[type, ...], source
     for key in unknown:
         close = difflib.get_close_matches(key, known, n=1)
         hints.append(f"{key!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
-    raise ConfigError(
-        f"Unknown config key(s) in {source}: {', '.join(hints)}. Valid keys are: {', '.join(known)}."
-    )
+    raise ConfigError(f"Unknown config key(s) in {source}: {', '.join(hints)}. Valid keys are: {', '.join(known)}.")
 
 
 def load_yaml(path: str | Path) -> dict[str, Any]:
