@@ -12,6 +12,7 @@ import sys
 # subcommand name -> module that defines `register_cli(subparsers)`
 SUBCOMMANDS: dict[str, str] = {
     "tokenizer": "genesis_hf.tokenizer",
+    "plan": "genesis_hf.training.plan",
 }
 
 
