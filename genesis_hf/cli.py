@@ -13,6 +13,8 @@ import sys
 SUBCOMMANDS: dict[str, str] = {
     "tokenizer": "genesis_hf.tokenizer",
     "plan": "genesis_hf.training.plan",
+    "export": "genesis_hf.publish.export",
+    "checkpoints": "genesis_hf.publish.checkpoints",
 }
 
 
