@@ -1,0 +1,837 @@
+"""Export a checkpoint as a folder that loads everywhere, and prove that it does.
+
+`genesis-hf export CHECKPOINT OUT [--format hf|llama|gguf] [--dtype bf16|fp32|fp16]`
+
+CHECKPOINT is a training checkpoint (`<output_dir>/checkpoints/step-XXXXXXX/`, DCP shards loaded on CPU, no GPU or
+process group needed) or a Hugging Face model folder (Genesis or Llama). The formats:
+
+- `hf`: Genesis safetensors (sharded above `--max-shard-size`), `config.json` with `auto_map`, the configuration and
+  modeling files for `trust_remote_code=True`, `generation_config.json` (eos includes `<|im_end|>` when the tokenizer
+  has it), the tokenizer with its chat template, `genesis_checkpoint.json` (step, tokens seen, loss) and a model card.
+- `llama`: the same as a plain `LlamaForCausalLM` folder (`genesis_hf.convert.to_llama`), no remote code: ready for
+  vLLM, TGI and llama.cpp's converter.
+- `gguf`: one llama-architecture GGUF file with the byte-level BPE tokenizer in its metadata (`tokenizer.ggml.model =
+  "gpt2"`), plus card and `genesis_checkpoint.json`. Query and key projections are stored permuted the way llama.cpp's
+  `convert_hf_to_gguf.py` stores them (its rotary kernel pairs adjacent dimensions; HF pairs the two halves), and
+  transformers' GGUF loader permutes them back. 2D weights are F32, BF16 or F16; norms stay F32 as llama.cpp keeps them.
+
+Every export is reloaded the way users will load it (`trust_remote_code`, `LlamaForCausalLM`, transformers' GGUF
+loader) and its logits on fixed prompts are compared in fp32 with the source model's, whose weights are rounded to the
+exported dtype first so that only real mismatches count. The tokenizer is reloaded too and must encode the prompts to
+the same ids. The max absolute difference is printed; above the tolerance the export fails (exit code 1) and nothing
+is left at OUT. This is the check the seed project lacked: its published evaluations sat at chance level because the
+evaluated export did not match the trained model.
+"""
+
+import argparse
+import copy
+import dataclasses
+import json
+import os
+import shutil
+import sys
+from collections.abc import Callable, Iterable
+from pathlib import Path
+
+import numpy as np
+import torch
+import yaml
+from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig, LlamaForCausalLM
+
+import genesis_hf
+from genesis_hf.convert import from_llama, to_llama
+from genesis_hf.modeling_genesis import GenesisForCausalLM
+from genesis_hf.publish import card as model_card
+
+EXPORT_FORMATS = ("hf", "llama", "gguf")
+EXPORT_DTYPES: dict[str, torch.dtype] = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}
+DEFAULT_TOLERANCE = 1e-4
+DEFAULT_MAX_SHARD_SIZE = "2GB"
+CHECKPOINT_METADATA_FILE = "genesis_checkpoint.json"
+GGUF_BASENAME = "genesis"
+CHATML_END = "<|im_end|>"
+_WEIGHT_FILES = (
+    "model.safetensors",
+    "model.safetensors.index.json",
+    "pytorch_model.bin",
+    "pytorch_model.bin.index.json",
+)
+# Prose, code, digits and ChatML: each exercises a different part of the tokenizer and the model.
+VERIFY_PROMPTS = (
+    "The history of science is the study of how people came to understand the natural world.",
+    "def fibonacci(n):\n    return n if n < 2 else fibonacci(n - 1) + fibonacci(n - 2)\n",
+    "In 1969, 3 astronauts flew 384,400 km to the Moon.",
+    "<|im_start|>user\nWhat is 2 + 2?<|im_end|>\n<|im_start|>assistant\n",
+)
+MAX_VERIFY_TOKENS = 48
+
+
+class ExportError(ValueError):
+    """The checkpoint or the arguments cannot be exported; the message names the value and the fix."""
+
+
+class ExportMismatchError(ExportError):
+    """The reloaded export does not reproduce the source model (logits or tokenization)."""
+
+
+@dataclasses.dataclass
+class LoadedCheckpoint:
+    """A model ready to export (fp32, eval mode), with what is known about the run it comes from."""
+
+    model: GenesisForCausalLM
+    tokenizer: object
+    path: Path
+    kind: str  # "training" (DCP checkpoint) or "hf" (model folder)
+    step: int | None = None
+    tokens_seen: int | None = None
+    loss: float | None = None
+    trainer_state: dict | None = None
+    run_config: dict | None = None
+
+
+@dataclasses.dataclass
+class VerificationResult:
+    max_abs_diff: float
+    max_abs_diff_vs_fp32: float
+    tolerance: float
+    num_prompts: int
+    num_tokens: int
+
+    @property
+    def ok(self) -> bool:
+        return self.max_abs_diff <= self.tolerance
+
+
+@dataclasses.dataclass
+class ExportResult:
+    out_dir: Path
+    export_format: str
+    dtype: str
+    files: list[str]
+    verification: VerificationResult | None
+    gguf_file: str | None = None
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Loading the source
+
+
+def is_training_checkpoint(path: str | Path) -> bool:
+    """A training checkpoint holds `trainer_state.json` and DCP shards (`.metadata`), not safetensors weights."""
+    path = Path(path)
+    has_weights = any((path / name).is_file() for name in _WEIGHT_FILES)
+    return (path / "trainer_state.json").is_file() and not has_weights
+
+
+def _check_model_folder(path: Path) -> None:
+    if not (path / "config.json").is_file():
+        present = ", ".join(sorted(item.name for item in path.iterdir())[:12]) or "nothing"
+        raise ExportError(
+            f"{str(path)!r} is not a complete checkpoint: config.json is missing (found: {present}). Pass a training "
+            "checkpoint (<output_dir>/checkpoints/step-XXXXXXX) or a folder written by save_pretrained; a checkpoint "
+            "copied while it was being written is partial, copy it again."
+        )
+    index_files = [name for name in _WEIGHT_FILES if name.endswith(".index.json") and (path / name).is_file()]
+    if index_files:
+        weight_map = json.loads((path / index_files[0]).read_text())["weight_map"]
+        missing = sorted({shard for shard in weight_map.values() if not (path / shard).is_file()})
+        if missing:
+            raise ExportError(
+                f"{str(path)!r} is partial: {index_files[0]} lists weight shards that are missing: {', '.join(missing)}. "
+                "Copy the complete folder (every shard named in the index)."
+            )
+    elif not any((path / name).is_file() for name in _WEIGHT_FILES):
+        raise ExportError(
+            f"{str(path)!r} has config.json but no weights (expected model.safetensors or a sharded "
+            "model.safetensors.index.json with its shards). The checkpoint is partial: copy it again, or point at a "
+            "training checkpoint directory with its DCP shards."
+        )
+
+
+def _load_tokenizer(path: Path):
+    try:
+        return AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError) as error:
+        raise ExportError(
+            f"Could not load a tokenizer from {str(path)!r} ({error}). Pass --tokenizer with the folder holding the "
+            "run's tokenizer (tokenizer.json, tokenizer_config.json)."
+        ) from None
+
+
+def _find_tokenizer_dir(path: Path) -> Path | None:
+    for candidate in (path / "tokenizer", path):
+        if (candidate / "tokenizer.json").is_file() or (candidate / "tokenizer_config.json").is_file():
+            return candidate
+    return None
+
+
+def _read_yaml(path: Path) -> dict | None:
+    if not path.is_file():
+        return None
+    values = yaml.safe_load(path.read_text(encoding="utf-8"))
+    return values if isinstance(values, dict) else None
+
+
+def _load_model_folder(path: Path) -> GenesisForCausalLM:
+    config = json.loads((path / "config.json").read_text())
+    model_type = config.get("model_type")
+    if model_type == "genesis":
+        model_class = GenesisForCausalLM
+    elif model_type == "llama":
+        model_class = LlamaForCausalLM
+    else:
+        raise ExportError(
+            f"{str(path / 'config.json')!r} has model_type={model_type!r}; genesis-hf export reads Genesis "
+            "(model_type 'genesis') and Llama (model_type 'llama') checkpoints."
+        )
+    try:
+        model, info = model_class.from_pretrained(path, dtype=torch.float32, output_loading_info=True)
+    except (OSError, RuntimeError, ValueError) as error:
+        raise ExportError(
+            f"The weights in {str(path)!r} do not fit its config.json ({str(error).splitlines()[0]}). The folder mixes "
+            "files of different models: use the config.json saved with these weights."
+        ) from None
+    tied = {"lm_head.weight"} if model.config.tie_word_embeddings else set()
+    missing = [key for key in info.get("missing_keys", []) if key not in tied]
+    problems = {
+        "missing": missing,
+        "unexpected": list(info.get("unexpected_keys", [])),
+        "mismatched": [str(item) for item in info.get("mismatched_keys", [])],
+    }
+    if any(problems.values()):
+        details = "; ".join(f"{kind}: {', '.join(keys[:6])}" for kind, keys in problems.items() if keys)
+        raise ExportError(
+            f"The weights in {str(path)!r} do not match its config.json ({details}). Exporting would publish randomly "
+            "initialised or dropped weights: use the config.json and weights saved together."
+        )
+    if model_type == "llama":
+        model = from_llama(model)
+    return model.float().eval()
+
+
+def load_checkpoint(checkpoint: str | Path, tokenizer_path: str | Path | None = None) -> LoadedCheckpoint:
+    """Load a training checkpoint or a model folder on CPU in fp32, with its tokenizer and run metadata.
+
+    Args:
+        checkpoint: a training checkpoint directory or a Hugging Face model folder.
+        tokenizer_path: use this tokenizer instead of the checkpoint's own.
+
+    Raises:
+        ExportError: the path is missing or partial, the weights do not fit the config, or the tokenizer does not fit
+            the model.
+    """
+    path = Path(checkpoint)
+    if not path.is_dir():
+        raise ExportError(
+            f"Checkpoint {str(path)!r} does not exist or is not a directory. Pass a training checkpoint "
+            "(<output_dir>/checkpoints/step-XXXXXXX) or a folder written by save_pretrained; "
+            "`genesis-hf checkpoints <output_dir>` lists them."
+        )
+    trainer_state = None
+    if is_training_checkpoint(path):
+        try:
+            from genesis_hf.training.checkpoint import load_model_from_checkpoint
+        except ImportError as error:
+            raise ExportError(
+                f"{str(path)!r} is a training checkpoint, but genesis_hf.training.checkpoint cannot be imported "
+                f"({error}); update genesis_hf."
+            ) from None
+        if not (path / "config.json").is_file():
+            raise ExportError(
+                f"Training checkpoint {str(path)!r} is partial: config.json is missing. Checkpoints become visible "
+                "only once complete; pick another step (`genesis-hf checkpoints`) or copy this one again."
+            )
+        try:
+            model, tokenizer, trainer_state = load_model_from_checkpoint(path, dtype=torch.float32)
+        except (OSError, RuntimeError, ValueError, KeyError) as error:
+            raise ExportError(
+                f"Could not load training checkpoint {str(path)!r}: {error}. The DCP shards may be incomplete or from "
+                "another model config; pick another step or copy the checkpoint again."
+            ) from None
+        model = model.float().eval()
+        kind = "training"
+    else:
+        _check_model_folder(path)
+        model = _load_model_folder(path)
+        tokenizer = None
+        kind = "hf"
+    if tokenizer_path is not None:
+        tokenizer = _load_tokenizer(Path(tokenizer_path))
+    elif tokenizer is None:
+        tokenizer_dir = _find_tokenizer_dir(path)
+        if tokenizer_dir is None:
+            raise ExportError(
+                f"No tokenizer in {str(path)!r} (no tokenizer.json, tokenizer_config.json or tokenizer/ folder). "
+                "Pass --tokenizer with the folder of the tokenizer the model was trained with."
+            )
+        tokenizer = _load_tokenizer(tokenizer_dir)
+    check_tokenizer_fits(model.config, tokenizer, source=str(tokenizer_path or path))
+
+    metadata = {}
+    if (path / CHECKPOINT_METADATA_FILE).is_file():
+        metadata = json.loads((path / CHECKPOINT_METADATA_FILE).read_text())
+    state = trainer_state or metadata
+    if trainer_state is None and (path / "trainer_state.json").is_file():
+        state = {**json.loads((path / "trainer_state.json").read_text()), **metadata}
+    return LoadedCheckpoint(
+        model=model,
+        tokenizer=tokenizer,
+        path=path,
+        kind=kind,
+        step=state.get("step"),
+        tokens_seen=state.get("tokens_seen"),
+        loss=state.get("loss"),
+        trainer_state=trainer_state,
+        run_config=_read_yaml(path / "run_config.yaml"),
+    )
+
+
+def check_tokenizer_fits(config, tokenizer, source: str = "the tokenizer") -> None:
+    """Raise `ExportError` when the tokenizer can produce ids the model has no embedding row for.
+
+    Args:
+        config: the model config (`vocab_size`).
+        tokenizer: the tokenizer to publish with the model.
+        source: where the tokenizer comes from, for the message.
+    """
+    vocab_size = config.vocab_size
+    if len(tokenizer) > vocab_size:
+        raise ExportError(
+            f"The tokenizer from {source!r} has {len(tokenizer)} tokens but the model has vocab_size={vocab_size} "
+            f"embedding rows: ids {vocab_size}..{len(tokenizer) - 1} would index past the embedding. This tokenizer "
+            "belongs to another model; pass --tokenizer with the tokenizer the checkpoint was trained with (a training "
+            "checkpoint keeps it in its tokenizer/ folder)."
+        )
+    for name in ("eos_token_id", "bos_token_id", "pad_token_id"):
+        token_id = getattr(tokenizer, name, None)
+        if token_id is not None and token_id >= vocab_size:
+            raise ExportError(
+                f"The tokenizer from {source!r} has {name}={token_id}, outside the model's vocab_size={vocab_size}. "
+                "Pass --tokenizer with the tokenizer the checkpoint was trained with."
+            )
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Writing the formats
+
+
+def _parse_dtype(dtype: str) -> torch.dtype:
+    if dtype not in EXPORT_DTYPES:
+        raise ExportError(f"Unknown export dtype {dtype!r}; choose one of {', '.join(EXPORT_DTYPES)}.")
+    return EXPORT_DTYPES[dtype]
+
+
+def eos_token_ids(tokenizer) -> list[int]:
+    """The tokenizer's eos id, then `<|im_end|>` when the tokenizer has it (chat models stop on it)."""
+    ids = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    im_end = tokenizer.get_vocab().get(CHATML_END)
+    if im_end is not None and im_end not in ids:
+        ids.append(im_end)
+    return ids
+
+
+def generation_config_for(config, tokenizer) -> GenerationConfig:
+    eos = eos_token_ids(tokenizer)
+    return GenerationConfig(
+        bos_token_id=config.bos_token_id,
+        eos_token_id=eos if len(eos) > 1 else (eos[0] if eos else config.eos_token_id),
+        pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else config.pad_token_id,
+    )
+
+
+def _tokenizer_for_export(tokenizer):
+    """A copy with the ChatML template installed when the tokenizer has the ChatML tokens but no template."""
+    tokenizer = copy.deepcopy(tokenizer)
+    vocab = tokenizer.get_vocab()
+    if not getattr(tokenizer, "chat_template", None) and "<|im_start|>" in vocab and CHATML_END in vocab:
+        from genesis_hf.tokenizer import CHATML_TEMPLATE
+
+        tokenizer.chat_template = CHATML_TEMPLATE
+    return tokenizer
+
+
+def _write_hf(model: GenesisForCausalLM, tokenizer, out_dir: Path, dtype: torch.dtype, max_shard_size) -> None:
+    export_model = copy.deepcopy(model).to(dtype)
+    export_model.generation_config = generation_config_for(model.config, tokenizer)
+    export_model.save_pretrained(out_dir, max_shard_size=max_shard_size)
+    # save_pretrained copies the modeling files because genesis_hf registers the classes for auto_map; check it, since
+    # without them the folder only loads where genesis_hf is installed.
+    package_dir = Path(genesis_hf.__file__).parent
+    config = json.loads((out_dir / "config.json").read_text())
+    auto_map = config.get("auto_map") or {}
+    for name in ("configuration_genesis.py", "modeling_genesis.py"):
+        if not (out_dir / name).is_file():
+            shutil.copy2(package_dir / name, out_dir / name)
+    if "AutoModelForCausalLM" not in auto_map:
+        config["auto_map"] = {
+            **auto_map,
+            "AutoConfig": "configuration_genesis.GenesisConfig",
+            "AutoModelForCausalLM": "modeling_genesis.GenesisForCausalLM",
+        }
+        (out_dir / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    _tokenizer_for_export(tokenizer).save_pretrained(out_dir)
+
+
+def _write_llama(model: GenesisForCausalLM, tokenizer, out_dir: Path, dtype: torch.dtype, max_shard_size) -> None:
+    llama = to_llama(model).to(dtype)
+    llama.generation_config = generation_config_for(model.config, tokenizer)
+    llama.save_pretrained(out_dir, max_shard_size=max_shard_size)
+    _tokenizer_for_export(tokenizer).save_pretrained(out_dir)
+
+
+def gguf_permute(weights: np.ndarray, num_heads: int) -> np.ndarray:
+    """HF's half-split rotary layout -> llama.cpp's interleaved one, per head (`convert_hf_to_gguf.py`'s `permute`).
+
+    Rows of a q/k projection are `(heads, head_dim)`; HF rotates dimension `i` with `i + head_dim/2`, llama.cpp with
+    `i + 1`. Reordering each head's rows as `(2, head_dim/2) -> (head_dim/2, 2)` makes the two agree; transformers'
+    GGUF loader applies the inverse when it reads the file.
+
+    Args:
+        weights: `(num_heads * head_dim, in_features)` weight or `(num_heads * head_dim,)` bias.
+        num_heads: query heads for q_proj, key/value heads for k_proj.
+    """
+    rest = weights.shape[1:]
+    return (
+        weights.reshape(num_heads, 2, weights.shape[0] // num_heads // 2, *rest).swapaxes(1, 2).reshape(weights.shape)
+    )
+
+
+def _gguf_tokenizer_metadata(tokenizer, vocab_size: int) -> dict:
+    """Tokens, token types and merges of a byte-level BPE tokenizer, padded to `vocab_size` like llama.cpp pads."""
+    import gguf
+
+    backend = json.loads(tokenizer.backend_tokenizer.to_str())
+    if backend.get("model", {}).get("type") != "BPE":
+        raise ExportError(
+            f"GGUF export supports byte-level BPE tokenizers (genesis_hf.tokenizer); this one is "
+            f"{backend.get('model', {}).get('type')!r}. Export with --format hf or llama instead."
+        )
+    merges = [" ".join(merge) if isinstance(merge, list) else merge for merge in backend["model"]["merges"]]
+    added = {token["id"]: token for token in backend.get("added_tokens", [])}
+    tokens = tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))
+    token_types = []
+    for index in range(len(tokens)):
+        if index in added:
+            kind = gguf.TokenType.CONTROL if added[index].get("special") else gguf.TokenType.USER_DEFINED
+        else:
+            kind = gguf.TokenType.NORMAL
+        token_types.append(kind)
+    # Embedding rows past the tokenizer (a vocab padded for speed) get placeholder tokens that never occur.
+    for index in range(len(tokens), vocab_size):
+        tokens.append(f"[PAD{index}]")
+        token_types.append(gguf.TokenType.UNUSED)
+    return {"tokens": tokens, "token_types": token_types, "merges": merges}
+
+
+def _write_gguf(model: GenesisForCausalLM, tokenizer, out_dir: Path, dtype_name: str, permute: bool = True) -> str:
+    import gguf
+    from gguf import GGMLQuantizationType, LlamaFileType
+
+    config = model.config
+    file_types = {
+        "fp32": (GGMLQuantizationType.F32, LlamaFileType.ALL_F32, "F32"),
+        "bf16": (GGMLQuantizationType.BF16, LlamaFileType.MOSTLY_BF16, "BF16"),
+        "fp16": (GGMLQuantizationType.F16, LlamaFileType.MOSTLY_F16, "F16"),
+    }
+    tensor_type, file_type, suffix = file_types[dtype_name]
+    file_name = f"{GGUF_BASENAME}-{suffix}.gguf"
+    head_dim = config.head_dim
+    writer = gguf.GGUFWriter(out_dir / file_name, "llama")
+    writer.add_name(GGUF_BASENAME)
+    writer.add_file_type(file_type)
+    writer.add_context_length(config.max_position_embeddings)
+    writer.add_embedding_length(config.hidden_size)
+    writer.add_block_count(config.num_hidden_layers)
+    writer.add_feed_forward_length(config.intermediate_size)
+    writer.add_head_count(config.num_attention_heads)
+    writer.add_head_count_kv(config.num_key_value_heads)
+    writer.add_rope_dimension_count(head_dim)
+    if head_dim != config.hidden_size // config.num_attention_heads:
+        writer.add_key_length(head_dim)
+        writer.add_value_length(head_dim)
+    writer.add_rope_freq_base(float(config.rope_parameters["rope_theta"]))
+    writer.add_layer_norm_rms_eps(float(config.rms_norm_eps))
+    writer.add_vocab_size(config.vocab_size)
+
+    vocabulary = _gguf_tokenizer_metadata(tokenizer, config.vocab_size)
+    writer.add_tokenizer_model("gpt2")
+    # llama.cpp's "smollm" pre-tokenizer is exactly genesis_hf's: single digits, then GPT-2's byte-level split.
+    writer.add_tokenizer_pre("smollm")
+    writer.add_token_list(vocabulary["tokens"])
+    writer.add_token_types(vocabulary["token_types"])
+    writer.add_token_merges(vocabulary["merges"])
+    if tokenizer.bos_token_id is not None:
+        writer.add_bos_token_id(tokenizer.bos_token_id)
+    if tokenizer.eos_token_id is not None:
+        writer.add_eos_token_id(tokenizer.eos_token_id)
+    if tokenizer.pad_token_id is not None:
+        writer.add_pad_token_id(tokenizer.pad_token_id)
+    im_end = tokenizer.get_vocab().get(CHATML_END)
+    if im_end is not None:
+        writer.add_eot_token_id(im_end)
+    writer.add_add_bos_token(False)
+    writer.add_add_eos_token(False)
+    export_tokenizer = _tokenizer_for_export(tokenizer)
+    if getattr(export_tokenizer, "chat_template", None):
+        writer.add_chat_template(export_tokenizer.chat_template)
+
+    name_map = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, config.num_hidden_layers)
+    for name, tensor in model.state_dict().items():
+        if name == "lm_head.weight" and config.tie_word_embeddings:
+            continue  # llama.cpp ties the output to token_embd when output.weight is absent
+        gguf_name = name_map.get_name(name, try_suffixes=(".weight", ".bias"))
+        if gguf_name is None:
+            raise ExportError(f"No GGUF tensor name for {name!r}; the model has a tensor llama.cpp does not know.")
+        data = tensor.detach().to(torch.float32).cpu().numpy()
+        if permute and name.endswith(("q_proj.weight", "q_proj.bias")):
+            data = gguf_permute(data, config.num_attention_heads)
+        elif permute and name.endswith(("k_proj.weight", "k_proj.bias")):
+            data = gguf_permute(data, config.num_key_value_heads)
+        if data.ndim == 1 or tensor_type == GGMLQuantizationType.F32:
+            writer.add_tensor(gguf_name, np.ascontiguousarray(data, dtype=np.float32))
+        elif tensor_type == GGMLQuantizationType.F16:
+            writer.add_tensor(gguf_name, np.ascontiguousarray(data, dtype=np.float16))
+        else:
+            packed = gguf.quants.quantize(np.ascontiguousarray(data), GGMLQuantizationType.BF16)
+            writer.add_tensor(gguf_name, packed, raw_shape=packed.shape, raw_dtype=GGMLQuantizationType.BF16)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return file_name
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Verification
+
+
+def verify_prompt_ids(tokenizer, max_tokens: int = MAX_VERIFY_TOKENS) -> list[list[int]]:
+    """Token ids of `VERIFY_PROMPTS` under `tokenizer` (no special tokens added), at most `max_tokens` each."""
+    return [tokenizer(prompt, add_special_tokens=False)["input_ids"][:max_tokens] for prompt in VERIFY_PROMPTS]
+
+
+def _rounded_reference(model: torch.nn.Module, export_format: str, dtype: torch.dtype) -> torch.nn.Module:
+    """The source model in fp32 with each weight rounded the way the export stores it."""
+    reference = copy.deepcopy(model).float().eval()
+    if dtype == torch.float32:
+        return reference
+    with torch.no_grad():
+        for parameter in reference.parameters():
+            if export_format == "gguf" and parameter.ndim == 1:
+                continue  # GGUF keeps norms in F32
+            parameter.copy_(parameter.to(dtype).float())
+    return reference
+
+
+@torch.no_grad()
+def _logits(model: torch.nn.Module, prompt_ids: list[list[int]]) -> list[torch.Tensor]:
+    return [model(torch.tensor([ids])).logits[0].float() for ids in prompt_ids if ids]
+
+
+def _reload(out_dir: Path, export_format: str, gguf_file: str | None):
+    """Load the export the way its users will, in fp32."""
+    if export_format == "hf":
+        model = AutoModelForCausalLM.from_pretrained(out_dir, trust_remote_code=True, dtype=torch.float32)
+        tokenizer = AutoTokenizer.from_pretrained(out_dir)
+    elif export_format == "llama":
+        config = json.loads((out_dir / "config.json").read_text())
+        if config.get("auto_map") or config.get("model_type") != "llama":
+            raise ExportMismatchError(
+                f"{out_dir / 'config.json'} is not a plain Llama config (auto_map or model_type)."
+            )
+        model = LlamaForCausalLM.from_pretrained(out_dir, dtype=torch.float32)
+        tokenizer = AutoTokenizer.from_pretrained(out_dir)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(out_dir, gguf_file=gguf_file, dtype=torch.float32)
+        tokenizer = AutoTokenizer.from_pretrained(out_dir, gguf_file=gguf_file)
+    return model.eval(), tokenizer
+
+
+def verify_export(
+    model: torch.nn.Module,
+    tokenizer,
+    out_dir: str | Path,
+    *,
+    export_format: str,
+    dtype: str,
+    tolerance: float = DEFAULT_TOLERANCE,
+    gguf_file: str | None = None,
+) -> VerificationResult:
+    """Reload an export and compare its logits (fp32) and tokenization with the source model's.
+
+    Args:
+        model: the source model.
+        tokenizer: the source tokenizer.
+        out_dir: the export folder.
+        export_format: `hf`, `llama` or `gguf`.
+        dtype: the exported dtype; the source weights are rounded to it before comparing.
+        tolerance: the largest acceptable absolute logit difference.
+        gguf_file: the GGUF file name inside `out_dir`.
+
+    Raises:
+        ExportMismatchError: the logits differ by more than `tolerance`, or the reloaded tokenizer encodes the prompts
+            differently.
+    """
+    out_dir = Path(out_dir)
+    reloaded, reloaded_tokenizer = _reload(out_dir, export_format, gguf_file)
+    prompt_ids = verify_prompt_ids(tokenizer)
+    reloaded_ids = verify_prompt_ids(reloaded_tokenizer)
+    for prompt, expected, got in zip(VERIFY_PROMPTS, prompt_ids, reloaded_ids):
+        if expected != got:
+            raise ExportMismatchError(
+                f"The {export_format} export's tokenizer encodes {prompt!r} as {got[:12]}... but the source tokenizer "
+                f"gives {expected[:12]}...: a model evaluated with this tokenizer would see other tokens than it was "
+                "trained on."
+            )
+    reference = _rounded_reference(model, export_format, _parse_dtype(dtype))
+    expected_logits = _logits(reference, prompt_ids)
+    fp32_logits = _logits(model.float().eval(), prompt_ids)
+    got_logits = _logits(reloaded, prompt_ids)
+    max_diff = max((a - b).abs().max().item() for a, b in zip(expected_logits, got_logits))
+    max_diff_fp32 = max((a - b).abs().max().item() for a, b in zip(fp32_logits, got_logits))
+    result = VerificationResult(
+        max_abs_diff=max_diff,
+        max_abs_diff_vs_fp32=max_diff_fp32,
+        tolerance=tolerance,
+        num_prompts=len(got_logits),
+        num_tokens=sum(len(ids) for ids in prompt_ids),
+    )
+    if not result.ok:
+        raise ExportMismatchError(
+            f"The {export_format} export does not reproduce the source model: max |logit difference| = "
+            f"{max_diff:.3g} > tolerance {tolerance:.3g} on {result.num_prompts} fixed prompts. Do not publish it; "
+            "this is the weight-layout/RoPE/tokenizer mismatch class of bug that puts evaluations at chance level."
+        )
+    return result
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The whole export
+
+
+def write_checkpoint_metadata(out_dir: Path, loaded: LoadedCheckpoint, export_format: str, dtype: str) -> None:
+    metadata = {
+        "step": loaded.step,
+        "tokens_seen": loaded.tokens_seen,
+        "loss": loaded.loss,
+        "format": export_format,
+        "dtype": dtype,
+        "source": loaded.path.name,
+        "genesis_hf_version": genesis_hf.__version__,
+    }
+    (out_dir / CHECKPOINT_METADATA_FILE).write_text(json.dumps(metadata, indent=2) + "\n")
+
+
+def _data_mixture(loaded: LoadedCheckpoint) -> dict | None:
+    for source in (loaded.run_config or {}, loaded.trainer_state or {}):
+        for key in ("mixture", "data_mixture", "dataset_mixture", "tokens_per_source"):
+            value = source.get(key)
+            if isinstance(value, dict) and value:
+                return value
+        loader_state = source.get("data_loader") or source.get("data_loader_state") or {}
+        if isinstance(loader_state, dict) and isinstance(loader_state.get("tokens_per_source"), dict):
+            return loader_state["tokens_per_source"]
+    return None
+
+
+def export_checkpoint(
+    checkpoint: str | Path | LoadedCheckpoint,
+    out_dir: str | Path,
+    *,
+    export_format: str = "hf",
+    dtype: str = "bf16",
+    max_shard_size: str | int = DEFAULT_MAX_SHARD_SIZE,
+    tolerance: float = DEFAULT_TOLERANCE,
+    tokenizer_path: str | Path | None = None,
+    repo_id: str | None = None,
+    revision: str | None = None,
+    step: int | None = None,
+    eval_results_path: str | Path | None = None,
+    overwrite: bool = False,
+    verify: bool = True,
+    redact: Iterable[str] = (),
+    log: Callable[[str], None] | None = None,
+) -> ExportResult:
+    """Export a checkpoint to `out_dir` in one format, verify it, and write the model card.
+
+    The export is written to a sibling staging folder and renamed to `out_dir` only once verified, so `out_dir` never
+    holds a partial or mismatching export.
+
+    Args:
+        checkpoint: a training checkpoint directory, a model folder, or an already `LoadedCheckpoint`.
+        out_dir: the folder to create.
+        export_format: `hf`, `llama` or `gguf`.
+        dtype: `bf16`, `fp32` or `fp16`.
+        max_shard_size: safetensors shard size (`"2GB"`, `"50MB"`, or bytes) for `hf` and `llama`.
+        tolerance: the largest acceptable absolute logit difference after reloading.
+        tokenizer_path: publish this tokenizer instead of the checkpoint's.
+        repo_id: where the export will be published (usage snippet of the card).
+        revision: the branch it will be published on (usage snippet).
+        step: the training step, when the caller knows it better than the checkpoint's own metadata.
+        eval_results_path: evaluation results JSON for the card; found next to the checkpoint when `None`.
+        overwrite: replace an existing non-empty `out_dir`.
+        verify: reload and compare (always on from the command line).
+        redact: strings (tokens) that must not appear in the card.
+        log: called with progress lines.
+
+    Raises:
+        ExportError: bad input (see `load_checkpoint`), or `out_dir` exists and `overwrite` is off.
+        ExportMismatchError: the verification failed.
+    """
+    log = log or (lambda message: None)
+    if export_format not in EXPORT_FORMATS:
+        raise ExportError(f"Unknown export format {export_format!r}; choose one of {', '.join(EXPORT_FORMATS)}.")
+    torch_dtype = _parse_dtype(dtype)
+    out_dir = Path(out_dir)
+    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())) and not overwrite:
+        raise ExportError(f"Output {str(out_dir)!r} already exists and is not empty; pass --overwrite or a new path.")
+    loaded = checkpoint if isinstance(checkpoint, LoadedCheckpoint) else load_checkpoint(checkpoint, tokenizer_path)
+    if step is not None:
+        loaded.step = step
+    log(f"Loaded {loaded.kind} checkpoint {loaded.path} (step {loaded.step}).")
+
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = out_dir.parent / f"{out_dir.name}-partial-{os.getpid()}"
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir()
+    try:
+        gguf_file = None
+        if export_format == "hf":
+            _write_hf(loaded.model, loaded.tokenizer, staging, torch_dtype, max_shard_size)
+        elif export_format == "llama":
+            _write_llama(loaded.model, loaded.tokenizer, staging, torch_dtype, max_shard_size)
+        else:
+            gguf_file = _write_gguf(loaded.model, loaded.tokenizer, staging, dtype)
+        write_checkpoint_metadata(staging, loaded, export_format, dtype)
+
+        verification = None
+        if verify:
+            verification = verify_export(
+                loaded.model,
+                loaded.tokenizer,
+                staging,
+                export_format=export_format,
+                dtype=dtype,
+                tolerance=tolerance,
+                gguf_file=gguf_file,
+            )
+            log(
+                f"Verified {export_format} ({dtype}) export: max |logit difference| = {verification.max_abs_diff:.3g} "
+                f"(tolerance {verification.tolerance:.3g}; {verification.max_abs_diff_vs_fp32:.3g} vs the fp32 "
+                "weights, the rounding to the export dtype)."
+            )
+
+        run_files = model_card.find_run_files(loaded.path)
+        eval_path = Path(eval_results_path) if eval_results_path else run_files.get("eval_results.json")
+        eval_results = model_card.read_eval_results(eval_path) if eval_path else None
+        run_config = loaded.run_config
+        if run_config is None and "run_config.yaml" in run_files:
+            run_config = _read_yaml(run_files["run_config.yaml"])
+        loaded.run_config = run_config
+        model_card.write_model_card(
+            staging,
+            loaded.model.config,
+            metrics_path=run_files.get("metrics.jsonl"),
+            repo_id=repo_id or out_dir.name,
+            export_format=export_format,
+            dtype=dtype,
+            revision=revision,
+            gguf_file=gguf_file,
+            step=loaded.step,
+            tokens_seen=loaded.tokens_seen,
+            loss=loaded.loss,
+            run_config=run_config,
+            data_mixture=_data_mixture(loaded),
+            eval_results=eval_results,
+            verification=dataclasses.asdict(verification) if verification else None,
+            redact=redact,
+        )
+        if out_dir.exists():
+            shutil.rmtree(out_dir) if out_dir.is_dir() else out_dir.unlink()
+        os.replace(staging, out_dir)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    files = sorted(str(path.relative_to(out_dir)) for path in out_dir.rglob("*") if path.is_file())
+    return ExportResult(out_dir, export_format, dtype, files, verification, gguf_file)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Command line
+
+
+def _run_export(args: argparse.Namespace) -> int:
+    try:
+        result = export_checkpoint(
+            args.checkpoint,
+            args.out,
+            export_format=args.format,
+            dtype=args.dtype,
+            max_shard_size=args.max_shard_size,
+            tolerance=args.tolerance,
+            tokenizer_path=args.tokenizer,
+            repo_id=args.repo_id,
+            eval_results_path=args.eval_results,
+            overwrite=args.overwrite,
+            log=print,
+        )
+    except ExportMismatchError as error:
+        print(f"genesis-hf export: verification failed: {error}", file=sys.stderr)
+        return 1
+    except ExportError as error:
+        print(f"genesis-hf export: error: {error}", file=sys.stderr)
+        return 2
+    verification = result.verification
+    print(f"max_abs_logit_diff={verification.max_abs_diff:.3e} tolerance={verification.tolerance:.1e} OK")
+    print(f"Wrote {result.export_format} ({result.dtype}) export to {result.out_dir}: {', '.join(result.files)}")
+    return 0
+
+
+def register_cli(subparsers: argparse._SubParsersAction) -> None:
+    """Add `genesis-hf export`.
+
+    Args:
+        subparsers: the `add_subparsers()` object of the top-level `genesis-hf` parser.
+    """
+    parser = subparsers.add_parser(
+        "export",
+        help="Export a checkpoint (hf, llama or gguf) and verify it reloads with the same logits.",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("checkpoint", help="Training checkpoint directory or Hugging Face model folder.")
+    parser.add_argument("out", help="Output folder (created; must not exist or be empty unless --overwrite).")
+    parser.add_argument("--format", choices=EXPORT_FORMATS, default="hf", help="Export format (default: hf).")
+    parser.add_argument("--dtype", choices=tuple(EXPORT_DTYPES), default="bf16", help="Weight dtype (default: bf16).")
+    parser.add_argument(
+        "--max-shard-size", default=DEFAULT_MAX_SHARD_SIZE, help="Safetensors shard size, e.g. 2GB (hf, llama)."
+    )
+    parser.add_argument(
+        "--tolerance", type=float, default=DEFAULT_TOLERANCE, help="Largest acceptable |logit difference|."
+    )
+    parser.add_argument("--tokenizer", default=None, help="Tokenizer folder to publish instead of the checkpoint's.")
+    parser.add_argument("--repo-id", default=None, help="Repo id used in the model card's usage snippet.")
+    parser.add_argument("--eval-results", default=None, help="lm-evaluation-harness results JSON for the card.")
+    parser.add_argument("--overwrite", action="store_true", help="Replace OUT if it exists.")
+    parser.set_defaults(func=_run_export)
+
+
+__all__ = [
+    "CHECKPOINT_METADATA_FILE",
+    "DEFAULT_TOLERANCE",
+    "EXPORT_DTYPES",
+    "EXPORT_FORMATS",
+    "ExportError",
+    "ExportMismatchError",
+    "ExportResult",
+    "LoadedCheckpoint",
+    "VerificationResult",
+    "check_tokenizer_fits",
+    "eos_token_ids",
+    "export_checkpoint",
+    "gguf_permute",
+    "is_training_checkpoint",
+    "load_checkpoint",
+    "register_cli",
+    "verify_export",
+]
