@@ -1,0 +1,527 @@
+"""Push checkpoints to the Hub while training runs, without ever making the training loop wait.
+
+`CheckpointPusher.submit(checkpoint_dir, step)` records the checkpoint in a journal and returns. A background thread
+exports it (a verified `hf` folder with its card, see `genesis_hf.publish.export`) and uploads it with
+`huggingface_hub`: `create_repo(exist_ok=True)`, `create_branch("step-XXXXXXX")`, `upload_folder(revision=branch)`,
+then the same folder to `main`, which follows the newest checkpoint. Failed requests are retried with bounded
+exponential backoff.
+
+Crashes lose nothing. The journal `<output_dir>/hub_uploads.json` holds one entry per checkpoint
+(`pending` -> `done`, or `failed` when the export itself is wrong) with the phases already finished; a new pusher on the
+same output directory (a resumed run) uploads whatever is still pending. A checkpoint's local copy must stay until its
+upload is confirmed: `may_delete(checkpoint_dir)` is the predicate for the trainer's retention policy
+(`save_total_limit`). Optionally the raw training state (the DCP checkpoint directory) also goes to a separate
+private repo (`backup_repo_id`) as an off-site backup.
+
+The token is only ever handed to `huggingface_hub`: it is never logged, written to the journal, a config or a card,
+and error messages are scrubbed of it. `preflight(repo_id, token)` checks the repo id and the token (present, valid,
+allowed to write to the namespace) before training starts, so a bad token fails in seconds rather than at the first
+checkpoint hours later.
+"""
+
+import json
+import logging
+import os
+import queue
+import re
+import shutil
+import threading
+import time
+from collections.abc import Callable
+from datetime import datetime, timezone
+from pathlib import Path
+
+from huggingface_hub import HfApi, get_token
+from huggingface_hub.errors import HfHubHTTPError, HFValidationError
+from huggingface_hub.utils import validate_repo_id
+
+logger = logging.getLogger(__name__)
+
+JOURNAL_FILE = "hub_uploads.json"
+EXPORTS_DIR = "hub_exports"
+JOURNAL_VERSION = 1
+_STEP_DIR = re.compile(r"step-(\d+)$")
+_TOKEN_HELP = (
+    "Create a token with write access at https://huggingface.co/settings/tokens and pass it as HF_TOKEN (or log in "
+    "with `hf auth login`), or turn push_to_hub off."
+)
+
+
+class PublishError(ValueError):
+    """Pushing cannot work with these settings; the message names the value and the fix (never the token)."""
+
+
+def branch_name(step: int) -> str:
+    """The Hub branch of a training step: `step-0000400` (7 digits, like the checkpoint folders)."""
+    return f"step-{step:07d}"
+
+
+def step_from_path(path: str | Path) -> int | None:
+    """The step of a `.../step-0000400` directory, `None` for other names."""
+    match = _STEP_DIR.search(Path(path).name)
+    return int(match.group(1)) if match else None
+
+
+def scrub(text: str, token: str | None) -> str:
+    """`text` with the token masked, for anything that is logged or written."""
+    return text.replace(token, "***") if token else text
+
+
+def check_repo_id(repo_id: str, setting: str = "hub_model_id") -> None:
+    """Raise `PublishError` unless `repo_id` is a valid Hub repo id (huggingface_hub's validator).
+
+    Args:
+        repo_id: the id to check, `namespace/name` or `name`.
+        setting: the config key it came from, for the message.
+    """
+    if not isinstance(repo_id, str) or not repo_id:
+        raise PublishError(f"{setting} is {repo_id!r}; set it to a repo id like 'your-name/genesis-1b'.")
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError as error:
+        raise PublishError(
+            f"{setting}={repo_id!r} is not a valid Hub repo id ({error}). Use 'namespace/name' with letters, digits, "
+            "'-', '_' and '.', e.g. 'your-name/genesis-1b'."
+        ) from None
+
+
+def resolve_token(token: str | None) -> str:
+    """The explicit token, else the one `huggingface_hub` finds (`HF_TOKEN`, `hf auth login`); raise when none."""
+    token = token or get_token()
+    if not token:
+        raise PublishError(f"Pushing to the Hub needs a token with write access, and none was found. {_TOKEN_HELP}")
+    return token
+
+
+def preflight(
+    repo_id: str, token: str | None = None, *, endpoint: str | None = None, backup_repo_id: str | None = None
+) -> str:
+    """Check, before training starts, that checkpoints can be pushed to `repo_id`; returns the full repo id.
+
+    Checks the repo id, that a token exists, that the Hub accepts it (`whoami`), that it is not read-only, and that
+    its user may write to the repo's namespace.
+
+    Args:
+        repo_id: `namespace/name` or `name` (the token's user namespace is then used).
+        token: the token; `huggingface_hub`'s own lookup when `None`.
+        endpoint: the Hub URL (`HF_ENDPOINT` when `None`).
+        backup_repo_id: the private backup repo, checked the same way.
+
+    Raises:
+        PublishError: with what was wrong and the fix.
+    """
+    check_repo_id(repo_id)
+    if backup_repo_id is not None:
+        check_repo_id(backup_repo_id, setting="hub_backup_repo_id")
+    token = resolve_token(token)
+    api = HfApi(endpoint=endpoint, token=token)
+    try:
+        identity = api.whoami()
+    except HfHubHTTPError as error:
+        status = error.response.status_code if error.response is not None else None
+        if status == 401:
+            raise PublishError(f"The Hub rejected the token (401 invalid credentials). {_TOKEN_HELP}") from None
+        raise PublishError(
+            f"Could not check the token with {api.endpoint}/api/whoami-v2: {scrub(str(error), token)}"
+        ) from None
+    except OSError as error:
+        raise PublishError(f"Could not reach the Hub at {api.endpoint} to check the token: {error}") from None
+    user = identity.get("name")
+    access = (identity.get("auth") or {}).get("accessToken") or {}
+    role = access.get("role")
+    if role == "read":
+        raise PublishError(
+            f"The token of user {user!r} is read-only (role 'read'), so checkpoints could not be uploaded to "
+            f"{repo_id!r}. {_TOKEN_HELP}"
+        )
+    if role == "fineGrained":
+        scoped = (access.get("fineGrained") or {}).get("scoped") or []
+        if not any("repo.write" in item.get("permissions", []) for item in scoped):
+            raise PublishError(
+                f"The fine-grained token of user {user!r} has no 'repo.write' permission, so checkpoints could not be "
+                f"uploaded to {repo_id!r}. Add write access to repos in the token settings, or {_TOKEN_HELP}"
+            )
+    namespaces = {user, *(org.get("name") for org in identity.get("orgs", []))}
+    full_ids = []
+    for repo in (repo_id, backup_repo_id):
+        if repo is None:
+            continue
+        full_id = repo if "/" in repo else f"{user}/{repo}"
+        namespace = full_id.split("/")[0]
+        if namespace not in namespaces:
+            raise PublishError(
+                f"The token belongs to {user!r}, who cannot write to namespace {namespace!r} of {full_id!r} "
+                f"(writable: {', '.join(sorted(name for name in namespaces if name))}). Use one of those namespaces or "
+                "a token of a member of that organization."
+            )
+        full_ids.append(full_id)
+    return full_ids[0]
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+class UploadJournal:
+    """`<output_dir>/hub_uploads.json`: one entry per checkpoint, rewritten atomically on every change.
+
+    ```json
+    {"version": 1, "repo_id": "you/genesis-1b", "main_step": 800,
+     "uploads": {"step-0000800": {"step": 800, "checkpoint_dir": "...", "state": "pending",
+                                  "phases": {"branch": true, "main": false, "backup": null},
+                                  "attempts": 1, "last_error": "...", "submitted_at": "...", "confirmed_at": null}}}
+    ```
+    """
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self._lock = threading.RLock()
+        self.data = {"version": JOURNAL_VERSION, "repo_id": None, "main_step": None, "uploads": {}}
+        if self.path.is_file():
+            try:
+                self.data.update(json.loads(self.path.read_text()))
+            except json.JSONDecodeError:
+                # Only an interrupted write outside `save` could do this; keep the evidence and start over.
+                self.path.rename(self.path.with_suffix(".corrupt.json"))
+                logger.warning("Upload journal %s was unreadable; moved it aside and started a new one.", self.path)
+
+    def save(self) -> None:
+        with self._lock:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            temporary = self.path.with_name(f".{self.path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+            with temporary.open("w") as handle:
+                json.dump(self.data, handle, indent=2, sort_keys=True)
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.replace(temporary, self.path)
+
+    def entry(self, step: int) -> dict | None:
+        with self._lock:
+            return self.data["uploads"].get(branch_name(step))
+
+    def update(self, step: int, **values) -> dict:
+        with self._lock:
+            entry = self.data["uploads"].setdefault(branch_name(step), {"step": step})
+            entry.update(values)
+            self.save()
+            return entry
+
+    def set_phase(self, step: int, phase: str, value: bool | None) -> None:
+        with self._lock:
+            self.data["uploads"][branch_name(step)]["phases"][phase] = value
+            self.save()
+
+    def steps(self, state: str | None = None) -> list[int]:
+        with self._lock:
+            return sorted(
+                entry["step"] for entry in self.data["uploads"].values() if state is None or entry["state"] == state
+            )
+
+
+class CheckpointPusher:
+    """Export and upload checkpoints in a background thread, one Hub branch per checkpoint; `main` follows the newest.
+
+    Args:
+        repo_id: the model repo, `namespace/name`.
+        token: a write token; `huggingface_hub`'s own lookup (`HF_TOKEN`, `hf auth login`) when `None`.
+        output_dir: the run's output directory, where the journal and the staged exports live.
+        export_format: `hf` (default) or `llama`, see `genesis_hf.publish.export`.
+        dtype: weights dtype of the pushed export (`bf16`, `fp32`).
+        max_shard_size: safetensors shard size.
+        private: create the repo private (ignored if it exists).
+        backup_repo_id: a private repo that receives the raw training checkpoint directory (DCP shards, optimizer
+            state) under `checkpoints/step-XXXXXXX/`, as an off-site backup.
+        update_main: upload each checkpoint to `main` too, as long as it is the newest one uploaded.
+        max_attempts: tries per checkpoint before it is left pending for the next run.
+        base_delay: seconds before the first retry; doubled on each retry, up to `max_delay`.
+        max_delay: longest wait between two tries.
+        endpoint: the Hub URL (`HF_ENDPOINT` when `None`).
+        run_preflight: check repo id and token now (see `preflight`); errors are raised here, before training.
+        keep_exports: keep the staged export folders after their upload is confirmed.
+        export_fn: `(checkpoint_dir, out_dir, step, branch) -> None` replacing the default verified export.
+    """
+
+    def __init__(
+        self,
+        repo_id: str,
+        token: str | None = None,
+        output_dir: str | Path = ".",
+        *,
+        export_format: str = "hf",
+        dtype: str = "bf16",
+        max_shard_size: str | int = "2GB",
+        private: bool | None = None,
+        backup_repo_id: str | None = None,
+        update_main: bool = True,
+        max_attempts: int = 6,
+        base_delay: float = 2.0,
+        max_delay: float = 120.0,
+        endpoint: str | None = None,
+        run_preflight: bool = True,
+        keep_exports: bool = False,
+        export_fn: Callable[[Path, Path, int, str], None] | None = None,
+    ) -> None:
+        check_repo_id(repo_id)
+        if backup_repo_id is not None:
+            check_repo_id(backup_repo_id, setting="hub_backup_repo_id")
+        if export_format not in ("hf", "llama"):
+            raise PublishError(
+                f"export_format={export_format!r} cannot be pushed per checkpoint; use 'hf' (loads with "
+                "trust_remote_code and from_pretrained(revision=...)) or 'llama'."
+            )
+        self._token = resolve_token(token)
+        if run_preflight:
+            repo_id = preflight(repo_id, self._token, endpoint=endpoint, backup_repo_id=backup_repo_id)
+        self.repo_id = repo_id
+        self.backup_repo_id = backup_repo_id
+        self.output_dir = Path(output_dir)
+        self.export_format = export_format
+        self.dtype = dtype
+        self.max_shard_size = max_shard_size
+        self.private = private
+        self.update_main = update_main
+        self.max_attempts = max_attempts
+        self.base_delay = base_delay
+        self.max_delay = max_delay
+        self.keep_exports = keep_exports
+        self._export_fn = export_fn or self._default_export
+        self._api = HfApi(endpoint=endpoint, token=self._token)
+        self.journal = UploadJournal(self.output_dir / JOURNAL_FILE)
+        if self.journal.data.get("repo_id") not in (None, self.repo_id):
+            logger.warning(
+                "Upload journal %s was written for %s; pending uploads now go to %s.",
+                self.journal.path,
+                self.journal.data["repo_id"],
+                self.repo_id,
+            )
+        self.journal.data["repo_id"] = self.repo_id
+        self.journal.save()
+
+        self._queue: queue.Queue[int | None] = queue.Queue()
+        self._queued: set[int] = set()
+        self._queued_lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._work, name="checkpoint-pusher", daemon=True)
+        self._thread.start()
+        # A resumed run: upload what the previous process left pending, oldest first.
+        for step in self.journal.steps("pending"):
+            logger.info("Resuming the upload of %s to %s.", branch_name(step), self.repo_id)
+            self._enqueue(step)
+
+    # -----------------------------------------------------------------------------------------------------------------
+    # What the trainer calls
+
+    def submit(self, checkpoint_dir: str | Path, step: int) -> None:
+        """Queue a checkpoint for upload and return at once (a journal write; no network, no export).
+
+        Args:
+            checkpoint_dir: the checkpoint directory (training checkpoint or model folder); must stay until confirmed.
+            step: its training step (the branch is `step-XXXXXXX`).
+        """
+        entry = self.journal.entry(step)
+        checkpoint_dir = str(Path(checkpoint_dir).resolve())
+        if entry is not None and entry["state"] == "done" and entry["checkpoint_dir"] == checkpoint_dir:
+            return
+        self.journal.update(
+            step,
+            checkpoint_dir=checkpoint_dir,
+            branch=branch_name(step),
+            state="pending",
+            phases={"branch": False, "main": False, "backup": False if self.backup_repo_id else None},
+            attempts=0,
+            last_error=None,
+            submitted_at=_now(),
+            confirmed_at=None,
+        )
+        self._enqueue(step)
+
+    __call__ = submit  # a pusher is itself a `checkpoint_callbacks` entry: callback(checkpoint_dir, step)
+
+    def is_confirmed(self, step: int) -> bool:
+        """Whether the Hub has confirmed every upload of this step."""
+        entry = self.journal.entry(step)
+        return entry is not None and entry["state"] == "done"
+
+    def may_delete(self, checkpoint_dir: str | Path) -> bool:
+        """Retention predicate: `False` while the checkpoint's upload is pending or failed (keep the local copy).
+
+        Args:
+            checkpoint_dir: a `.../step-XXXXXXX` checkpoint directory.
+        """
+        step = step_from_path(checkpoint_dir)
+        if step is None:
+            return True
+        entry = self.journal.entry(step)
+        return entry is None or entry["state"] == "done"
+
+    def pending_steps(self) -> list[int]:
+        return self.journal.steps("pending")
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Block until every queued checkpoint has been processed; `False` on timeout."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while self._queue.unfinished_tasks:
+            if deadline is not None and time.monotonic() > deadline:
+                return False
+            if not self._thread.is_alive():
+                return False
+            time.sleep(0.05)
+        return True
+
+    def close(self, wait: bool = True, timeout: float | None = None) -> None:
+        """Stop the worker; with `wait`, first finish the queue (what pending remains is uploaded on resume)."""
+        if wait:
+            self.wait(timeout)
+        self._stop.set()
+        self._queue.put(None)
+        self._thread.join(timeout=30)
+
+    def __enter__(self) -> "CheckpointPusher":
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close(wait=exc_info[0] is None)
+
+    # -----------------------------------------------------------------------------------------------------------------
+    # The worker
+
+    def _enqueue(self, step: int) -> None:
+        with self._queued_lock:
+            if step in self._queued:
+                return
+            self._queued.add(step)
+        self._queue.put(step)
+
+    def _work(self) -> None:
+        while True:
+            step = self._queue.get()
+            try:
+                if step is None or self._stop.is_set():
+                    return
+                with self._queued_lock:
+                    self._queued.discard(step)
+                self._process(step)
+            except Exception as error:  # the worker must survive anything, or uploads silently stop
+                logger.error(
+                    "Checkpoint pusher: unexpected error on step %s: %s", step, scrub(str(error), self._token)
+                )
+            finally:
+                self._queue.task_done()
+
+    def _process(self, step: int) -> None:
+        from genesis_hf.publish.export import ExportError
+
+        for attempt in range(1, self.max_attempts + 1):
+            if self._stop.is_set():
+                return
+            entry = self.journal.entry(step)
+            if entry is None or entry["state"] != "pending":
+                return
+            try:
+                self._upload(entry)
+            except ExportError as error:
+                message = scrub(str(error), self._token)
+                self.journal.update(step, state="failed", last_error=message, attempts=entry["attempts"] + 1)
+                logger.error("Checkpoint %s cannot be pushed: %s", branch_name(step), message)
+                return
+            except Exception as error:
+                message = f"{type(error).__name__}: {scrub(str(error), self._token)}"
+                self.journal.update(step, last_error=message, attempts=entry["attempts"] + 1)
+                if attempt == self.max_attempts:
+                    logger.error(
+                        "Upload of %s to %s failed %d times (%s); it stays pending and is retried when a pusher "
+                        "starts on %s again.",
+                        branch_name(step),
+                        self.repo_id,
+                        attempt,
+                        message,
+                        self.output_dir,
+                    )
+                    return
+                delay = min(self.max_delay, self.base_delay * 2 ** (attempt - 1))
+                logger.warning(
+                    "Upload of %s failed (%s); retry %d in %.1fs.", branch_name(step), message, attempt, delay
+                )
+                self._stop.wait(delay)
+                continue
+            self.journal.update(step, state="done", confirmed_at=_now(), last_error=None)
+            logger.info("Checkpoint %s is on the Hub: %s (branch %s).", step, self.repo_id, branch_name(step))
+            if not self.keep_exports:
+                shutil.rmtree(self.output_dir / EXPORTS_DIR / branch_name(step), ignore_errors=True)
+            return
+
+    def _default_export(self, checkpoint_dir: Path, out_dir: Path, step: int, branch: str) -> None:
+        from genesis_hf.publish.export import export_checkpoint
+
+        export_checkpoint(
+            checkpoint_dir,
+            out_dir,
+            export_format=self.export_format,
+            dtype=self.dtype,
+            max_shard_size=self.max_shard_size,
+            repo_id=self.repo_id,
+            revision=branch,
+            step=step,
+            overwrite=True,
+            redact=[self._token],
+            log=logger.info,
+        )
+
+    def _upload(self, entry: dict) -> None:
+        step, branch = entry["step"], entry["branch"]
+        checkpoint_dir = Path(entry["checkpoint_dir"])
+        export_dir = self.output_dir / EXPORTS_DIR / branch
+        phases = entry["phases"]
+        if not export_dir.is_dir():
+            # export_checkpoint renames a verified folder into place, so an existing folder is a complete one.
+            self._export_fn(checkpoint_dir, export_dir, step, branch)
+        self._api.create_repo(self.repo_id, private=self.private, exist_ok=True)
+        if not phases["branch"]:
+            self._api.create_branch(self.repo_id, branch=branch, exist_ok=True)
+            self._api.upload_folder(
+                repo_id=self.repo_id,
+                folder_path=export_dir,
+                revision=branch,
+                commit_message=f"Checkpoint at step {step}",
+                delete_patterns="*",
+            )
+            self.journal.set_phase(step, "branch", True)
+        if not phases["main"]:
+            main_step = self.journal.data.get("main_step")
+            if self.update_main and (main_step is None or step >= main_step):
+                self._api.upload_folder(
+                    repo_id=self.repo_id,
+                    folder_path=export_dir,
+                    revision="main",
+                    commit_message=f"main now holds the checkpoint at step {step}",
+                    delete_patterns="*",
+                )
+                with self.journal._lock:
+                    self.journal.data["main_step"] = step
+                    self.journal.set_phase(step, "main", True)
+            else:
+                self.journal.set_phase(step, "main", None)  # a newer checkpoint is already on main
+        if phases.get("backup") is False:
+            self._api.create_repo(self.backup_repo_id, private=True, exist_ok=True)
+            self._api.upload_folder(
+                repo_id=self.backup_repo_id,
+                folder_path=checkpoint_dir,
+                path_in_repo=f"checkpoints/{branch}",
+                commit_message=f"Training state at step {step}",
+            )
+            self.journal.set_phase(step, "backup", True)
+
+
+__all__ = [
+    "EXPORTS_DIR",
+    "JOURNAL_FILE",
+    "CheckpointPusher",
+    "PublishError",
+    "UploadJournal",
+    "branch_name",
+    "check_repo_id",
+    "preflight",
+    "resolve_token",
+    "scrub",
+    "step_from_path",
+]

@@ -1,0 +1,343 @@
+"""Pushing checkpoints while training runs, against the local Hub server: failures, crashes, revisions, listings."""
+
+import contextlib
+import io
+import json
+import logging
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+import torch
+from huggingface_hub import constants
+
+from genesis_hf import cli
+from genesis_hf.publish.checkpoints import list_run_checkpoints
+from genesis_hf.publish.push import JOURNAL_FILE, CheckpointPusher, PublishError, preflight
+from genesis_hf.testing import HubServer, build_tiny_model_folder
+
+BLOCK_GENESIS_HF = "import sys\nsys.modules['genesis_hf'] = None\n"
+REPO = "alice/genesis-tiny"
+STEPS = (2, 4, 6)
+CHECKPOINT_FILES = {
+    "model.safetensors",
+    "config.json",
+    "generation_config.json",
+    "configuration_genesis.py",
+    "modeling_genesis.py",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "chat_template.jinja",
+    "README.md",
+    "genesis_checkpoint.json",
+}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread():
+    # Tiny matmuls: on a busy 2-core machine, torch's thread pool costs 100x the work itself.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("tiny") / "model"
+    model, tokenizer = build_tiny_model_folder(folder)
+    return folder, model, tokenizer
+
+
+def _checkpoint(tiny_folder, root, step):
+    """A model folder standing for the training checkpoint of `step`."""
+    folder = root / "checkpoints" / f"step-{step:07d}"
+    shutil.copytree(tiny_folder, folder)
+    state = json.loads((folder / "trainer_state.json").read_text())
+    (folder / "trainer_state.json").write_text(json.dumps({**state, "step": step, "tokens_seen": step * 512}))
+    return folder
+
+
+@pytest.fixture(scope="module")
+def pushed(tiny, tmp_path_factory):
+    """Three checkpoints pushed while the server fails, drops and stalls requests; everything printed is captured."""
+    root = tmp_path_factory.mktemp("pushed")
+    server = HubServer().start()
+    # The first commit stalls 2 s; later ones fail once with a 500 and once with a dropped connection; so do a branch
+    # creation and a preupload.
+    server.add_failure(r"POST /api/models/.*/commit/", action="stall", delay=2.0)
+    server.add_failure(r"POST /api/models/.*/commit/", action="error", status=500, skip=1)
+    server.add_failure(r"POST /api/models/.*/commit/", action="drop", skip=2)
+    server.add_failure(r"POST /api/models/.*/branch/", action="drop", skip=1)
+    server.add_failure(r"POST /api/models/.*/preupload/", action="error", status=503, skip=3)
+    checkpoints = {step: _checkpoint(tiny[0], root, step) for step in STEPS}
+
+    log_stream = io.StringIO()
+    handler = logging.StreamHandler(log_stream)
+    handler.setLevel(logging.DEBUG)
+    root_logger = logging.getLogger()
+    previous_level = root_logger.level
+    root_logger.addHandler(handler)
+    root_logger.setLevel(logging.DEBUG)
+    printed = io.StringIO()
+    submit_seconds, pending_during_stall, deletable_during_stall = [], None, None
+    try:
+        with contextlib.redirect_stdout(printed), contextlib.redirect_stderr(printed):
+            pusher = CheckpointPusher(
+                REPO, server.write_token, root, dtype="fp32", endpoint=server.endpoint, base_delay=0.05
+            )
+            for step in STEPS:
+                started = time.perf_counter()
+                pusher.submit(checkpoints[step], step)  # the training loop's call
+                submit_seconds.append(time.perf_counter() - started)
+                time.sleep(0.05)  # "training"
+            assert server.wait_for_request(r"POST /api/models/.*/commit/", timeout=60)
+            stalled = [record for record in server.requests if record.injected == "stall" and record.status is None]
+            pending_during_stall = (len(stalled), pusher.pending_steps())
+            deletable_during_stall = pusher.may_delete(checkpoints[STEPS[0]])
+            finished = pusher.wait(timeout=180)
+            pusher.close()
+    finally:
+        root_logger.removeHandler(handler)
+        root_logger.setLevel(previous_level)
+    yield {
+        "server": server,
+        "root": root,
+        "pusher": pusher,
+        "checkpoints": checkpoints,
+        "finished": finished,
+        "submit_seconds": submit_seconds,
+        "pending_during_stall": pending_during_stall,
+        "deletable_during_stall": deletable_during_stall,
+        "output": printed.getvalue() + log_stream.getvalue(),
+    }
+    server.stop()
+
+
+def test_submit_returns_at_once_while_the_server_stalls(pushed):
+    # Every submit returned while the first upload's commit was still stalled on the server (2 s).
+    assert sum(pushed["submit_seconds"]) < 1.0, pushed["submit_seconds"]
+    stalled_count, pending = pushed["pending_during_stall"]
+    assert stalled_count == 1 and pending == list(STEPS)
+    assert pushed["deletable_during_stall"] is False
+
+
+def test_every_checkpoint_lands_on_its_branch_despite_failures(pushed):
+    server, pusher = pushed["server"], pushed["pusher"]
+    assert pushed["finished"]
+    injected = {record.injected for record in server.requests if record.injected}
+    assert injected == {"stall", "error", "drop"}
+    for step in STEPS:
+        files = server.branch_files(REPO, f"step-{step:07d}")
+        assert CHECKPOINT_FILES <= set(files), sorted(files)
+        assert json.loads(files["genesis_checkpoint.json"])["step"] == step
+        assert f'revision="step-{step:07d}"' in files["README.md"].decode()
+        assert pusher.is_confirmed(step) and pusher.may_delete(pushed["checkpoints"][step])
+    main = server.branch_files(REPO, "main")
+    assert json.loads(main["genesis_checkpoint.json"])["step"] == STEPS[-1]
+    journal = json.loads((pushed["root"] / JOURNAL_FILE).read_text())
+    assert journal["main_step"] == STEPS[-1]
+    assert {entry["state"] for entry in journal["uploads"].values()} == {"done"}
+    assert not (pushed["root"] / "hub_exports").exists() or not any((pushed["root"] / "hub_exports").iterdir())
+
+
+def test_the_token_is_never_written_or_printed(pushed):
+    token = pushed["server"].write_token
+    assert "HTTP Request" in pushed["output"] or "Checkpoint" in pushed["output"]  # the capture did capture
+    assert token not in pushed["output"]
+    for path in pushed["root"].rglob("*"):
+        if path.is_file():
+            assert token.encode() not in path.read_bytes(), path
+
+
+def test_checkpoints_load_back_by_revision_without_genesis_hf(pushed, tiny, tmp_path):
+    server = pushed["server"]
+    _, model, tokenizer = tiny
+    ids = tokenizer("The history of science is long.")["input_ids"]
+    script = BLOCK_GENESIS_HF + textwrap.dedent(
+        f"""
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+        model = AutoModelForCausalLM.from_pretrained({REPO!r}, revision="step-0000004", trust_remote_code=True)
+        tokenizer = AutoTokenizer.from_pretrained({REPO!r}, revision="step-0000004")
+        assert tokenizer("The history of science is long.")["input_ids"] == {ids}
+        assert type(model).__module__.startswith("transformers_modules"), type(model).__module__
+        with torch.no_grad():
+            torch.save(model(torch.tensor([{ids}])).logits, {str(tmp_path / "logits.pt")!r})
+        """
+    )
+    env = {**os.environ, **server.client_env(HF_HOME=str(tmp_path / "hf_home"), OMP_NUM_THREADS="1")}
+    env.pop("HF_TOKEN", None)
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=240)
+    assert result.returncode == 0, result.stderr[-3000:]
+    with torch.no_grad():
+        expected = model(torch.tensor([ids])).logits
+    assert (torch.load(tmp_path / "logits.pt") - expected).abs().max().item() < 1e-5
+    # transformers resolves the branch to its commit once, then downloads every file at that commit.
+    assert server.requests_matching(r"/alice/genesis-tiny/(revision|resolve)/step-0000004")
+    assert server.requests_matching(r"GET /alice/genesis-tiny/resolve/[0-9a-f]{40}/modeling_genesis\.py")
+
+
+def test_checkpoints_are_listed_from_the_hub_and_locally(pushed, monkeypatch, tmp_path, capsys):
+    server = pushed["server"]
+    # What HF_ENDPOINT does at import time, for the command line's HfApi() in this process.
+    monkeypatch.setattr(constants, "ENDPOINT", server.endpoint)
+    monkeypatch.setattr(
+        constants, "HUGGINGFACE_CO_URL_TEMPLATE", server.endpoint + "/{repo_id}/resolve/{revision}/{filename}"
+    )
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "cache"))
+    entries = list_run_checkpoints(REPO)
+    assert [(entry.name, entry.step, entry.tokens_seen) for entry in entries] == [
+        ("step-0000002", 2, 1024),
+        ("step-0000004", 4, 2048),
+        ("step-0000006", 6, 3072),
+        ("main", 6, 3072),
+    ]
+    assert all(entry.loss is not None and entry.revision == entry.name for entry in entries)
+    assert cli.main(["checkpoints", REPO, "--json"]) == 0
+    listed = json.loads(capsys.readouterr().out)
+    assert [item["revision"] for item in listed][:3] == ["step-0000002", "step-0000004", "step-0000006"]
+
+    local = list_run_checkpoints(str(pushed["root"]))
+    assert [(entry.step, entry.kind) for entry in local] == [(2, "hf"), (4, "hf"), (6, "hf")]
+    assert cli.main(["checkpoints", "not a repo!"]) == 2
+    assert "neither a local directory nor a valid Hub repo id" in capsys.readouterr().err
+
+
+def test_killed_mid_upload_then_resumed(tiny, tmp_path):
+    server = HubServer().start()
+    try:
+        checkpoints = {step: _checkpoint(tiny[0], tmp_path, step) for step in (1, 2, 3)}
+        # The upload of step 2 hangs at its commit; the process is killed there.
+        server.add_failure(r"POST /api/models/.*/commit/step-0000002", action="stall", delay=30.0)
+        script = textwrap.dedent(
+            f"""
+            import os, torch
+            torch.set_num_threads(1)
+            from genesis_hf.publish.push import CheckpointPusher
+            pusher = CheckpointPusher({REPO!r}, os.environ["GENESIS_TEST_TOKEN"], {str(tmp_path)!r},
+                                      endpoint={server.endpoint!r}, base_delay=0.05)
+            for step, folder in {[(step, str(folder)) for step, folder in checkpoints.items()]}:
+                pusher.submit(folder, step)
+            pusher.wait()
+            """
+        )
+        env = {**os.environ, "GENESIS_TEST_TOKEN": server.write_token, "HF_HOME": str(tmp_path / "hf_home")}
+        child = subprocess.Popen([sys.executable, "-c", script], env=env, stderr=subprocess.PIPE)
+        try:
+            assert server.wait_for_request(r"POST /api/models/.*/commit/step-0000002", timeout=120)
+        finally:
+            child.send_signal(signal.SIGKILL)
+            child.wait()
+        journal = json.loads((tmp_path / JOURNAL_FILE).read_text())
+        states = {entry["step"]: entry["state"] for entry in journal["uploads"].values()}
+        assert states == {1: "done", 2: "pending", 3: "pending"}, child.stderr.read()[-2000:]
+        assert server.branch_files(REPO, "step-0000003") == {}
+
+        resumed = CheckpointPusher(REPO, server.write_token, tmp_path, endpoint=server.endpoint, base_delay=0.05)
+        assert resumed.pending_steps() == [2, 3]
+        assert not resumed.may_delete(checkpoints[3])
+        assert resumed.wait(timeout=120)
+        resumed.close()
+        for step in (1, 2, 3):
+            assert resumed.is_confirmed(step)
+            assert CHECKPOINT_FILES <= set(server.branch_files(REPO, f"step-{step:07d}"))
+        assert json.loads(server.branch_files(REPO, "main")["genesis_checkpoint.json"])["step"] == 3
+    finally:
+        server.stop()
+
+
+def test_raw_training_state_goes_to_a_private_backup_repo(tiny, tmp_path):
+    ckpt = pytest.importorskip("genesis_hf.training.checkpoint")
+    _, model, tokenizer = tiny
+    optimizer = torch.optim.AdamW(model.parameters())
+    manager = ckpt.CheckpointManager(
+        tmp_path,
+        save_total_limit=None,
+        milestone_steps=None,
+        async_save=False,
+        run_config={"learning_rate": 0.001},
+        model_config=model.config,
+        tokenizer=tokenizer,
+    )
+    manager.save(
+        7,
+        model,
+        optimizer,
+        {"step": 7, "tokens_seen": 3584, "loss": 5.0},
+        {"data_loader": {}, "rng": ckpt.capture_rng_state()},
+    )
+    manager.close()
+    server = HubServer().start()
+    try:
+        pusher = CheckpointPusher(
+            REPO,
+            server.write_token,
+            tmp_path,
+            endpoint=server.endpoint,
+            backup_repo_id="alice/genesis-tiny-state",
+            base_delay=0.05,
+        )
+        pusher.submit(tmp_path / "checkpoints" / "step-0000007", 7)
+        assert pusher.wait(timeout=120)
+        pusher.close()
+        assert pusher.is_confirmed(7)
+        assert CHECKPOINT_FILES <= set(server.branch_files(REPO, "step-0000007"))
+        backup = server.get_repo("alice/genesis-tiny-state")
+        assert backup.private
+        files = set(server.branch_files("alice/genesis-tiny-state"))
+        assert {"checkpoints/step-0000007/trainer_state.json", "checkpoints/step-0000007/model/.metadata"} <= files
+        assert any(path.startswith("checkpoints/step-0000007/optimizer/") for path in files)
+        entries = list_run_checkpoints(str(tmp_path))
+        assert [(entry.name, entry.step, entry.tokens_seen, entry.kind) for entry in entries] == [
+            ("step-0000007", 7, 3584, "training")
+        ]
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def no_local_token(monkeypatch, tmp_path):
+    for name in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HF_OIDC_RESOURCE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(constants, "HF_TOKEN_PATH", str(tmp_path / "no-token"))
+
+
+@pytest.fixture
+def hub():
+    server = HubServer().start()
+    yield server
+    server.stop()
+
+
+@pytest.mark.parametrize(
+    "repo_id, token_kind, expected",
+    [
+        ("alice/bad repo!", "write", "'alice/bad repo!' is not a valid Hub repo id"),
+        ("alice/ok", None, "needs a token with write access, and none was found"),
+        ("alice/ok", "invalid", "rejected the token"),
+        ("alice/ok", "read", "is read-only"),
+        ("someone-else/ok", "write", "cannot write to namespace 'someone-else'"),
+    ],
+)
+def test_bad_repo_ids_and_tokens_fail_before_training(hub, no_local_token, repo_id, token_kind, expected):
+    token = {"write": hub.write_token, "read": hub.read_token, "invalid": "hf_invalid_token_0000", None: None}[
+        token_kind
+    ]
+    with pytest.raises(PublishError, match=expected) as error:
+        preflight(repo_id, token, endpoint=hub.endpoint)
+    if token:
+        assert token not in str(error.value)
+    with pytest.raises(PublishError, match=expected):
+        CheckpointPusher(repo_id, token, "unused", endpoint=hub.endpoint)
+    assert not hub.requests_matching("POST")  # nothing was created
+
+
+def test_preflight_accepts_write_tokens_and_org_namespaces(hub):
+    assert preflight("genesis-org/genesis-tiny", hub.write_token, endpoint=hub.endpoint) == "genesis-org/genesis-tiny"
+    assert preflight("genesis-tiny", hub.write_token, endpoint=hub.endpoint) == "alice/genesis-tiny"
