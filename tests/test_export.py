@@ -232,6 +232,14 @@ def test_export_from_a_training_checkpoint(tiny, tmp_path, capsys):
     metadata = json.loads((tmp_path / "out" / "genesis_checkpoint.json").read_text())
     assert (metadata["step"], metadata["tokens_seen"]) == (7, 3584)
 
+    # The same checkpoint with its model shards' metadata gone (a partial copy) is refused with the reason.
+    partial = tmp_path / "partial" / "step-0000007"
+    shutil.copytree(checkpoint, partial)
+    (partial / "model" / ".metadata").unlink()
+    assert cli.main(["export", str(partial), str(tmp_path / "out-partial")]) == 2
+    error = capsys.readouterr().err
+    assert str(partial) in error and "pick another step or copy the checkpoint again" in error, error
+
 
 def _partial_no_weights(folder, tmp_path):
     target = tmp_path / "no-weights"

@@ -338,6 +338,95 @@ def test_bad_repo_ids_and_tokens_fail_before_training(hub, no_local_token, repo_
     assert not hub.requests_matching("POST")  # nothing was created
 
 
+def test_pusher_for_run_checks_before_training(hub, no_local_token, monkeypatch, tmp_path):
+    from types import SimpleNamespace
+
+    from genesis_hf.publish.push import pusher_for_run
+
+    assert pusher_for_run(SimpleNamespace(push_to_hub=False, hub_model_id=None, output_dir=tmp_path)) is None
+    args = SimpleNamespace(push_to_hub=True, hub_model_id="alice/run", output_dir=tmp_path)
+    with pytest.raises(PublishError, match="none was found"):
+        pusher_for_run(args, endpoint=hub.endpoint)
+    monkeypatch.setenv("HF_TOKEN", hub.read_token)
+    with pytest.raises(PublishError, match="read-only"):
+        pusher_for_run(args, endpoint=hub.endpoint)
+    monkeypatch.setenv("HF_TOKEN", hub.write_token)
+    pusher = pusher_for_run(args, endpoint=hub.endpoint)
+    assert pusher.repo_id == "alice/run"
+    pusher.close()
+
+
 def test_preflight_accepts_write_tokens_and_org_namespaces(hub):
     assert preflight("genesis-org/genesis-tiny", hub.write_token, endpoint=hub.endpoint) == "genesis-org/genesis-tiny"
     assert preflight("genesis-tiny", hub.write_token, endpoint=hub.endpoint) == "alice/genesis-tiny"
+
+
+TRAIN_CONFIG = {
+    "model_preset": "debug",
+    "model_overrides": {"vocab_size": 512},
+    "seq_len": 32,
+    "per_device_train_batch_size": 2,
+    "tokens_per_step": 128,
+    "max_steps": 4,
+    "warmup_steps": 1,
+    "save_steps": 2,
+    "eval_steps": 2,
+    "eval_batches": 1,
+    "per_device_eval_batch_size": 2,
+    "logging_steps": 2,
+    "save_total_limit": None,
+    "report_to": "none",
+    "disable_tqdm": True,
+    "push_to_hub": True,
+    "hub_model_id": "alice/genesis-run",
+}
+
+
+def test_a_training_run_pushes_one_complete_branch_per_checkpoint(tmp_path):
+    pytest.importorskip("genesis_hf.training.trainer")
+    server = HubServer().start()
+    try:
+        output_dir = tmp_path / "run"
+        script = textwrap.dedent(
+            f"""
+            from genesis_hf.publish.push import pusher_for_run
+            from genesis_hf.training.config import PretrainArguments
+            from genesis_hf.training.trainer import run_pretraining
+
+            args = PretrainArguments(**{TRAIN_CONFIG!r}, output_dir={str(output_dir)!r})
+            pusher = pusher_for_run(args)  # preflight: a bad token would stop here, before the first step
+            args.push_to_hub = False  # the pusher keeps main on the newest checkpoint; no separate final/ push
+            run_pretraining(args, checkpoint_callbacks=[pusher])
+            pusher.close()  # waits for the uploads
+            """
+        )
+        env = {
+            **os.environ,
+            **server.client_env(),
+            "HF_TOKEN": server.write_token,
+            "HF_HOME": str(tmp_path / "hf_home"),
+            "GENESIS_HF_CACHE": str(tmp_path / "genesis_cache"),
+            "CUDA_VISIBLE_DEVICES": "",
+            "OMP_NUM_THREADS": "1",
+            "TOKENIZERS_PARALLELISM": "false",
+        }
+        result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)
+        assert result.returncode == 0, result.stderr[-3000:]
+        for step in (2, 4):
+            files = server.branch_files("alice/genesis-run", f"step-{step:07d}")
+            # A pretraining tokenizer has no ChatML tokens, hence no chat template.
+            assert CHECKPOINT_FILES - {"chat_template.jinja"} <= set(files), sorted(files)
+            state = json.loads((output_dir / "checkpoints" / f"step-{step:07d}" / "trainer_state.json").read_text())
+            metadata = json.loads(files["genesis_checkpoint.json"])
+            assert (metadata["step"], metadata["tokens_seen"]) == (step, state["tokens_seen"])
+            assert "Training configuration" in files["README.md"].decode()
+        assert json.loads(server.branch_files("alice/genesis-run", "main")["genesis_checkpoint.json"])["step"] == 4
+        token = server.write_token
+        assert token not in result.stdout + result.stderr
+        for path in output_dir.rglob("*"):
+            if path.is_file():
+                assert token.encode() not in path.read_bytes(), path
+        names = [entry.name for entry in list_run_checkpoints(str(output_dir))]
+        assert names[:2] == ["step-0000002", "step-0000004"]
+    finally:
+        server.stop()

@@ -512,6 +512,37 @@ class CheckpointPusher:
             self.journal.set_phase(step, "backup", True)
 
 
+def pusher_for_run(args, *, endpoint: str | None = None) -> CheckpointPusher | None:
+    """The pusher of a training run, or `None` when `args.push_to_hub` is off; call it before training starts.
+
+    Reads `push_to_hub`, `hub_model_id`, `output_dir` and, when the config has them, `hub_private_repo` and
+    `hub_backup_repo_id` (TrainingArguments names). The token comes from `HF_TOKEN` or `hf auth login`, never from the
+    config, which is copied into every checkpoint. Preflight runs here, so a bad repo id or token stops the run before
+    its first step. The trainer then passes the pusher as a `checkpoint_callbacks` entry, `pusher.may_delete` to its
+    retention, and calls `pusher.close()` at the end (which waits for the uploads).
+
+    Args:
+        args: the run's arguments.
+        endpoint: the Hub URL (`HF_ENDPOINT` when `None`).
+
+    Raises:
+        PublishError: `hub_model_id` is missing or invalid, or the token is missing, invalid or read-only.
+    """
+    if not getattr(args, "push_to_hub", False):
+        return None
+    repo_id = getattr(args, "hub_model_id", None)
+    if not repo_id:
+        raise PublishError("push_to_hub=true needs hub_model_id (e.g. --hub_model_id your-name/genesis-tiny).")
+    return CheckpointPusher(
+        repo_id,
+        None,
+        args.output_dir,
+        private=getattr(args, "hub_private_repo", None),
+        backup_repo_id=getattr(args, "hub_backup_repo_id", None),
+        endpoint=endpoint,
+    )
+
+
 __all__ = [
     "EXPORTS_DIR",
     "JOURNAL_FILE",
@@ -521,6 +552,7 @@ __all__ = [
     "branch_name",
     "check_repo_id",
     "preflight",
+    "pusher_for_run",
     "resolve_token",
     "scrub",
     "step_from_path",
