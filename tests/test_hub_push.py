@@ -11,9 +11,11 @@ import subprocess
 import sys
 import textwrap
 import time
+from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from huggingface_hub import constants
 
 from genesis_hf import cli
@@ -209,6 +211,7 @@ def test_checkpoints_are_listed_from_the_hub_and_locally(pushed, monkeypatch, tm
     assert "neither a local directory nor a valid Hub repo id" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_killed_mid_upload_then_resumed(tiny, tmp_path):
     server = HubServer().start()
     try:
@@ -361,6 +364,7 @@ def test_preflight_accepts_write_tokens_and_org_namespaces(hub):
     assert preflight("genesis-tiny", hub.write_token, endpoint=hub.endpoint) == "alice/genesis-tiny"
 
 
+RECIPE = Path(__file__).resolve().parent.parent / "recipes" / "pretrain.py"
 TRAIN_CONFIG = {
     "model_preset": "debug",
     "model_overrides": {"vocab_size": 512},
@@ -374,7 +378,8 @@ TRAIN_CONFIG = {
     "eval_batches": 1,
     "per_device_eval_batch_size": 2,
     "logging_steps": 2,
-    "save_total_limit": None,
+    # Keep one checkpoint: step 2 may only go once its upload is confirmed (the pusher's retention veto).
+    "save_total_limit": 1,
     "report_to": "none",
     "disable_tqdm": True,
     "push_to_hub": True,
@@ -382,51 +387,56 @@ TRAIN_CONFIG = {
 }
 
 
+def _run_recipe(server, tmp_path, token):
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    config = tmp_path / "run.yaml"
+    config.write_text(yaml.safe_dump({**TRAIN_CONFIG, "output_dir": str(tmp_path / "run")}))
+    env = {
+        **os.environ,
+        **server.client_env(),
+        "HF_TOKEN": token,
+        "HF_HOME": str(tmp_path / "hf_home"),
+        "GENESIS_HF_CACHE": str(tmp_path / "genesis_cache"),
+        "CUDA_VISIBLE_DEVICES": "",
+        "OMP_NUM_THREADS": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+    }
+    return subprocess.run(
+        [sys.executable, str(RECIPE), "--config", str(config)], capture_output=True, text=True, env=env, timeout=300
+    )
+
+
+@pytest.mark.slow
 def test_a_training_run_pushes_one_complete_branch_per_checkpoint(tmp_path):
     pytest.importorskip("genesis_hf.training.trainer")
+    if not RECIPE.is_file():
+        pytest.skip("recipes/pretrain.py is not in this checkout")
     server = HubServer().start()
     try:
-        output_dir = tmp_path / "run"
-        script = textwrap.dedent(
-            f"""
-            from genesis_hf.publish.push import pusher_for_run
-            from genesis_hf.training.config import PretrainArguments
-            from genesis_hf.training.trainer import run_pretraining
-
-            args = PretrainArguments(**{TRAIN_CONFIG!r}, output_dir={str(output_dir)!r})
-            pusher = pusher_for_run(args)  # preflight: a bad token would stop here, before the first step
-            args.push_to_hub = False  # the pusher keeps main on the newest checkpoint; no separate final/ push
-            run_pretraining(args, checkpoint_callbacks=[pusher])
-            pusher.close()  # waits for the uploads
-            """
-        )
-        env = {
-            **os.environ,
-            **server.client_env(),
-            "HF_TOKEN": server.write_token,
-            "HF_HOME": str(tmp_path / "hf_home"),
-            "GENESIS_HF_CACHE": str(tmp_path / "genesis_cache"),
-            "CUDA_VISIBLE_DEVICES": "",
-            "OMP_NUM_THREADS": "1",
-            "TOKENIZERS_PARALLELISM": "false",
-        }
-        result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)
+        result = _run_recipe(server, tmp_path, server.write_token)
         assert result.returncode == 0, result.stderr[-3000:]
+        output_dir = tmp_path / "run"
         for step in (2, 4):
             files = server.branch_files("alice/genesis-run", f"step-{step:07d}")
             # A pretraining tokenizer has no ChatML tokens, hence no chat template.
             assert CHECKPOINT_FILES - {"chat_template.jinja"} <= set(files), sorted(files)
-            state = json.loads((output_dir / "checkpoints" / f"step-{step:07d}" / "trainer_state.json").read_text())
             metadata = json.loads(files["genesis_checkpoint.json"])
-            assert (metadata["step"], metadata["tokens_seen"]) == (step, state["tokens_seen"])
+            assert (metadata["step"], metadata["tokens_seen"]) == (step, step * 128)
             assert "Training configuration" in files["README.md"].decode()
         assert json.loads(server.branch_files("alice/genesis-run", "main")["genesis_checkpoint.json"])["step"] == 4
+        journal = json.loads((output_dir / JOURNAL_FILE).read_text())
+        assert {entry["state"] for entry in journal["uploads"].values()} == {"done"}
         token = server.write_token
         assert token not in result.stdout + result.stderr
         for path in output_dir.rglob("*"):
             if path.is_file():
                 assert token.encode() not in path.read_bytes(), path
-        names = [entry.name for entry in list_run_checkpoints(str(output_dir))]
-        assert names[:2] == ["step-0000002", "step-0000004"]
+        assert "step-0000004" in [entry.name for entry in list_run_checkpoints(str(output_dir))]
+
+        # A read-only token stops the run before its first step, with the reason.
+        refused = _run_recipe(server, tmp_path / "refused", server.read_token)
+        assert refused.returncode == 1
+        assert "read-only" in refused.stderr and server.read_token not in refused.stderr
+        assert not (tmp_path / "refused" / "run" / "checkpoints").exists()
     finally:
         server.stop()

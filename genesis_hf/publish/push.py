@@ -35,6 +35,8 @@ from huggingface_hub import HfApi, get_token
 from huggingface_hub.errors import HfHubHTTPError, HFValidationError
 from huggingface_hub.utils import validate_repo_id
 
+from genesis_hf.args import ConfigError
+
 logger = logging.getLogger(__name__)
 
 JOURNAL_FILE = "hub_uploads.json"
@@ -47,8 +49,11 @@ _TOKEN_HELP = (
 )
 
 
-class PublishError(ValueError):
-    """Pushing cannot work with these settings; the message names the value and the fix (never the token)."""
+class PublishError(ConfigError):
+    """Pushing cannot work with these settings; the message names the value and the fix (never the token).
+
+    A `ConfigError`, so recipes report it like any other bad setting, before training starts.
+    """
 
 
 def branch_name(step: int) -> str:
@@ -512,8 +517,8 @@ class CheckpointPusher:
             self.journal.set_phase(step, "backup", True)
 
 
-def pusher_for_run(args, *, endpoint: str | None = None) -> CheckpointPusher | None:
-    """The pusher of a training run, or `None` when `args.push_to_hub` is off; call it before training starts.
+def pusher_for_run(args, *, is_main_process: bool = True, endpoint: str | None = None) -> CheckpointPusher | None:
+    """The pusher of a training run, or `None` when `args.push_to_hub` is off; call it on every rank before training.
 
     Reads `push_to_hub`, `hub_model_id`, `output_dir` and, when the config has them, `hub_private_repo` and
     `hub_backup_repo_id` (TrainingArguments names). The token comes from `HF_TOKEN` or `hf auth login`, never from the
@@ -521,8 +526,12 @@ def pusher_for_run(args, *, endpoint: str | None = None) -> CheckpointPusher | N
     its first step. The trainer then passes the pusher as a `checkpoint_callbacks` entry, `pusher.may_delete` to its
     retention, and calls `pusher.close()` at the end (which waits for the uploads).
 
+    Every rank runs the checks, so that a bad token stops all of them at once instead of leaving the others waiting
+    in a collective; only the main process gets a pusher (checkpoint callbacks run on rank 0).
+
     Args:
         args: the run's arguments.
+        is_main_process: whether this is rank 0.
         endpoint: the Hub URL (`HF_ENDPOINT` when `None`).
 
     Raises:
@@ -533,6 +542,9 @@ def pusher_for_run(args, *, endpoint: str | None = None) -> CheckpointPusher | N
     repo_id = getattr(args, "hub_model_id", None)
     if not repo_id:
         raise PublishError("push_to_hub=true needs hub_model_id (e.g. --hub_model_id your-name/genesis-tiny).")
+    if not is_main_process:
+        preflight(repo_id, None, endpoint=endpoint, backup_repo_id=getattr(args, "hub_backup_repo_id", None))
+        return None
     return CheckpointPusher(
         repo_id,
         None,
