@@ -15,6 +15,7 @@ SUBCOMMANDS: dict[str, str] = {
     "plan": "genesis_hf.training.plan",
     "export": "genesis_hf.publish.export",
     "checkpoints": "genesis_hf.publish.checkpoints",
+    "playground": "genesis_hf.playground",
 }
 
 
