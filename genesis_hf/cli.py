@@ -12,6 +12,7 @@ import sys
 # subcommand name -> module that defines `register_cli(subparsers)`
 SUBCOMMANDS: dict[str, str] = {
     "tokenizer": "genesis_hf.tokenizer",
+    "data": "genesis_hf.data.cli",
     "plan": "genesis_hf.training.plan",
     "export": "genesis_hf.publish.export",
     "checkpoints": "genesis_hf.publish.checkpoints",
