@@ -62,7 +62,6 @@ from transformers import (
 
 import genesis_hf  # noqa: F401 - registers GenesisConfig/GenesisForCausalLM with the Auto classes
 from genesis_hf.publish.checkpoints import CheckpointEntry, CheckpointsError, list_run_checkpoints
-from genesis_hf.training.checkpoint import load_model_from_checkpoint
 
 if TYPE_CHECKING:
     # Imported where used: `genesis-hf --help` imports every subcommand's module and should not pay for Gradio.
@@ -268,6 +267,9 @@ class CheckpointSource:
     ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
         """The model (eval mode, on `device` in `dtype`) and tokenizer of `checkpoint`."""
         if checkpoint.kind == "training":
+            # Imported here: only training checkpoints need the trainer's loader (and torch.distributed.checkpoint).
+            from genesis_hf.training.checkpoint import load_model_from_checkpoint
+
             model, tokenizer, _ = load_model_from_checkpoint(checkpoint.path, dtype=dtype)
         else:
             location, kwargs = self._pretrained_kwargs(checkpoint)
