@@ -1,0 +1,720 @@
+"""Training checkpoints that survive anything: sharded, complete-or-invisible, checked on resume.
+
+Layout (the "Training checkpoints" contract of docs/CONTRACTS.md):
+
+    <output_dir>/checkpoints/step-0001200/
+        model/              DCP shards of the model: every rank writes its own (`__<rank>_0.distcp`) + `.metadata`
+        optimizer/          DCP shards of the AdamW state (exp_avg, exp_avg_sq, step per parameter)
+        trainer_state.json  step, tokens_seen, loss, lr, wall time, scheduler state, every rank's data loader state
+        rng_states.json     every rank's python / numpy / torch (/ CUDA) generator states
+        run_config.yaml     the resolved PretrainArguments
+        config.json         the GenesisConfig
+        tokenizer/          the tokenizer, so a checkpoint is usable on its own
+
+Why it is built this way:
+
+- The seed run hung forever gathering a full state dict over NCCL across PCIe. Here each rank writes its own shards
+  with `torch.distributed.checkpoint` (model and optimizer through `get_state_dict`, so FSDP2's DTensor shards stay
+  sharded), and the few collectives a save needs go over a dedicated gloo group, never NCCL.
+- A checkpoint is written to `step-XXXXXXX.tmp-<run id>` and renamed to `step-XXXXXXX` by rank 0 only after every
+  rank's shards are on disk; a crash at any moment leaves either the complete checkpoint or an ignored `.tmp-*`.
+  With `async_save`, the state is copied to CPU memory synchronously and written by a background thread; the rename
+  happens when the write is done (`CheckpointManager.poll`).
+- The seed run once restored the weights without the AdamW state: the loss looked fine for ~50 steps, then diverged,
+  and ~1,000 steps were lost. `load_training_checkpoint` refuses a checkpoint whose optimizer state is missing or
+  does not match the model (`OptimizerStateError`) unless `allow_fresh_optimizer` is set.
+
+Test hooks, read from the environment variable `GENESIS_HF_FAULT` (comma-separated `kind:STEP` or `kind:FIRST-LAST`,
+see `fault_steps`); never set it in a real run:
+
+- `kill_during_save:STEP`: every rank SIGKILLs itself while saving step `STEP`, after all shards are written and
+  before the rename, to prove an interrupted save is never mistaken for a checkpoint.
+- `nonfinite_loss:STEPS` (trainer): rank 0's loss becomes NaN at those steps, to test skipping and stopping.
+- `slow_step:STEPS` (trainer): sleep 0.5 s after those steps, so a test can SIGKILL the run mid-way.
+"""
+
+import base64
+import json
+import logging
+import os
+import random
+import re
+import shutil
+import signal
+import time
+import uuid
+import warnings
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import yaml
+
+from genesis_hf.args import ConfigError
+
+from . import distributed
+
+logger = logging.getLogger(__name__)
+
+CHECKPOINTS_DIR = "checkpoints"
+MODEL_DIR = "model"
+OPTIMIZER_DIR = "optimizer"
+TOKENIZER_DIR = "tokenizer"
+TRAINER_STATE_FILE = "trainer_state.json"
+RNG_STATES_FILE = "rng_states.json"
+RUN_CONFIG_FILE = "run_config.yaml"
+MODEL_CONFIG_FILE = "config.json"
+DCP_METADATA_FILE = ".metadata"
+FAULT_ENV = "GENESIS_HF_FAULT"
+_STEP_DIR = re.compile(r"^step-(\d{7})$")
+_TMP_DIR = re.compile(r"^step-\d{7}\.tmp-")
+_DELETING_DIR = re.compile(r"^step-\d{7}\.deleting-")
+# DCP warns on every call without a process group that it assumes a single process; in one process that is the intent.
+warnings.filterwarnings("ignore", message=r"torch\.distributed is (disabled|unavailable).*single process")
+# GenesisConfig fields that change the shapes or the function of the weights: a checkpoint is only compatible with a
+# model that agrees on all of them.
+ARCHITECTURE_FIELDS = (
+    "vocab_size",
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "head_dim",
+    "hidden_act",
+    "max_position_embeddings",
+    "rms_norm_eps",
+    "rope_parameters",
+    "tie_word_embeddings",
+    "attention_bias",
+    "mlp_bias",
+)
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint cannot be used; the message says why and what to do."""
+
+
+class OptimizerStateError(CheckpointError):
+    """The checkpoint's optimizer state is missing or does not match the model."""
+
+
+@dataclass
+class CheckpointInfo:
+    """A complete checkpoint.
+
+    Args:
+        path: its folder, `<output_dir>/checkpoints/step-XXXXXXX`.
+        step: optimizer steps done when it was written.
+        tokens_seen: training tokens consumed by then (all ranks).
+        loss: training loss of its last step.
+    """
+
+    path: Path
+    step: int
+    tokens_seen: int
+    loss: float | None
+
+
+def checkpoint_name(step: int) -> str:
+    return f"step-{step:07d}"
+
+
+def checkpoints_root(output_dir: str | Path) -> Path:
+    return Path(output_dir) / CHECKPOINTS_DIR
+
+
+def read_trainer_state(path: str | Path) -> dict[str, Any]:
+    with open(Path(path) / TRAINER_STATE_FILE) as handle:
+        return json.load(handle)
+
+
+def _step_dirs(output_dir: str | Path) -> list[tuple[int, Path]]:
+    """`(step, folder)` of every published checkpoint folder (`step-XXXXXXX`), oldest first, intact or not."""
+    root = checkpoints_root(output_dir)
+    if not root.is_dir():
+        return []
+    found = [(int(match.group(1)), path) for path in root.iterdir() if (match := _STEP_DIR.match(path.name))]
+    return sorted((step, path) for step, path in found if path.is_dir())
+
+
+def list_checkpoints(output_dir: str | Path) -> list[CheckpointInfo]:
+    """The complete checkpoints of a run, oldest first.
+
+    Only renamed folders (`step-XXXXXXX`) with a readable `trainer_state.json` count; interrupted saves
+    (`*.tmp-*`) and folders being deleted are ignored. Use `validate_checkpoint` to also check the shards.
+
+    Args:
+        output_dir: the run's output directory (the one holding `checkpoints/`).
+    """
+    found = []
+    for step, path in _step_dirs(output_dir):
+        try:
+            state = read_trainer_state(path)
+        except (OSError, ValueError):
+            continue
+        found.append(
+            CheckpointInfo(path=path, step=step, tokens_seen=state.get("tokens_seen"), loss=state.get("loss"))
+        )
+    return found
+
+
+def _dcp_problem(folder: Path) -> str | None:
+    """Why the DCP checkpoint in `folder` is unreadable (missing metadata, missing or truncated shard), or `None`."""
+    from torch.distributed.checkpoint import FileSystemReader
+
+    if not (folder / DCP_METADATA_FILE).is_file():
+        return f"{folder.name}/{DCP_METADATA_FILE} is missing"
+    try:
+        metadata = FileSystemReader(str(folder)).read_metadata()
+    except Exception as error:  # a truncated pickle raises anything from EOFError to UnpicklingError
+        return f"{folder.name}/{DCP_METADATA_FILE} is unreadable ({type(error).__name__}: {error})"
+    needed: dict[str, int] = {}
+    for storage in (metadata.storage_data or {}).values():
+        end = storage.offset + storage.length
+        needed[storage.relative_path] = max(needed.get(storage.relative_path, 0), end)
+    for relative_path, size in sorted(needed.items()):
+        shard = folder / relative_path
+        if not shard.is_file():
+            return f"shard {folder.name}/{relative_path} is missing"
+        if shard.stat().st_size < size:
+            return f"shard {folder.name}/{relative_path} is truncated ({shard.stat().st_size} of {size} bytes)"
+    return None
+
+
+def validate_checkpoint(path: str | Path) -> str | None:
+    """What is wrong with a checkpoint folder, or `None` if it is complete.
+
+    Checks the JSON/YAML files parse and every DCP shard that the metadata references exists with enough bytes. A
+    missing `optimizer/` is not reported here: that is a resume policy decision (`load_training_checkpoint`).
+
+    Args:
+        path: a `step-XXXXXXX` folder.
+    """
+    path = Path(path)
+    for name in (TRAINER_STATE_FILE, RNG_STATES_FILE, MODEL_CONFIG_FILE):
+        try:
+            with open(path / name) as handle:
+                json.load(handle)
+        except (OSError, ValueError) as error:
+            return f"{name} is missing or unreadable ({type(error).__name__})"
+    problem = _dcp_problem(path / MODEL_DIR)
+    if problem is None and (path / OPTIMIZER_DIR).exists():
+        problem = _dcp_problem(path / OPTIMIZER_DIR)
+    return problem
+
+
+def select_checkpoint(output_dir: str | Path) -> tuple[CheckpointInfo | None, list[str]]:
+    """The newest complete and intact checkpoint of a run, and a warning for each newer one that was skipped.
+
+    Args:
+        output_dir: the run's output directory.
+
+    Raises:
+        CheckpointError: checkpoints exist but none is intact.
+    """
+    skipped = []
+    candidates = _step_dirs(output_dir)
+    for step, path in reversed(candidates):
+        problem = validate_checkpoint(path)
+        if problem is None:
+            state = read_trainer_state(path)
+            return CheckpointInfo(path, step, state.get("tokens_seen"), state.get("loss")), skipped
+        skipped.append(f"Skipping checkpoint {path}: {problem}. Falling back to the previous one.")
+    if candidates:
+        raise CheckpointError(
+            f"None of the {len(candidates)} checkpoints in {checkpoints_root(output_dir)} is intact:\n  "
+            + "\n  ".join(skipped)
+            + "\nMove them aside to start from scratch, or point --output_dir at a new folder."
+        )
+    return None, skipped
+
+
+def check_model_config_compatible(output_dir: str | Path, config) -> None:
+    """Refuse to train `config` into an output directory whose checkpoints hold a different architecture.
+
+    Args:
+        output_dir: the run's output directory.
+        config: the `GenesisConfig` this run builds.
+
+    Raises:
+        ConfigError: naming each differing field with both values.
+    """
+    checkpoints = list_checkpoints(output_dir)
+    if not checkpoints:
+        return
+    newest = checkpoints[-1].path
+    try:
+        with open(newest / MODEL_CONFIG_FILE) as handle:
+            saved = json.load(handle)
+    except (OSError, ValueError):
+        return  # an unreadable checkpoint is dealt with by select_checkpoint
+    current = config.to_dict()
+    differences = [
+        f"{name}: checkpoint {saved.get(name)!r} vs this run {current.get(name)!r}"
+        for name in ARCHITECTURE_FIELDS
+        if saved.get(name) != current.get(name)
+    ]
+    if differences:
+        raise ConfigError(
+            f"{output_dir} holds checkpoints of a different model ({newest.name}):\n  "
+            + "\n  ".join(differences)
+            + "\nResuming would load weights of the wrong shape. Use a new --output_dir for this model, or restore "
+            "the model settings (model_preset / model_overrides) of that run to resume it."
+        )
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# RNG states
+
+
+def _encode_bytes(tensor: torch.Tensor) -> str:
+    return base64.b64encode(tensor.cpu().numpy().tobytes()).decode("ascii")
+
+
+def _decode_bytes(text: str) -> torch.Tensor:
+    return torch.frombuffer(bytearray(base64.b64decode(text)), dtype=torch.uint8)
+
+
+def capture_rng_state() -> dict[str, Any]:
+    """This process's python, numpy, torch and CUDA generator states, as JSON-serialisable values."""
+    version, python_state, gauss = random.getstate()
+    bit_generator, keys, position, has_gauss, cached_gaussian = np.random.get_state()
+    state = {
+        "python": [version, list(python_state), gauss],
+        "numpy": [bit_generator, keys.tolist(), position, has_gauss, cached_gaussian],
+        "torch": _encode_bytes(torch.get_rng_state()),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = [_encode_bytes(device_state) for device_state in torch.cuda.get_rng_state_all()]
+    return state
+
+
+def restore_rng_state(state: dict[str, Any]) -> None:
+    """Restore what `capture_rng_state` returned (CUDA states only when CUDA is in use)."""
+    version, python_state, gauss = state["python"]
+    random.setstate((version, tuple(python_state), gauss))
+    bit_generator, keys, position, has_gauss, cached_gaussian = state["numpy"]
+    np.random.set_state((bit_generator, np.array(keys, dtype=np.uint32), position, has_gauss, cached_gaussian))
+    torch.set_rng_state(_decode_bytes(state["torch"]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([_decode_bytes(device_state) for device_state in state["cuda"]])
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Fault injection (test hook)
+
+
+def fault_steps(kind: str) -> set[int]:
+    """Steps at which `GENESIS_HF_FAULT` injects fault `kind` (`kind:STEP` or `kind:FIRST-LAST`, comma-separated)."""
+    steps: set[int] = set()
+    for item in os.environ.get(FAULT_ENV, "").split(","):
+        name, _, value = item.strip().partition(":")
+        if name != kind or not value:
+            continue
+        first, _, last = value.partition("-")
+        steps.update(range(int(first), int(last or first) + 1))
+    return steps
+
+
+def _kill_if_requested(kind: str, step: int) -> None:
+    if step in fault_steps(kind):
+        logger.error("%s=%s: killing this process at step %d (test hook).", FAULT_ENV, os.environ[FAULT_ENV], step)
+        logging.shutdown()
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Saving
+
+
+def _write_json(path: Path, value: Any) -> None:
+    with open(path, "w") as handle:
+        json.dump(value, handle, indent=1)
+        handle.write("\n")
+
+
+@dataclass
+class _PendingSave:
+    step: int
+    staging_dir: Path
+    future: Future
+
+
+class CheckpointManager:
+    """Writes, publishes and rotates the checkpoints of one run. Every rank creates one, in the same order.
+
+    Args:
+        output_dir: the run's output directory.
+        save_total_limit: keep the newest N checkpoints that are not milestones; `None` keeps all.
+        milestone_steps: checkpoints at multiples of this step are never deleted.
+        async_save: copy the state to CPU memory and write it in a background thread.
+        callbacks: called on rank 0 as `callback(checkpoint_dir, step)` once a checkpoint is visible. A callback
+            with a `may_delete(checkpoint_dir) -> bool` method can veto the rotation of a checkpoint it still needs
+            (the Hub pusher, until the upload is confirmed).
+        run_config: the resolved arguments, written to `run_config.yaml`.
+        model_config: the `GenesisConfig`, written to `config.json`.
+        tokenizer: saved to `tokenizer/`.
+    """
+
+    def __init__(
+        self,
+        output_dir: str | Path,
+        *,
+        save_total_limit: int | None,
+        milestone_steps: int | None,
+        async_save: bool,
+        callbacks: Sequence[Callable[[Path, int], None]] = (),
+        run_config: dict[str, Any],
+        model_config,
+        tokenizer,
+    ) -> None:
+        self.root = checkpoints_root(output_dir)
+        self.save_total_limit = save_total_limit
+        self.milestone_steps = milestone_steps
+        self.async_save = async_save
+        self.callbacks = list(callbacks)
+        self.run_config = run_config
+        self.model_config = model_config
+        self.tokenizer = tokenizer
+        self.is_main = not dist.is_initialized() or dist.get_rank() == 0
+        # Checkpoint collectives (DCP planning, gathers) go over gloo: NCCL is busy with training, and the seed run's
+        # save hung in an NCCL gather. Async saves need a CPU group anyway.
+        self.group = dist.new_group(backend="gloo") if dist.is_initialized() else None
+        # Without a process group DCP would warn on every call that it assumes a single process; say so instead.
+        self.no_dist = not dist.is_initialized()
+        self.run_id = distributed.broadcast_object(uuid.uuid4().hex[:8], group=self.group)
+        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint") if async_save else None
+        self.pending: _PendingSave | None = None
+        self.last_saved_step: int | None = None
+
+    def remove_stale_staging_dirs(self) -> None:
+        """Delete `*.tmp-*` folders left by saves that were interrupted (rank 0; they were never visible)."""
+        if not self.is_main or not self.root.is_dir():
+            return
+        for path in self.root.iterdir():
+            if _TMP_DIR.match(path.name) or _DELETING_DIR.match(path.name):
+                logger.warning("Removing %s: an interrupted save or deletion left it incomplete.", path)
+                shutil.rmtree(path, ignore_errors=True)
+
+    def save(self, step: int, model, optimizer, trainer_state: dict[str, Any], rank_state: dict[str, Any]) -> None:
+        """Write a checkpoint of `step` (collective: every rank calls it at the same step).
+
+        Args:
+            step: optimizer steps done.
+            model: the wrapped model (FSDP2, DDP or plain).
+            optimizer: its optimizer.
+            trainer_state: JSON-serialisable run state (rank 0's is written).
+            rank_state: this rank's `{"data_loader": ..., "rng": ...}`; all ranks' are gathered.
+        """
+        from torch.distributed.checkpoint.state_dict import get_state_dict
+
+        self.wait()
+        started = time.perf_counter()
+        rank_states = distributed.all_gather_object(rank_state, group=self.group)
+        staging_dir = self.root / f"{checkpoint_name(step)}.tmp-{self.run_id}"
+        if self.is_main:
+            self._write_metadata_files(staging_dir, trainer_state, rank_states)
+        model_state, optimizer_state = get_state_dict(model, optimizer)
+        state = {MODEL_DIR: {"model": model_state}, OPTIMIZER_DIR: {"optimizer": optimizer_state}}
+        if self.executor is None:
+            self._write_shards(state, staging_dir)
+            distributed.barrier(self.group)
+            self._publish(step, staging_dir)
+        else:
+            from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
+
+            # A private copy in CPU memory (the live tensors keep training); only the disk write is deferred.
+            stager = DefaultStager(StagingOptions(False, False, False, False))
+            staged = {name: stager.stage(part) for name, part in state.items()}
+            stager.close()
+            future = self.executor.submit(self._write_shards, staged, staging_dir)
+            self.pending = _PendingSave(step, staging_dir, future)
+        logger.info(
+            "Checkpoint of step %d %s in %.2fs.",
+            step,
+            "staged" if self.executor else "written",
+            time.perf_counter() - started,
+        )
+
+    def _write_metadata_files(self, staging_dir: Path, trainer_state: dict[str, Any], rank_states: list[dict]) -> None:
+        staging_dir.mkdir(parents=True, exist_ok=True)
+        state = dict(trainer_state, world_size=len(rank_states))
+        state["data_loader_states"] = [rank_state["data_loader"] for rank_state in rank_states]
+        _write_json(staging_dir / TRAINER_STATE_FILE, state)
+        _write_json(staging_dir / RNG_STATES_FILE, [rank_state["rng"] for rank_state in rank_states])
+        with open(staging_dir / RUN_CONFIG_FILE, "w") as handle:
+            yaml.safe_dump(self.run_config, handle, sort_keys=False)
+        self.model_config.to_json_file(staging_dir / MODEL_CONFIG_FILE)
+        self.tokenizer.save_pretrained(staging_dir / TOKENIZER_DIR)
+
+    def _write_shards(self, state: dict[str, dict], staging_dir: Path) -> None:
+        import torch.distributed.checkpoint as dcp
+
+        for name, part in state.items():
+            dcp.save(part, checkpoint_id=str(staging_dir / name), process_group=self.group, no_dist=self.no_dist)
+
+    def poll(self) -> None:
+        """Publish a finished background save (call once per step on every rank; only rank 0 does anything)."""
+        if self.pending is not None and self.pending.future.done():
+            self._finish_pending()
+
+    def wait(self) -> None:
+        """Block until a background save is written and published."""
+        if self.pending is not None:
+            self.pending.future.result()
+            self._finish_pending()
+
+    def _finish_pending(self) -> None:
+        pending, self.pending = self.pending, None
+        pending.future.result()  # re-raises a failed write
+        # Rank 0's DCP save returns only after every rank reported its shards written (DCP's finish step gathers
+        # them), so rank 0 can publish without another collective.
+        self._publish(pending.step, pending.staging_dir)
+
+    def _publish(self, step: int, staging_dir: Path) -> None:
+        _kill_if_requested("kill_during_save", step)
+        self.last_saved_step = step
+        if not self.is_main:
+            return
+        final_dir = self.root / checkpoint_name(step)
+        if final_dir.exists():
+            # A checkpoint of the same step from an earlier launch (possible after a fallback): the new one replaces it.
+            self._delete(final_dir)
+        os.rename(staging_dir, final_dir)
+        _fsync_dir(self.root)
+        logger.info("Checkpoint %s is complete.", final_dir)
+        for callback in self.callbacks:
+            callback(final_dir, step)
+        self.rotate()
+
+    def is_milestone(self, step: int) -> bool:
+        return bool(self.milestone_steps) and step % self.milestone_steps == 0
+
+    def rotate(self) -> None:
+        """Delete the oldest non-milestone checkpoints beyond `save_total_limit` (rank 0), unless a callback vetoes."""
+        if not self.is_main or self.save_total_limit is None:
+            return
+        regular = [info for info in list_checkpoints(self.root.parent) if not self.is_milestone(info.step)]
+        for info in regular[: -self.save_total_limit]:
+            # A callback may keep a checkpoint it still needs (the Hub pusher, until the upload is confirmed).
+            if all(getattr(callback, "may_delete", lambda path: True)(info.path) for callback in self.callbacks):
+                self._delete(info.path)
+
+    def _delete(self, path: Path) -> None:
+        # Rename first: a half-deleted folder must never look like a checkpoint.
+        doomed = path.with_name(f"{path.name}.deleting-{self.run_id}")
+        os.rename(path, doomed)
+        shutil.rmtree(doomed, ignore_errors=True)
+
+    def close(self) -> None:
+        self.wait()
+        if self.executor is not None:
+            self.executor.shutdown()
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        descriptor = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(descriptor)
+    except OSError:
+        pass
+    finally:
+        os.close(descriptor)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Loading
+
+
+def _dcp_keys(folder: Path) -> dict[str, Any]:
+    from torch.distributed.checkpoint import FileSystemReader
+
+    return FileSystemReader(str(folder)).read_metadata().state_dict_metadata
+
+
+def _optimizer_problems(folder: Path, optimizer_state: dict[str, Any], model_state: dict[str, Any]) -> list[str]:
+    """What is missing or mis-shaped in the saved optimizer state, against this model's parameters."""
+    if not (folder / DCP_METADATA_FILE).is_file():
+        return [f"{folder} does not exist or has no {DCP_METADATA_FILE}: the checkpoint holds no optimizer state"]
+    saved = _dcp_keys(folder)
+    problems = []
+    for fqn in optimizer_state["state"]:
+        shape = tuple(model_state[fqn].shape) if fqn in model_state else None
+        for key in ("exp_avg", "exp_avg_sq", "step"):
+            entry = saved.get(f"optimizer.state.{fqn}.{key}")
+            if entry is None:
+                problems.append(f"no {key} for {fqn}")
+            elif key != "step" and shape is not None and tuple(getattr(entry, "size", ())) != shape:
+                problems.append(f"{key} of {fqn} has shape {tuple(entry.size)}, the parameter {shape}")
+    return problems
+
+
+def _optimizer_error(path: Path, problems: list[str], previous: list[CheckpointInfo]) -> OptimizerStateError:
+    shown = "\n  ".join(problems[:8]) + (f"\n  ... and {len(problems) - 8} more" if len(problems) > 8 else "")
+    with_state = [info for info in previous if (info.path / OPTIMIZER_DIR / DCP_METADATA_FILE).is_file()]
+    alternative = (
+        f" An older checkpoint has optimizer state: --resume_from_checkpoint {with_state[-1].path}."
+        if with_state
+        else ""
+    )
+    return OptimizerStateError(
+        f"Checkpoint {path} cannot be resumed: its AdamW state is missing or does not match the model:\n  {shown}\n"
+        "Restoring the weights without the optimizer's moments is the seed run's silent failure: the loss looked "
+        "healthy for ~50 steps, then diverged, and ~1,000 steps were trained on poisoned weights."
+        f"{alternative} To start AdamW from zero on purpose (with a fresh warmup of its moments), relaunch with "
+        "--allow_fresh_optimizer true."
+    )
+
+
+@dataclass
+class ResumeResult:
+    """What `load_training_checkpoint` restored.
+
+    Args:
+        trainer_state: the checkpoint's `trainer_state.json`.
+        fresh_optimizer: the optimizer state was not restored (`allow_fresh_optimizer`).
+        problems: why it was not.
+    """
+
+    trainer_state: dict[str, Any]
+    fresh_optimizer: bool
+    problems: list[str]
+
+
+def load_training_checkpoint(
+    path: str | Path,
+    model,
+    optimizer: torch.optim.Optimizer,
+    *,
+    allow_fresh_optimizer: bool,
+    group=None,
+    older_checkpoints: Sequence[CheckpointInfo] = (),
+) -> ResumeResult:
+    """Restore model weights and optimizer state (collective), after checking the optimizer state fits the model.
+
+    Checks, before loading: `optimizer/` exists; for every parameter it holds `exp_avg`, `exp_avg_sq` and `step`; the
+    moments have the parameter's (global) shape. After loading: every parameter's `step` equals the checkpoint's
+    `optimizer_steps` (optimizer updates done; steps skipped for a non-finite loss do not count).
+
+    Args:
+        path: a `step-XXXXXXX` folder.
+        model: the wrapped model (FSDP2, DDP or plain).
+        optimizer: its optimizer, freshly built.
+        allow_fresh_optimizer: load only the weights when the optimizer state fails the checks.
+        group: process group for DCP's collectives (the checkpoint manager's gloo group).
+        older_checkpoints: checkpoints before `path`, to suggest one in the error.
+
+    Raises:
+        OptimizerStateError: the optimizer state is missing or wrong and `allow_fresh_optimizer` is false.
+    """
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import (
+        get_model_state_dict,
+        get_optimizer_state_dict,
+        set_model_state_dict,
+        set_optimizer_state_dict,
+    )
+
+    path = Path(path)
+    trainer_state = read_trainer_state(path)
+    model_state = get_model_state_dict(model)
+    no_dist = not dist.is_initialized()
+    dcp.load({"model": model_state}, checkpoint_id=str(path / MODEL_DIR), process_group=group, no_dist=no_dist)
+    set_model_state_dict(model, model_state)
+
+    # The skeleton: get_optimizer_state_dict materialises AdamW's state with a zero-LR step, which changes nothing.
+    optimizer_state = get_optimizer_state_dict(model, optimizer)
+    problems = _optimizer_problems(path / OPTIMIZER_DIR, optimizer_state, model_state)
+    if not problems:
+        dcp.load(
+            {"optimizer": optimizer_state},
+            checkpoint_id=str(path / OPTIMIZER_DIR),
+            process_group=group,
+            no_dist=no_dist,
+        )
+        set_optimizer_state_dict(model, optimizer, optimizer_state)
+        expected = trainer_state.get("optimizer_steps", trainer_state["step"])
+        wrong = sorted(
+            {float(state["step"]) for state in optimizer.state.values() if float(state["step"]) != expected}
+        )
+        if wrong:
+            problems = [f"AdamW step counts {wrong} differ from the {expected} optimizer updates the run had done"]
+    # Every rank saw the same files, but agree explicitly: one rank must never resume with state the others dropped.
+    flag = distributed.all_reduce_sum(torch.tensor([float(bool(problems))]))
+    if flag.item() and not problems:
+        problems = ["another rank found the optimizer state inconsistent"]
+    if problems:
+        if not allow_fresh_optimizer:
+            raise _optimizer_error(path, problems, older_checkpoints)
+        optimizer.state.clear()
+    return ResumeResult(trainer_state=trainer_state, fresh_optimizer=bool(problems), problems=problems)
+
+
+def read_rng_states(path: str | Path) -> list[dict[str, Any]]:
+    with open(Path(path) / RNG_STATES_FILE) as handle:
+        return json.load(handle)
+
+
+def load_model_from_checkpoint(path: str | Path, dtype: torch.dtype = torch.float32):
+    """Load the model, tokenizer and trainer state of a training checkpoint, in one process, without a process group.
+
+    Reads the DCP shards of every rank directly (no collective is used even if a process group exists), so it also
+    works on a laptop for a checkpoint written by 8 GPUs.
+
+    Args:
+        path: a `step-XXXXXXX` folder.
+        dtype: dtype of the returned model's weights.
+
+    Returns:
+        `(GenesisForCausalLM, tokenizer, trainer_state)`; the model is in eval mode on CPU.
+    """
+    import torch.distributed.checkpoint as dcp
+    from transformers import AutoTokenizer
+
+    from genesis_hf import GenesisConfig, GenesisForCausalLM
+
+    path = Path(path)
+    problem = validate_checkpoint(path)
+    if problem is not None:
+        raise CheckpointError(f"Checkpoint {path} is not intact: {problem}.")
+    config = GenesisConfig.from_json_file(path / MODEL_CONFIG_FILE)
+    model = GenesisForCausalLM(config).float()
+    saved = _dcp_keys(path / MODEL_DIR)
+    state = {}
+    for key, tensor in model.state_dict().items():
+        if f"model.{key}" in saved:
+            state[key] = tensor
+        elif not (key == "lm_head.weight" and config.tie_word_embeddings):
+            raise CheckpointError(f"Checkpoint {path} has no weights for {key}; it was not written for this model.")
+    dcp.load({"model": state}, checkpoint_id=str(path / MODEL_DIR), no_dist=True)
+    model.load_state_dict(state, strict=False)
+    if config.tie_word_embeddings:
+        model.tie_weights()
+    model.to(dtype).eval()
+    tokenizer = AutoTokenizer.from_pretrained(path / TOKENIZER_DIR)
+    return model, tokenizer, read_trainer_state(path)
+
+
+__all__ = [
+    "CheckpointError",
+    "CheckpointInfo",
+    "CheckpointManager",
+    "OptimizerStateError",
+    "capture_rng_state",
+    "check_model_config_compatible",
+    "list_checkpoints",
+    "load_model_from_checkpoint",
+    "load_training_checkpoint",
+    "restore_rng_state",
+    "select_checkpoint",
+    "validate_checkpoint",
+]

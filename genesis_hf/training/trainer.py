@@ -1,0 +1,740 @@
+"""The pretraining engine: builders, the training loop, resume, validation, metrics.
+
+`run_pretraining(args)` is what `recipes/pretrain.py` calls. In order: build the Accelerator and check the batch
+geometry, refuse bad input before anything trains (model/tokenizer vocab mismatch, an output directory holding another
+model, no intact checkpoint), build the model (FSDP2/DDP via `distributed.wrap_model`), AdamW, the extensible LR
+schedule and the packed loader, resume from the newest intact checkpoint (weights, AdamW state checked against the
+model, schedule, every rank's loader and RNG state), then `train()`: one optimizer step per iteration, skipping
+non-finite steps, logging every step to `metrics.jsonl`, evaluating every `eval_steps`, checkpointing every
+`save_steps` and every `save_minutes`. At the end `final/` holds a `save_pretrained` model and tokenizer, exported
+by rank 0 from the last sharded checkpoint (no full-state gather across ranks).
+
+Losses are reproducible bit for bit across a kill and resume: the model is initialised from `seed` identically on
+every rank, the loader continues at the exact row, the AdamW moments and step counts come back exactly, each rank
+gets its RNG state back, and the per-step reduction order is fixed.
+"""
+
+import json
+import logging
+import math
+import os
+import shutil
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+from genesis_hf.args import ConfigError
+
+from . import checkpoint as ckpt
+from . import distributed
+from .config import PretrainArguments, resolve_gradient_accumulation
+
+logger = logging.getLogger(__name__)
+
+METRICS_FILE = "metrics.jsonl"
+FINAL_DIR = "final"
+
+
+class NonFiniteLossError(RuntimeError):
+    """Too many consecutive steps had a non-finite loss or gradient; the run stopped."""
+
+
+@dataclass
+class TrainerState:
+    """Counters that make up the run's position (saved in `trainer_state.json`).
+
+    Args:
+        step: optimizer steps done, skipped ones included (the schedule and the data advance on every step).
+        tokens_seen: training tokens consumed by all ranks.
+        optimizer_steps: AdamW updates actually applied (`step` minus skipped steps); AdamW's own `step` must match.
+        skipped_steps: steps skipped for a non-finite loss or gradient.
+        consecutive_nonfinite: non-finite steps in a row, up to now.
+        training_seconds: wall time spent in training steps, across launches.
+        fresh_optimizer_steps: steps at which a resume started AdamW from zero (`allow_fresh_optimizer`).
+    """
+
+    step: int = 0
+    tokens_seen: int = 0
+    optimizer_steps: int = 0
+    skipped_steps: int = 0
+    consecutive_nonfinite: int = 0
+    training_seconds: float = 0.0
+    loss: float | None = None
+    lr: float | None = None
+    grad_norm: float | None = None
+    eval_loss: float | None = None
+    fresh_optimizer_steps: list[int] = field(default_factory=list)
+
+
+@dataclass
+class Run:
+    """Everything the training loop touches, built by `setup_run`."""
+
+    args: PretrainArguments
+    accelerator: Any
+    wrapped: distributed.WrappedModel
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    loader: Any
+    eval_batches: list[dict[str, torch.Tensor]]
+    checkpoints: ckpt.CheckpointManager
+    metrics: "MetricsLogger"
+    state: TrainerState
+    gradient_accumulation_steps: int
+    flops_per_token: float
+    peak_flops: float | None
+    fresh_optimizer: bool = False
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Builders
+
+
+def build_model_config(args: PretrainArguments):
+    """The `GenesisConfig` of the run: `model_preset` plus `model_overrides`, with the attention kernel."""
+    from genesis_hf import GenesisConfig
+
+    try:
+        config = GenesisConfig.from_preset(args.model_preset, **args.model_overrides)
+    except (ValueError, TypeError) as error:
+        raise ConfigError(f"Cannot build the model config: {error}") from None
+    config._attn_implementation = args.attn_implementation
+    if args.seq_len > config.max_position_embeddings:
+        raise ConfigError(
+            f"seq_len={args.seq_len} exceeds the model's max_position_embeddings={config.max_position_embeddings}; "
+            f"lower seq_len or pass --model_overrides '{{\"max_position_embeddings\": {args.seq_len}}}'."
+        )
+    return config
+
+
+def build_tokenizer(args: PretrainArguments, config, accelerator):
+    """The tokenizer (`tokenizer_name_or_path`, or `default_tokenizer(config.vocab_size)`), checked against the model.
+
+    Raises:
+        ConfigError: the tokenizer has more tokens than the model has embedding rows.
+    """
+    from transformers import AutoTokenizer
+
+    from genesis_hf.tokenizer import default_tokenizer
+
+    # Rank 0 trains/caches the default tokenizer first; the others then load it instead of training it again.
+    with accelerator.main_process_first():
+        if args.tokenizer_name_or_path is None:
+            tokenizer = default_tokenizer(config.vocab_size)
+        else:
+            tokenizer = AutoTokenizer.from_pretrained(args.tokenizer_name_or_path)
+    if len(tokenizer) > config.vocab_size:
+        raise ConfigError(
+            f"The tokenizer ({args.tokenizer_name_or_path or 'default_tokenizer'}) has {len(tokenizer):,} tokens but "
+            f"the model's vocab_size is {config.vocab_size:,}: ids >= {config.vocab_size:,} would index past the "
+            f"embedding table. Use a tokenizer of at most {config.vocab_size:,} tokens, or grow the model with "
+            f"--model_overrides '{{\"vocab_size\": {len(tokenizer)}}}' (a multiple of 64 runs faster on GPUs)."
+        )
+    if tokenizer.eos_token_id is None:
+        raise ConfigError(f"The tokenizer {args.tokenizer_name_or_path} has no eos token to separate documents.")
+    return tokenizer
+
+
+def build_model(config, seed: int):
+    """A float32 `GenesisForCausalLM`, initialised identically on every rank from `seed`."""
+    from genesis_hf import GenesisForCausalLM
+
+    torch.manual_seed(seed)
+    model = GenesisForCausalLM(config).float()
+    model.config.use_cache = False
+    return model.train()
+
+
+def build_optimizer(model: torch.nn.Module, args: PretrainArguments) -> torch.optim.AdamW:
+    """AdamW with weight decay on matrices (projections, embeddings) and none on norm weights and biases.
+
+    The groups are always `[decay, no_decay]`; `apply_optimizer_hyperparameters` relies on that order.
+    """
+    decay, no_decay = [], []
+    for parameter in model.parameters():
+        if parameter.requires_grad:
+            (decay if parameter.ndim >= 2 else no_decay).append(parameter)
+    groups = [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(
+        groups, lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_epsilon
+    )
+
+
+def apply_optimizer_hyperparameters(optimizer: torch.optim.Optimizer, args: PretrainArguments) -> None:
+    """Set betas, eps and weight decay from `args` (a loaded optimizer state brings the saved run's values)."""
+    for index, group in enumerate(optimizer.param_groups):
+        group["betas"] = (args.adam_beta1, args.adam_beta2)
+        group["eps"] = args.adam_epsilon
+        group["weight_decay"] = args.weight_decay if index == 0 else 0.0
+
+
+def build_data(args: PretrainArguments, tokenizer, rank: int, world_size: int):
+    """The training loader of this rank and the held-out batches (the same on every rank)."""
+    from genesis_hf.data import build_pretrain_loader, build_validation_batches
+
+    loader = build_pretrain_loader(
+        args.mixture,
+        tokenizer,
+        seq_len=args.seq_len,
+        batch_size=args.per_device_train_batch_size,
+        rank=rank,
+        world_size=world_size,
+        seed=args.seed,
+        document_masking=args.document_masking,
+        tokenized_dir=args.tokenized_dir,
+    )
+    eval_batches = build_validation_batches(
+        args.mixture,
+        tokenizer,
+        seq_len=args.seq_len,
+        batch_size=args.per_device_eval_batch_size,
+        num_batches=args.eval_batches,
+        seed=args.seed,
+        document_masking=args.document_masking,
+        tokenized_dir=args.tokenized_dir,
+    )
+    return loader, eval_batches
+
+
+class MetricsLogger:
+    """Appends one JSON object per step to `metrics.jsonl` (rank 0), feeds the trackers and the progress bar.
+
+    Floats are written with `repr` precision (`json` does that), so two runs can be compared bit for bit. After a
+    kill and resume the steps after the last checkpoint appear again; the last occurrence of a step is the one that
+    the resumed run trained.
+    """
+
+    def __init__(
+        self, path: Path, accelerator, *, max_steps: int, initial_step: int, logging_steps: int, disable_tqdm: bool
+    ):
+        from tqdm.auto import tqdm
+
+        self.path = path
+        self.accelerator = accelerator
+        self.logging_steps = logging_steps
+        self.is_main = accelerator.is_main_process
+        if self.is_main:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            _drop_partial_last_line(path)
+        self.progress = tqdm(
+            total=max_steps,
+            initial=initial_step,
+            disable=not self.is_main or disable_tqdm,
+            desc="pretrain",
+            unit="step",
+        )
+
+    def log_step(self, record: dict[str, Any]) -> None:
+        step = record["step"]
+        if self.is_main:
+            with open(self.path, "a") as handle:
+                handle.write(json.dumps(record) + "\n")
+            self.progress.update(step - self.progress.n)
+            self.progress.set_postfix(
+                loss=f"{record['loss'] or math.nan:.4f}", lr=f"{record['lr']:.2e}", refresh=False
+            )
+        if step % self.logging_steps == 0 or "eval_loss" in record:
+            scalars = {f"train/{key}": value for key, value in record.items() if _is_scalar(value) and key != "step"}
+            for source, tokens in (record.get("tokens_per_source") or {}).items():
+                scalars[f"tokens/{source}"] = tokens
+            self.accelerator.log(scalars, step=step)
+
+    def close(self) -> None:
+        self.progress.close()
+
+
+def _is_scalar(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _drop_partial_last_line(path: Path) -> None:
+    # A SIGKILL can cut the last line in half; appending after it would glue two records together.
+    if not path.is_file():
+        return
+    data = path.read_bytes()
+    if data and not data.endswith(b"\n"):
+        with open(path, "r+b") as handle:
+            handle.truncate(data.rfind(b"\n") + 1)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Setup and resume
+
+
+def setup_run(
+    args: PretrainArguments, accelerator, checkpoint_callbacks: Sequence[Callable[[Path, int], None]]
+) -> Run:
+    """Check the inputs, build everything, and resume from the newest intact checkpoint of `output_dir`."""
+    from .flops import detect_peak_flops, flops_per_token
+    from .schedules import build_lr_scheduler
+
+    gradient_accumulation_steps = resolve_gradient_accumulation(args, accelerator.num_processes)
+    config = build_model_config(args)
+    output_dir = Path(args.output_dir)
+    ckpt.check_model_config_compatible(output_dir, config)
+    tokenizer = build_tokenizer(args, config, accelerator)
+    resume_from = _choose_checkpoint(args, accelerator)
+
+    fsdp = distributed.fsdp_settings(accelerator, force=args.fsdp)
+    wrapped = distributed.wrap_model(
+        build_model(config, args.seed), accelerator, fsdp=fsdp, activation_checkpointing=args.gradient_checkpointing
+    )
+    optimizer = build_optimizer(wrapped.model, args)
+    scheduler = build_lr_scheduler(
+        optimizer,
+        schedule=args.lr_scheduler_type,
+        learning_rate=args.learning_rate,
+        min_learning_rate=args.min_learning_rate,
+        warmup_steps=args.warmup_steps,
+        max_steps=args.max_steps,
+        decay_steps=args.decay_steps,
+    )
+    loader, eval_batches = build_data(args, tokenizer, accelerator.process_index, accelerator.num_processes)
+    run_config = dict(
+        args.to_dict(), gradient_accumulation_steps=gradient_accumulation_steps, world_size=accelerator.num_processes
+    )
+    checkpoints = ckpt.CheckpointManager(
+        output_dir,
+        save_total_limit=args.save_total_limit,
+        milestone_steps=args.milestone_steps,
+        async_save=args.async_save,
+        callbacks=checkpoint_callbacks,
+        run_config=run_config,
+        model_config=config,
+        tokenizer=tokenizer,
+    )
+    run = Run(
+        args=args,
+        accelerator=accelerator,
+        wrapped=wrapped,
+        optimizer=optimizer,
+        scheduler=scheduler,
+        loader=loader,
+        eval_batches=eval_batches,
+        checkpoints=checkpoints,
+        metrics=None,
+        state=TrainerState(),
+        gradient_accumulation_steps=gradient_accumulation_steps,
+        flops_per_token=flops_per_token(config, args.seq_len),
+        peak_flops=detect_peak_flops(accelerator.device),
+    )
+    if resume_from is not None:
+        resume(run, resume_from)
+    checkpoints.remove_stale_staging_dirs()
+    run.metrics = MetricsLogger(
+        output_dir / METRICS_FILE,
+        accelerator,
+        max_steps=args.max_steps,
+        initial_step=run.state.step,
+        logging_steps=args.logging_steps,
+        disable_tqdm=args.disable_tqdm,
+    )
+    _log_summary(run, config, fsdp, resume_from)
+    return run
+
+
+def _choose_checkpoint(args: PretrainArguments, accelerator) -> ckpt.CheckpointInfo | None:
+    """Rank 0 picks the checkpoint to resume (explicit, or the newest intact one) and every rank follows."""
+    choice, error = None, None
+    if accelerator.is_main_process:
+        try:
+            if args.resume_from_checkpoint is not None:
+                path = Path(args.resume_from_checkpoint)
+                problem = ckpt.validate_checkpoint(path)
+                if problem is not None:
+                    raise ckpt.CheckpointError(f"--resume_from_checkpoint {path} is not usable: {problem}.")
+                state = ckpt.read_trainer_state(path)
+                choice = ckpt.CheckpointInfo(path, state["step"], state.get("tokens_seen"), state.get("loss"))
+            else:
+                choice, warnings = ckpt.select_checkpoint(args.output_dir)
+                for warning in warnings:
+                    logger.warning(warning)
+        except (ckpt.CheckpointError, OSError, ValueError) as exception:
+            error = str(exception)
+    choice, error = distributed.broadcast_object((choice, error))
+    if error is not None:
+        raise ckpt.CheckpointError(error)
+    return choice
+
+
+FRESH_OPTIMIZER_BANNER = """
+!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!
+!!  RESUMING STEP {step} WITH A FRESH ADAMW STATE (--allow_fresh_optimizer true)
+!!  The checkpoint's optimizer state was not restored: {problems}
+!!  AdamW's moments restart from zero. The seed run did this by accident: the loss looked fine for ~50 steps, then
+!!  diverged. Watch the loss closely; metrics.jsonl marks these steps with "fresh_optimizer": true.
+!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!
+"""
+
+
+def resume(run: Run, info: ckpt.CheckpointInfo) -> None:
+    """Restore the run from a checkpoint: weights, checked AdamW state, schedule (extended if `max_steps` grew), every
+    rank's loader and RNG state, and the counters."""
+    args, accelerator = run.args, run.accelerator
+    older = [other for other in ckpt.list_checkpoints(args.output_dir) if other.step < info.step]
+    result = ckpt.load_training_checkpoint(
+        info.path,
+        run.wrapped.model,
+        run.optimizer,
+        allow_fresh_optimizer=args.allow_fresh_optimizer,
+        group=run.checkpoints.group,
+        older_checkpoints=older,
+    )
+    saved = result.trainer_state
+    _warn_about_changed_arguments(info.path, run.checkpoints.run_config)
+    apply_optimizer_hyperparameters(run.optimizer, args)
+    run.scheduler.load_state_dict(saved["scheduler"])
+    if run.scheduler.max_steps != args.max_steps:
+        _extend_schedule(run, saved_max_steps=run.scheduler.max_steps, step=saved["step"])
+
+    loader_states = saved["data_loader_states"]
+    rank, world_size = accelerator.process_index, accelerator.num_processes
+    if len(loader_states) == world_size:
+        run.loader.load_state_dict(loader_states[rank])
+        ckpt.restore_rng_state(ckpt.read_rng_states(info.path)[rank])
+    elif all(state == loader_states[0] for state in loader_states):
+        # The loader's position is global (rows handed out to all ranks), so it resumes on any number of ranks;
+        # RNG streams are per rank and cannot be mapped, so they restart from the seed (training draws none).
+        logger.warning(
+            "Resuming on %d processes a checkpoint written by %d: the data continues at the same global row; "
+            "per-rank RNG states are not restored.",
+            world_size,
+            len(loader_states),
+        )
+        run.loader.load_state_dict(loader_states[0])
+    else:
+        raise ckpt.CheckpointError(
+            f"{info.path} was written by {len(loader_states)} processes whose loader states differ, and this run has "
+            f"{world_size}. Resume with {len(loader_states)} processes (accelerate launch --num_processes "
+            f"{len(loader_states)}) or start a new --output_dir."
+        )
+
+    known = {name for name in asdict(TrainerState())}
+    run.state = TrainerState(**{key: value for key, value in saved.items() if key in known})
+    run.state.consecutive_nonfinite = 0
+    run.fresh_optimizer = result.fresh_optimizer
+    if result.fresh_optimizer:
+        run.state.fresh_optimizer_steps.append(run.state.step)
+        # The new AdamW starts counting from zero; later checks compare against updates done since this resume.
+        run.state.optimizer_steps = 0
+        if accelerator.is_main_process:
+            logger.warning(FRESH_OPTIMIZER_BANNER.format(step=run.state.step, problems="; ".join(result.problems[:3])))
+    logger.info("Resumed from %s (step %d, %d tokens seen).", info.path, run.state.step, run.state.tokens_seen)
+
+
+# Arguments that may differ between launches without changing the run itself.
+_LAUNCH_ONLY_ARGUMENTS = {
+    "output_dir", "resume_from_checkpoint", "allow_fresh_optimizer", "max_steps", "disable_tqdm", "report_to",
+    "run_name", "save_steps", "save_minutes", "save_total_limit", "milestone_steps", "async_save", "logging_steps",
+    "push_to_hub", "hub_model_id", "consumer_gpu_env", "eval_steps",
+}  # fmt: skip
+
+
+def _warn_about_changed_arguments(checkpoint_path: Path, run_config: dict[str, Any]) -> None:
+    try:
+        saved = yaml.safe_load((checkpoint_path / ckpt.RUN_CONFIG_FILE).read_text()) or {}
+    except (OSError, yaml.YAMLError):
+        return
+    changed = [
+        f"{key}: {saved[key]!r} -> {value!r}"
+        for key, value in run_config.items()
+        if key in saved and key not in _LAUNCH_ONLY_ARGUMENTS and saved[key] != value
+    ]
+    if changed:
+        logger.warning(
+            "Arguments changed since %s: %s. The learning-rate schedule stays the checkpoint's (only max_steps "
+            "extends it); AdamW's betas, eps and weight decay take the new values.",
+            checkpoint_path.name,
+            "; ".join(changed),
+        )
+
+
+def _extend_schedule(run: Run, *, saved_max_steps: int, step: int) -> None:
+    args = run.args
+    lr_before = run.scheduler.get_last_lr()[0]
+    try:
+        run.scheduler.set_max_steps(args.max_steps)
+    except ValueError as error:
+        raise ConfigError(f"Cannot change max_steps from {saved_max_steps} to {args.max_steps}: {error}") from None
+    policy = (
+        f"the {args.lr_scheduler_type} decay continues from the current LR {lr_before:.3e} to min_learning_rate "
+        f"{run.scheduler.min_learning_rate:.1e} over the new horizon (no jump, never upwards)"
+    )
+    logger.warning(
+        "max_steps changed on resume: %d -> %d at step %d; %s.", saved_max_steps, args.max_steps, step, policy
+    )
+
+
+def _log_summary(run: Run, config, fsdp, resume_from) -> None:
+    args, accelerator = run.args, run.accelerator
+    parameters = sum(parameter.numel() for parameter in run.wrapped.unwrapped.parameters())
+    logger.info(
+        "Pretraining %s (%s parameters on this rank) | %s on %d process(es), device %s, mixed precision %s | "
+        "%d tokens/step = %d per device x %d seq x %d processes x %d accumulation | max_steps %d | %s",
+        args.model_preset,
+        f"{parameters:,}",
+        run.wrapped.strategy
+        + (
+            " + activation checkpointing"
+            if fsdp and fsdp.activation_checkpointing or args.gradient_checkpointing
+            else ""
+        ),
+        accelerator.num_processes,
+        accelerator.device,
+        accelerator.mixed_precision,
+        args.tokens_per_step,
+        args.per_device_train_batch_size,
+        args.seq_len,
+        accelerator.num_processes,
+        run.gradient_accumulation_steps,
+        args.max_steps,
+        f"resuming {resume_from.path}" if resume_from else f"fresh start, output in {args.output_dir}",
+    )
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The loop
+
+
+def train(run: Run) -> None:
+    """Train until `max_steps`: one optimizer step per iteration (see the module docstring)."""
+    args, state, wrapped = run.args, run.state, run.wrapped
+    accumulation, device = run.gradient_accumulation_steps, run.accelerator.device
+    parameters = [parameter for parameter in wrapped.model.parameters() if parameter.requires_grad]
+    batches = iter(run.loader)
+    # Test hooks (GENESIS_HF_FAULT): poison rank 0's loss at some steps; slow some steps down so a test can kill the
+    # run in the middle.
+    nan_steps, slow_steps = ckpt.fault_steps("nonfinite_loss"), ckpt.fault_steps("slow_step")
+    last_save = time.monotonic()
+    while state.step < args.max_steps:
+        started = time.perf_counter()
+        micro_losses = []
+        for micro_step in range(accumulation):
+            batch = {key: value.to(device) for key, value in next(batches).items()}
+            with wrapped.gradient_sync(micro_step == accumulation - 1):
+                with wrapped.autocast():
+                    loss = wrapped.model(**batch).loss
+                if state.step + 1 in nan_steps and run.accelerator.is_main_process:
+                    loss = loss * float("nan")
+                (loss / accumulation).backward()
+            micro_losses.append(loss.detach().double())
+        grad_norm = distributed.clip_grad_norm_(parameters, args.max_grad_norm).double()
+        clock_due = run.accelerator.is_main_process and 0 < args.save_minutes * 60 <= time.monotonic() - last_save
+        loss_value, skip, clock_due = agree_on_step(torch.stack(micro_losses).mean(), grad_norm, clock_due)
+        lr = run.scheduler.get_last_lr()[0]
+        if skip:
+            state.skipped_steps += 1
+            state.consecutive_nonfinite += 1
+        else:
+            run.optimizer.step()
+            state.optimizer_steps += 1
+            state.consecutive_nonfinite = 0
+        run.optimizer.zero_grad(set_to_none=True)
+        run.scheduler.step()
+        state.step += 1
+        state.tokens_seen += args.tokens_per_step
+        elapsed = time.perf_counter() - started
+        state.training_seconds += elapsed
+        state.loss, state.lr, state.grad_norm = loss_value, lr, grad_norm.item()
+        record = step_record(run, elapsed)
+        if args.eval_steps and state.step % args.eval_steps == 0 or state.step == args.max_steps:
+            record["eval_loss"] = state.eval_loss = evaluate(run)
+        run.metrics.log_step(record)
+        if state.step in slow_steps:
+            time.sleep(0.5)
+        if state.consecutive_nonfinite >= args.max_consecutive_nonfinite:
+            raise NonFiniteLossError(nonfinite_report(run))
+        run.checkpoints.poll()
+        save_due = state.step % args.save_steps == 0 or clock_due or state.step == args.max_steps
+        if save_due or run.checkpoints.is_milestone(state.step):
+            if state.consecutive_nonfinite == 0:  # never checkpoint right after a skipped step
+                save_checkpoint(run)
+                last_save = time.monotonic()
+
+
+def agree_on_step(local_loss: torch.Tensor, grad_norm: torch.Tensor, clock_due: bool) -> tuple[float, bool, bool]:
+    """One collective per step that makes every rank take the same decisions.
+
+    Sums (loss, "this rank saw a non-finite loss or gradient", "rank 0's clock says save") over ranks (only rank 0
+    passes `clock_due=True`), and returns the mean loss, whether to skip the step, and whether to save.
+    """
+    nonfinite = ~(torch.isfinite(local_loss) & torch.isfinite(grad_norm))
+    flags = torch.stack([local_loss, nonfinite.double(), grad_norm.new_tensor(float(clock_due))])
+    total, nonfinite_ranks, clock_votes = distributed.all_reduce_sum(flags).tolist()
+    world_size = torch.distributed.get_world_size() if distributed.is_distributed() else 1
+    return total / world_size, nonfinite_ranks > 0, clock_votes > 0
+
+
+def step_record(run: Run, elapsed: float) -> dict[str, Any]:
+    """The `metrics.jsonl` line of the step that just finished."""
+    from .flops import mfu
+
+    state, args = run.state, run.args
+    tokens_per_second = args.tokens_per_step / elapsed
+    record = {
+        "step": state.step,
+        "loss": state.loss,
+        "lr": state.lr,
+        "grad_norm": state.grad_norm,
+        "tokens_seen": state.tokens_seen,
+        "tokens_per_second": tokens_per_second,
+        "mfu": mfu(tokens_per_second, run.flops_per_token, run.peak_flops, run.accelerator.num_processes),
+        "step_time": elapsed,
+        "skipped_steps": state.skipped_steps,
+    }
+    if not math.isfinite(state.loss) or not math.isfinite(state.grad_norm):
+        # NaN and Infinity are not JSON; the flag says why the values are missing.
+        record.update(nonfinite=True, loss=_finite_or_none(state.loss), grad_norm=_finite_or_none(state.grad_norm))
+    if run.fresh_optimizer:
+        record["fresh_optimizer"] = True
+    if state.step % args.logging_steps == 0:
+        record["tokens_per_source"] = run.loader.tokens_per_source
+    return record
+
+
+def _finite_or_none(value: float) -> float | None:
+    return value if math.isfinite(value) else None
+
+
+def nonfinite_report(run: Run) -> str:
+    state, args = run.state, run.args
+    good = ckpt.list_checkpoints(args.output_dir)
+    return (
+        f"Stopping: {state.consecutive_nonfinite} consecutive steps (up to step {state.step}) had a non-finite loss "
+        f"or gradient norm (max_consecutive_nonfinite={args.max_consecutive_nonfinite}); each was skipped without "
+        f"updating the weights ({state.skipped_steps} skipped in total). Last loss {state.loss!r}, grad norm "
+        f"{state.grad_norm!r}, lr {state.lr:.3e}. No checkpoint was written after a skipped step; the last good one is "
+        f"{good[-1].path if good else 'none'}. Lower learning_rate or max_grad_norm, or check the data, then relaunch "
+        "the same command to resume from it."
+    )
+
+
+@torch.no_grad()
+def evaluate(run: Run) -> float:
+    """Mean loss over the held-out batches, split across ranks (every rank runs the same number of forwards, which
+    FSDP needs; padding batches count with weight 0)."""
+    wrapped, batches = run.wrapped, run.eval_batches
+    rank, world_size = run.accelerator.process_index, run.accelerator.num_processes
+    per_rank = math.ceil(len(batches) / world_size)
+    total = torch.zeros(2, dtype=torch.float64, device=run.accelerator.device)  # (loss sum, batch count)
+    wrapped.model.eval()
+    for index in range(rank, per_rank * world_size, world_size):
+        batch = {key: value.to(run.accelerator.device) for key, value in batches[index % len(batches)].items()}
+        with wrapped.autocast():
+            loss = wrapped.model(**batch).loss.double()
+        if index < len(batches):
+            total += torch.stack([loss, loss.new_tensor(1.0)])
+    wrapped.model.train()
+    distributed.all_reduce_sum(total)
+    return (total[0] / total[1]).item()
+
+
+def save_checkpoint(run: Run) -> None:
+    state = run.state
+    trainer_state = dict(
+        asdict(state),
+        scheduler=run.scheduler.state_dict(),
+        max_steps=run.args.max_steps,
+        tokens_per_source=run.loader.tokens_per_source,
+        timestamp=time.time(),
+    )
+    rank_state = {"data_loader": run.loader.state_dict(), "rng": ckpt.capture_rng_state()}
+    run.checkpoints.save(state.step, run.wrapped.model, run.optimizer, trainer_state, rank_state)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Entry point
+
+
+def export_final(output_dir: Path, checkpoint_path: Path) -> Path:
+    """Write `<output_dir>/final/` (save_pretrained model + tokenizer) from a sharded checkpoint, in this process.
+
+    Reads the shards from disk instead of gathering them over the network; the folder is swapped in atomically.
+    """
+    model, tokenizer, _ = ckpt.load_model_from_checkpoint(checkpoint_path)
+    dtype = model.config.dtype
+    dtype = getattr(torch, str(dtype).removeprefix("torch.")) if dtype is not None else torch.float32
+    final_dir = output_dir / FINAL_DIR
+    staging = output_dir / f"{FINAL_DIR}.tmp-{os.getpid()}"
+    shutil.rmtree(staging, ignore_errors=True)
+    model.to(dtype).save_pretrained(staging)
+    tokenizer.save_pretrained(staging)
+    with open(staging / "training_checkpoint.json", "w") as handle:
+        json.dump({"checkpoint": str(checkpoint_path)}, handle)
+    if final_dir.exists():
+        old = output_dir / f"{FINAL_DIR}.old-{os.getpid()}"
+        os.rename(final_dir, old)
+        shutil.rmtree(old)
+    os.rename(staging, final_dir)
+    return final_dir
+
+
+def run_pretraining(
+    args: PretrainArguments, checkpoint_callbacks: Sequence[Callable[[Path, int], None]] = ()
+) -> Path | None:
+    """Pretrain as `args` says, resuming from `output_dir` when it holds checkpoints; returns `final/` (rank 0).
+
+    Args:
+        args: the parsed arguments.
+        checkpoint_callbacks: called on rank 0 as `callback(checkpoint_dir, step)` once each checkpoint is visible.
+
+    Raises:
+        ConfigError: bad arguments, tokenizer or output directory (before anything trains).
+        CheckpointError: no intact checkpoint to resume, or a missing optimizer state (`OptimizerStateError`).
+        NonFiniteLossError: `max_consecutive_nonfinite` skipped steps in a row.
+    """
+    accelerator = distributed.build_accelerator(
+        mixed_precision="bf16" if args.bf16 else None,
+        log_with=args.trackers,
+        project_dir=str(Path(args.output_dir) / "tensorboard"),
+    )
+    from genesis_hf.publish.push import pusher_for_run
+
+    # Checks the repo id and token before training; the pusher uploads each checkpoint in the background.
+    pusher = pusher_for_run(args, is_main_process=accelerator.is_main_process)
+    checkpoint_callbacks = [*checkpoint_callbacks, pusher] if pusher is not None else checkpoint_callbacks
+    run = setup_run(args, accelerator, checkpoint_callbacks)
+    if args.trackers:
+        hyperparameters = {
+            key: value
+            for key, value in run.checkpoints.run_config.items()
+            if _is_scalar(value) or isinstance(value, (str, bool))
+        }
+        accelerator.init_trackers(args.run_name or Path(args.output_dir).name, config=hyperparameters)
+    try:
+        train(run)
+    finally:
+        run.checkpoints.close()
+        if pusher is not None:
+            pusher.close()  # waits for the uploads; what is left pending is uploaded when the run resumes
+            run.checkpoints.rotate()  # checkpoints kept until their upload was confirmed may go now
+        run.metrics.close()
+        run.loader.close()
+    distributed.barrier()
+    final_dir = None
+    checkpoints = ckpt.list_checkpoints(args.output_dir)
+    if accelerator.is_main_process and checkpoints:
+        final_dir = export_final(Path(args.output_dir), checkpoints[-1].path)
+        logger.info("Done at step %d (loss %s); model and tokenizer in %s.", run.state.step, run.state.loss, final_dir)
+        # With push_to_hub, the pusher has put every checkpoint on its branch and the newest (this one) on main.
+    distributed.barrier()
+    accelerator.end_training()
+    return final_dir
+
+
+__all__ = [
+    "NonFiniteLossError",
+    "TrainerState",
+    "build_model",
+    "build_model_config",
+    "build_optimizer",
+    "build_tokenizer",
+    "export_final",
+    "run_pretraining",
+    "train",
+]

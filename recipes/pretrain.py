@@ -1,0 +1,52 @@
+"""Pretrain a Genesis model from scratch with Accelerate (FSDP2 or DDP), resumable from sharded checkpoints.
+
+The README's first command trains `genesis-tiny` on the embedded corpus on a CPU in a few minutes:
+
+    .venv/bin/accelerate launch recipes/pretrain.py
+
+Genesis 1B on 2x RTX 4090 over PCIe (the seed project's Run 2):
+
+    accelerate launch --config_file accelerate_configs/fsdp2-2x4090-pcie.yaml recipes/pretrain.py \
+        --config recipes/configs/pretrain/genesis-1b.yaml
+
+Plain torchrun works too (`torchrun --nproc_per_node 2 recipes/pretrain.py ...`). Relaunching the same command resumes
+from the newest complete checkpoint in `--output_dir`; launching it with a larger `--max_steps` extends the run (the
+LR schedule continues its decay over the new horizon). `--config file.yaml` gives defaults, flags override, and every
+key is a field of `genesis_hf.training.config.PretrainArguments`. See docs/pretraining.md.
+"""
+
+import logging
+import os
+import sys
+
+from genesis_hf.args import ConfigError, parse_args
+from genesis_hf.training.checkpoint import CheckpointError
+from genesis_hf.training.config import PretrainArguments
+from genesis_hf.training.distributed import configure_consumer_gpu_env
+from genesis_hf.training.trainer import NonFiniteLossError, run_pretraining
+
+logger = logging.getLogger("genesis_hf.pretrain")
+
+
+def main(argv: list[str] | None = None) -> int:
+    rank = int(os.environ.get("RANK", "0"))
+    logging.basicConfig(
+        level=logging.INFO if rank == 0 else logging.WARNING,
+        format=f"%(asctime)s [rank {rank}] %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
+    try:
+        (args,) = parse_args((PretrainArguments,), argv)
+        # Before anything starts CUDA or NCCL: GeForce GPUs over PCIe need peer-to-peer off and expandable segments.
+        applied = configure_consumer_gpu_env(args.consumer_gpu_env)
+        if applied:
+            logger.info("Consumer GPUs without NVLink: set %s", " ".join(f"{k}={v}" for k, v in applied.items()))
+        run_pretraining(args)
+    except (ConfigError, CheckpointError, NonFiniteLossError) as error:
+        print(f"[rank {rank}] {type(error).__name__}: {error}", file=sys.stderr, flush=True)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
