@@ -54,7 +54,7 @@ class PretrainArguments:
         default=8, metadata=_help("Micro-batch (sequences) per rank.")
     )
     tokens_per_step: int | None = dataclasses.field(
-        default=4096,
+        default=2048,
         metadata=_help("Global batch in tokens per optimizer step; gradient accumulation is derived from it."),
     )
     gradient_accumulation_steps: int | None = dataclasses.field(
@@ -63,7 +63,7 @@ class PretrainArguments:
 
     # Optimisation
     max_steps: int = dataclasses.field(default=200, metadata=_help("Optimizer steps; raise it on resume to extend."))
-    learning_rate: float = dataclasses.field(default=3e-3, metadata=_help("Peak LR after warmup."))
+    learning_rate: float = dataclasses.field(default=6e-3, metadata=_help("Peak LR after warmup."))
     min_learning_rate: float = dataclasses.field(default=3e-4, metadata=_help("LR at max_steps."))
     lr_scheduler_type: str = dataclasses.field(default="cosine", metadata=_help("cosine or wsd."))
     warmup_steps: int = dataclasses.field(default=20, metadata=_help("Linear warmup from 0."))

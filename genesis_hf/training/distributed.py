@@ -123,6 +123,8 @@ def build_accelerator(*, mixed_precision: str | None, log_with: list[str], proje
         log_with=log_with or None,
         project_config=ProjectConfiguration(project_dir=project_dir, logging_dir=project_dir),
     )
+    if accelerator.device.type == "cpu":
+        _use_all_cpu_cores(int(os.environ.get("LOCAL_WORLD_SIZE", accelerator.num_processes)))
     if accelerator.mixed_precision not in ("no", "bf16"):
         raise ConfigError(
             f"mixed_precision={accelerator.mixed_precision!r} is not supported for pretraining (fp16 needs loss "
@@ -130,6 +132,18 @@ def build_accelerator(*, mixed_precision: str | None, log_with: list[str], proje
             "config) or no."
         )
     return accelerator
+
+
+CPU_THREADS_ENV = "GENESIS_HF_CPU_THREADS"
+
+
+def _use_all_cpu_cores(local_processes: int) -> None:
+    # `accelerate launch` exports OMP_NUM_THREADS=1 unless told the run is on CPU, which halves a 2-core CPU run.
+    # Split the cores between this machine's processes instead; GENESIS_HF_CPU_THREADS sets the count explicitly.
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    threads = int(os.environ.get(CPU_THREADS_ENV) or max(1, cores // max(1, local_processes)))
+    if torch.get_num_threads() != threads:
+        torch.set_num_threads(threads)
 
 
 @dataclass
@@ -189,7 +203,7 @@ def fsdp_settings(accelerator, force: bool = False) -> FsdpSettings | None:
     return FsdpSettings(
         reshard_after_forward=bool(plugin.reshard_after_forward),
         activation_checkpointing=bool(plugin.activation_checkpointing),
-        offload_policy=plugin.cpu_offload if getattr(plugin, "cpu_offload", None) else None,
+        offload_policy=plugin.cpu_offload if type(plugin.cpu_offload).__name__ == "CPUOffloadPolicy" else None,
     )
 
 
@@ -300,7 +314,7 @@ def wrap_model(
                 "FSDP2 needs a process group: launch with `accelerate launch --config_file "
                 "accelerate_configs/fsdp2-1gpu.yaml recipes/pretrain.py` (or torchrun), not plain python."
             )
-        if accelerator.device.type != "cpu" or fsdp.offload_policy is None:
+        if fsdp.offload_policy is None:  # offloaded parameters stay in CPU memory; FSDP moves them per use
             model.to(accelerator.device)
         apply_fsdp2(model, fsdp, torch.bfloat16 if bf16 else None)
         return WrappedModel(model, "fsdp2")

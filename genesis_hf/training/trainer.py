@@ -563,6 +563,7 @@ def agree_on_step(local_loss: torch.Tensor, grad_norm: torch.Tensor, clock_due: 
     Sums (loss, "this rank saw a non-finite loss or gradient", "rank 0's clock says save") over ranks (only rank 0
     passes `clock_due=True`), and returns the mean loss, whether to skip the step, and whether to save.
     """
+    grad_norm = grad_norm.to(local_loss.device)  # on CPU when FSDP offloads parameters; NCCL needs the GPU copy
     nonfinite = ~(torch.isfinite(local_loss) & torch.isfinite(grad_norm))
     flags = torch.stack([local_loss, nonfinite.double(), grad_norm.new_tensor(float(clock_due))])
     total, nonfinite_ranks, clock_votes = distributed.all_reduce_sum(flags).tolist()
