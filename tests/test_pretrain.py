@@ -423,7 +423,8 @@ def test_resume_without_optimizer_state_fails_unless_allowed(tmp_path, run_env, 
 @pytest.mark.slow
 def test_extending_max_steps_keeps_the_learning_rate_continuous(tmp_path, run_env, debug_run):
     output_dir, config = copy_run(debug_run, tmp_path)
-    result = run_recipe(run_env, config, "--max_steps", "8")
+    # Also the wall-clock cadence: with save_minutes ~0, rank 0's clock asks for a checkpoint after every step.
+    result = run_recipe(run_env, config, "--max_steps", "8", "--save_steps", "100", "--save_minutes", "1e-6")
     assert result.returncode == 0, result.stderr[-3000:]
     assert "max_steps changed on resume: 4 -> 8 at step 4" in result.stderr
     lrs = {record["step"]: record["lr"] for record in read_metrics(output_dir)}
@@ -433,7 +434,7 @@ def test_extending_max_steps_keeps_the_learning_rate_continuous(tmp_path, run_en
     assert abs(lrs[5] - lrs[4]) <= normal_change * (1 + 1e-9)
     # The run had finished its decay, so the extension continues at min_learning_rate: no jump, never upwards.
     assert [lrs[step] for step in range(5, 9)] == [DEBUG_CONFIG["min_learning_rate"]] * 4
-    assert steps_of(output_dir) == [2, 4, 6, 8]
+    assert steps_of(output_dir) == [2, 4, 5, 6, 7, 8]
 
 
 @pytest.mark.slow

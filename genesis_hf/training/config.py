@@ -248,13 +248,19 @@ def resolve_gradient_accumulation(args: PretrainArguments, world_size: int) -> i
         return accumulation
     accumulation, remainder = divmod(args.tokens_per_step, tokens_per_micro_batch)
     if remainder or accumulation == 0:
-        lower = max(accumulation, 1) * tokens_per_micro_batch
+        nearest = max(accumulation, 1) * tokens_per_micro_batch
+        fitting = [
+            batch
+            for batch in range(args.per_device_train_batch_size, 0, -1)
+            if args.tokens_per_step % (batch * args.seq_len * world_size) == 0
+        ]
+        batch_fix = f"--per_device_train_batch_size {fitting[0]}" if fitting else "another per_device_train_batch_size"
         raise ConfigError(
             f"tokens_per_step={args.tokens_per_step:,} is not a multiple of per_device_train_batch_size "
             f"({args.per_device_train_batch_size}) x seq_len ({args.seq_len}) x world_size ({world_size}) = "
-            f"{tokens_per_micro_batch:,} tokens per micro-batch across ranks. Set tokens_per_step to a multiple of "
-            f"{tokens_per_micro_batch:,} (e.g. {lower:,}), or change per_device_train_batch_size or the number of "
-            "processes."
+            f"{tokens_per_micro_batch:,} tokens per micro-batch across ranks. Use {batch_fix}, or set "
+            f"tokens_per_step to a multiple of {tokens_per_micro_batch:,} (e.g. {nearest:,}), or change the number "
+            "of processes."
         )
     if args.gradient_accumulation_steps is not None and args.gradient_accumulation_steps != accumulation:
         raise ConfigError(

@@ -474,7 +474,7 @@ def _log_summary(run: Run, config, fsdp, resume_from) -> None:
     args, accelerator = run.args, run.accelerator
     parameters = sum(parameter.numel() for parameter in run.wrapped.unwrapped.parameters())
     logger.info(
-        "Pretraining %s (%s parameters on this rank) | %s on %d process(es), device %s, mixed precision %s | "
+        "Pretraining %s (%s parameters) | %s on %d process(es), device %s, mixed precision %s | "
         "%d tokens/step = %d per device x %d seq x %d processes x %d accumulation | max_steps %d | %s",
         args.model_preset,
         f"{parameters:,}",
