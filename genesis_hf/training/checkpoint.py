@@ -649,7 +649,7 @@ def load_training_checkpoint(
         if wrong:
             problems = [f"AdamW step counts {wrong} differ from the {expected} optimizer updates the run had done"]
     # Every rank saw the same files, but agree explicitly: one rank must never resume with state the others dropped.
-    flag = distributed.all_reduce_sum(torch.tensor([float(bool(problems))]))
+    flag = distributed.all_reduce_sum(torch.tensor([float(bool(problems))]), group=group)  # CPU tensor: gloo group
     if flag.item() and not problems:
         problems = ["another rank found the optimizer state inconsistent"]
     if problems:

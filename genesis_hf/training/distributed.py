@@ -335,10 +335,15 @@ def is_distributed() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
-def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
-    """Sum `tensor` over ranks in place (identity in a single process) and return it."""
+def all_reduce_sum(tensor: torch.Tensor, group=None) -> torch.Tensor:
+    """Sum `tensor` over ranks in place (identity in a single process) and return it.
+
+    Args:
+        tensor: on the device of `group`'s backend (CUDA for NCCL, CPU for gloo).
+        group: the process group; the default one when `None`.
+    """
     if is_distributed():
-        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=group)
     return tensor
 
 
