@@ -208,7 +208,8 @@ def test_card_has_architecture_training_config_evals_and_no_secrets(tiny, tmp_pa
 
 
 def test_export_from_a_training_checkpoint(tiny, tmp_path, capsys):
-    ckpt = pytest.importorskip("genesis_hf.training.checkpoint")
+    from genesis_hf.training import checkpoint as ckpt
+
     _, model, tokenizer = tiny
     model = _rounded(model, torch.float32).train()
     optimizer = torch.optim.AdamW(model.parameters())

@@ -256,7 +256,8 @@ def test_killed_mid_upload_then_resumed(tiny, tmp_path):
 
 
 def test_raw_training_state_goes_to_a_private_backup_repo(tiny, tmp_path):
-    ckpt = pytest.importorskip("genesis_hf.training.checkpoint")
+    from genesis_hf.training import checkpoint as ckpt
+
     _, model, tokenizer = tiny
     optimizer = torch.optim.AdamW(model.parameters())
     manager = ckpt.CheckpointManager(
@@ -408,9 +409,6 @@ def _run_recipe(server, tmp_path, token):
 
 @pytest.mark.slow
 def test_a_training_run_pushes_one_complete_branch_per_checkpoint(tmp_path):
-    pytest.importorskip("genesis_hf.training.trainer")
-    if not RECIPE.is_file():
-        pytest.skip("recipes/pretrain.py is not in this checkout")
     server = HubServer().start()
     try:
         result = _run_recipe(server, tmp_path, server.write_token)

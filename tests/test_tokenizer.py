@@ -188,7 +188,8 @@ def test_assistant_mask_covers_exactly_assistant_content_and_im_end(chat_tokeniz
 
 
 def test_template_passes_trl_assistant_only_loss_checks(chat_tokenizer):
-    chat_template_utils = pytest.importorskip("trl.chat_template_utils")
+    from trl import chat_template_utils
+
     # SFTTrainer(assistant_only_loss=True) keeps a template with generation markers, and warns unless the
     # assistant's <|im_end|> is inside the mask (the model would never learn to stop).
     assert chat_template_utils.has_generation_markers(chat_tokenizer.chat_template)

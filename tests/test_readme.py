@@ -1,0 +1,108 @@
+"""Every command the README shows is run by a test, so the README cannot drift from the code.
+
+The cheap ones run here, as written or shortened; the long ones are run by the test named in `COVERED_ELSEWHERE`.
+A README command that matches neither fails `test_every_readme_command_is_exercised`.
+"""
+
+import json
+import re
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+VENV_BIN = Path(sys.executable).parent
+
+# README command (its leading words) -> the test that runs it.
+COVERED_ELSEWHERE = {
+    "bash scripts/setup.sh && .venv/bin/accelerate launch recipes/pretrain.py": "test_pretrain.py (README run)",
+    "bash scripts/setup.sh && .venv/bin/python -m pytest": ".ci/run runs exactly this",
+    ".venv/bin/accelerate launch --config_file accelerate_configs/fsdp2-2x4090-pcie.yaml recipes/pretrain.py": (
+        "test_pretrain_distributed.py (the same config on two gloo processes)"
+    ),
+    ".venv/bin/genesis-hf export": "test_export.py (cli export of a training checkpoint)",
+    ".venv/bin/genesis-hf checkpoints": "test_hub_push.py (cli checkpoints)",
+}
+RUN_HERE = (
+    ".venv/bin/genesis-hf tokenizer train",
+    ".venv/bin/genesis-hf data prepare",
+    ".venv/bin/genesis-hf plan",
+    ".venv/bin/python benchmarks/model.py",
+    ".venv/bin/python benchmarks/pretrain.py",
+    ".venv/bin/python benchmarks/data.py",
+)
+
+
+def readme_commands() -> list[str]:
+    text = (ROOT / "README.md").read_text()
+    commands = []
+    for block in re.findall(r"```bash\n(.*?)```", text, flags=re.S):
+        joined = block.replace("\\\n", " ")
+        for line in joined.splitlines():
+            line = line.split("  #")[0].strip()
+            if line and not line.startswith("#"):
+                commands.append(" ".join(line.split()))
+    return commands
+
+
+def run(command: list[str], tmp_path: Path, timeout: int = 300) -> str:
+    result = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=timeout)
+    assert result.returncode == 0, f"{command} failed:\n{result.stdout[-2000:]}\n{result.stderr[-3000:]}"
+    return result.stdout
+
+
+def test_every_readme_command_is_exercised():
+    commands = readme_commands()
+    assert len(commands) >= 8
+    for command in commands:
+        assert command.startswith(tuple(COVERED_ELSEWHERE) + RUN_HERE), f"README command not exercised: {command}"
+
+
+def readme_command(prefix: str) -> list[str]:
+    (command,) = [command for command in readme_commands() if command.startswith(prefix)]
+    words = shlex.split(command)
+    words[0] = str(VENV_BIN / Path(words[0]).name) if words[0].startswith(".venv/bin/") else words[0]
+    return [str(ROOT / word) if word.startswith(("benchmarks/", "recipes/")) else word for word in words]
+
+
+def test_readme_tokenizer_command(tmp_path):
+    output = run(readme_command(".venv/bin/genesis-hf tokenizer train"), tmp_path)
+    summary = json.loads(output.strip().splitlines()[-1])
+    assert summary["len_tokenizer"] == 4100 and sorted(summary["chat_token_ids"].values()) == [4096, 4097, 4098, 4099]
+    assert (tmp_path / "outputs" / "tokenizer" / "tokenizer.json").is_file()
+
+
+def test_readme_data_prepare_command(tmp_path):
+    run(readme_command(".venv/bin/genesis-hf data prepare") + ["--max-tokens", "20000"], tmp_path)
+    index = json.loads((tmp_path / "outputs" / "tokens" / "index.json").read_text())
+    assert set(index["tokens_per_source"]) == {"stdlib-docs", "stdlib-code"}
+
+
+def test_readme_plan_command(tmp_path):
+    output = run(readme_command(".venv/bin/genesis-hf plan"), tmp_path)
+    assert "fits" in output and "RTX 4090" in output
+
+
+def test_readme_model_benchmark(tmp_path):
+    command = readme_command(".venv/bin/python benchmarks/model.py")
+    output = run(command + ["--preset", "debug", "--rounds", "1", "--seq-len", "16", "--new-tokens", "4"], tmp_path)
+    report = json.loads(output)
+    assert report["same_greedy_tokens"] is True
+    assert report["ratio_train_step_genesis_over_llama"] > 0
+
+
+def test_readme_pretrain_benchmark(tmp_path):
+    command = readme_command(".venv/bin/python benchmarks/pretrain.py")
+    tiny = ["--preset", "debug", "--rounds", "1", "--batch", "2", "--seq-len", "16", "--checkpoint-rounds", "1"]
+    report = json.loads(run(command + tiny + ["--checkpoint-overrides", "{}"], tmp_path))
+    assert {"train_step", "checkpoint"} <= set(report)
+
+
+@pytest.mark.slow
+def test_readme_data_benchmark(tmp_path):
+    command = readme_command(".venv/bin/python benchmarks/data.py")
+    output = run(command + ["--repeats", "1", "--vocab-size", "512", "--seq-len", "64"], tmp_path, timeout=600)
+    assert json.loads(output)
