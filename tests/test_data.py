@@ -4,6 +4,7 @@ Everything runs on tiny data written by the fixtures (JSON lines, parquet, a `da
 the Hub code path) plus the embedded corpus, with a 512-token tokenizer and 64-token rows.
 """
 
+import copy
 import json
 import re
 
@@ -25,7 +26,8 @@ from genesis_hf.data import (
 )
 from genesis_hf.data import loader as loader_module
 from genesis_hf.data.tokenized import TokenizedData
-from genesis_hf.tokenizer import train_tokenizer
+from genesis_hf.data.tokens import SPLIT_CHARACTERS, TokenEncoder, _pieces, splits_losslessly
+from genesis_hf.tokenizer import add_chat_tokens, train_tokenizer
 
 SEQ_LEN = 64
 BATCH = 4
@@ -195,6 +197,77 @@ def test_streaming_and_tokenized_yield_the_same_tokens(mixture, tokenizer, token
     index = TokenizedData(tokenized_dir).index
     assert index["dtype"] == "uint16"
     assert set(index["tokens_per_source"]) == set(mixture.source_names)
+
+
+def test_long_documents_encode_in_pieces_to_the_same_ids(tokenizer):
+    """Long documents are encoded in pieces (for the cores' sake); the ids must be those of the whole document, on
+    real long files and on text built to hit every whitespace, digit, Unicode and special-token corner at the cuts."""
+    tokenizer = copy.deepcopy(tokenizer)
+    add_chat_tokens(tokenizer)
+    long_files = sorted(corpus.iter_documents("stdlib-code"), key=len)[-3:]
+    rng = np.random.default_rng(0)
+    alphabet = [
+        "x",
+        "y",
+        "=",
+        "(",
+        "\n",
+        "\n",
+        " ",
+        "  ",
+        "\t",
+        "\r\n",
+        "7",
+        "42",
+        "'s",
+        "é",
+        "中文",
+        "😀",
+        "\u00a0",
+        "\x1c",
+        "\u3000",
+        "\u2028",
+        "<|im_start|>",
+        "<think>",
+        "<|endoftext|>",
+        " \n",
+        "\n\n",
+        "\n ",
+    ]
+    synthetic = ["".join(rng.choice(alphabet, size=12 * SPLIT_CHARACTERS)) for _ in range(3)]
+    texts = [*long_files, *synthetic, "short\ntext"]
+    assert min(len(text) for text in long_files) > 4 * SPLIT_CHARACTERS
+
+    encoder = TokenEncoder(tokenizer)
+    assert encoder.split_long_documents
+    in_pieces, lengths = encoder.encode(texts)
+    encoder.split_long_documents = False
+    whole, whole_lengths = encoder.encode(texts)
+    assert np.array_equal(lengths, whole_lengths)
+    assert np.array_equal(in_pieces, whole)
+    for text in texts:
+        assert "".join(_pieces(text)) == text
+    assert all(len(_pieces(text)) > 3 for text in texts[:-1])  # the cuts really happened
+
+
+@pytest.mark.parametrize(
+    "change",
+    ["normalizer", "prefix_space", "metaspace", "stripping_added_token", "dropout"],
+)
+def test_documents_stay_whole_when_pieces_could_change_the_ids(tokenizer, change):
+    spec = json.loads(tokenizer.backend_tokenizer.to_str())
+    assert splits_losslessly(spec)
+    if change == "normalizer":
+        spec["normalizer"] = {"type": "NFKC"}
+    elif change == "prefix_space":
+        spec["pre_tokenizer"]["pretokenizers"][-1]["add_prefix_space"] = True
+    elif change == "metaspace":
+        spec["pre_tokenizer"] = {"type": "Metaspace", "replacement": "▁", "prepend_scheme": "always", "split": True}
+    elif change == "stripping_added_token":
+        spec["added_tokens"][0]["lstrip"] = True
+    else:
+        spec["model"]["dropout"] = 0.1
+    assert not splits_losslessly(spec)
 
 
 def test_sharded_prepare_merges_to_the_single_run(mixture, tokenizer, tokenized_dir, tmp_path, capsys):
@@ -396,6 +469,21 @@ def test_invalid_jsonl_names_file_and_line(tokenizer, tmp_path):
     not_lines.write_text('[\n {"text": "a"}\n]\n')
     with pytest.raises(ConfigError, match=rf"{re.escape(str(not_lines))}:1 .*one JSON object per line"):
         build_pretrain_loader(_source(tmp_path, location=str(not_lines)), tokenizer, seq_len=8, batch_size=1)
+
+
+def test_a_bad_line_deep_in_a_source_stops_reading_with_its_location(tokenizer, tmp_path):
+    """Later chunks are read ahead in a background thread; an error there still reaches the caller, when the batch
+    that needs the chunk is asked for, with the file and line."""
+    chunk = loader_module.CHUNK_DOCUMENTS
+    deep = tmp_path / "deep.jsonl"
+    lines = [json.dumps({"text": f"document {index} " + "word " * 20}) for index in range(3 * chunk)]
+    lines[2 * chunk] = '{"text": "cut off'
+    deep.write_text("\n".join(lines) + "\n")
+    loader = build_pretrain_loader(_source(tmp_path, location=str(deep)), tokenizer, seq_len=32, batch_size=4)
+    with pytest.raises(ConfigError, match=rf"{re.escape(str(deep))}:{2 * chunk + 1} .*not valid JSON"):
+        for _ in range(10_000):
+            loader.next_batch()
+    loader.close()
 
 
 def test_mismatched_state_and_data_are_rejected(mixture, tokenizer, tokenized_dir):

@@ -3,10 +3,16 @@
 Each document is encoded on its own, without special tokens (no bos, no post-processor), and followed by one eos:
 `doc_0 <eos> doc_1 <eos> ...`. Encoding goes straight to the Rust `tokenizers.Tokenizer` (`encode_batch_fast`, which
 skips character offsets), several times faster than calling the `transformers` wrapper.
+
+Long documents are encoded in pieces when that provably gives the same ids (see `splits_losslessly`): the Rust encoder
+spreads a batch over the cores one document per task, so a single long file (a 200k-character module, a book)
+otherwise keeps one core busy while the others wait.
 """
 
 import hashlib
 import json
+import re
+from itertools import chain
 
 import numpy as np
 from tokenizers import Tokenizer
@@ -17,6 +23,56 @@ from genesis_hf.args import ConfigError
 def token_dtype(vocab_size: int) -> np.dtype:
     """`uint16` when every id fits in 16 bits (vocab <= 65536), else `uint32`: half the disk and page cache."""
     return np.dtype(np.uint16) if vocab_size <= 1 << 16 else np.dtype(np.uint32)
+
+
+# Documents longer than this are cut into pieces of about this size before encoding (when the tokenizer allows it).
+SPLIT_CHARACTERS = 8192
+# A cut point: right after a newline that sits between two printable ASCII characters that are not spaces, e.g. the
+# "\n" in "x = 1\ny = 2". Such a newline is always a pre-token of its own under the byte-level regex (see below).
+_CUT = re.compile(r"(?<=[!-~]\n)(?=[!-~])")
+
+
+def splits_losslessly(spec: dict) -> bool:
+    """Whether encoding a text cut at `_CUT` points, piece by piece, gives exactly the ids of encoding it whole.
+
+    True for the byte-level BPE this project trains (and GPT-2-style tokenizers): with no normaliser and the byte-level
+    pre-tokenizer's regex (`'s|'t|...| ?\\p{L}+| ?\\p{N}+| ?[^\\s\\p{L}\\p{N}]+|\\s+(?!\\S)|\\s+`), a non-space
+    character's pre-token never extends over a following newline, and a newline followed by a non-space character
+    is matched by the last alternative alone; so "...x\\n" + "y..." yields the same pre-tokens as "...x\\ny...", and
+    BPE never merges across pre-tokens. `Digits` only splits further around digits. Anything else (a normaliser, a
+    prefix space, Metaspace/SentencePiece pre-tokenization, added tokens that strip whitespace or contain a newline,
+    BPE dropout) returns False and documents are encoded whole.
+    """
+    if spec.get("normalizer") is not None or (spec.get("model") or {}).get("type") != "BPE":
+        return False
+    if spec["model"].get("dropout"):
+        return False
+    pre_tokenizer = spec.get("pre_tokenizer") or {}
+    steps = pre_tokenizer.get("pretokenizers", []) if pre_tokenizer.get("type") == "Sequence" else [pre_tokenizer]
+    if not steps or steps[-1].get("type") != "ByteLevel":
+        return False
+    byte_level = steps[-1]
+    if byte_level.get("add_prefix_space") or not byte_level.get("use_regex", True):
+        return False
+    if any(step.get("type") != "Digits" for step in steps[:-1]):
+        return False
+    return not any(
+        "\n" in token["content"] or token.get("lstrip") or token.get("rstrip")
+        for token in spec.get("added_tokens", [])
+    )
+
+
+def _pieces(text: str) -> list[str]:
+    """`text` cut at `_CUT` points into pieces of at least `SPLIT_CHARACTERS` (except the last)."""
+    pieces, start = [], 0
+    while len(text) - start > 2 * SPLIT_CHARACTERS:
+        cut = _CUT.search(text, start + SPLIT_CHARACTERS)
+        if cut is None:
+            break
+        pieces.append(text[start : cut.start()])
+        start = cut.start()
+    pieces.append(text[start:])
+    return pieces
 
 
 class TokenEncoder:
@@ -53,6 +109,7 @@ class TokenEncoder:
         self.eos_token_id = int(eos_token_id)
         self.vocab_size = self.backend.get_vocab_size(with_added_tokens=True)
         self.fingerprint = tokenizer_fingerprint(backend_json, self.eos_token_id)
+        self.split_long_documents = splits_losslessly(json.loads(backend_json))
 
     def encode(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
         """Encode `texts` and return `(tokens, lengths)`.
@@ -61,12 +118,20 @@ class TokenEncoder:
             tokens: (sum(lengths),) int32, every document's ids followed by the eos.
             lengths: (len(texts),) int64, each document's token count, eos included.
         """
-        encodings = self.backend.encode_batch_fast(texts, add_special_tokens=False)
-        ids = [encoding.ids for encoding in encodings]
-        lengths = np.fromiter((len(item) + 1 for item in ids), dtype=np.int64, count=len(ids))
+        pieces = [
+            _pieces(text) if self.split_long_documents and len(text) > 2 * SPLIT_CHARACTERS else [text]
+            for text in texts
+        ]
+        flat = [piece for document in pieces for piece in document]
+        ids = iter([encoding.ids for encoding in self.backend.encode_batch_fast(flat, add_special_tokens=False)])
+        documents = [
+            next(ids) if len(document) == 1 else list(chain.from_iterable(next(ids) for _ in document))
+            for document in pieces
+        ]
+        lengths = np.fromiter((len(item) + 1 for item in documents), dtype=np.int64, count=len(documents))
         tokens = np.empty(int(lengths.sum()), dtype=np.int32)
         start = 0
-        for item in ids:
+        for item in documents:
             end = start + len(item)
             tokens[start:end] = item
             tokens[end] = self.eos_token_id
@@ -85,4 +150,4 @@ def tokenizer_fingerprint(backend_json: str, eos_token_id: int) -> str:
     return f"sha256:{digest[:32]}"
 
 
-__all__ = ["TokenEncoder", "token_dtype", "tokenizer_fingerprint"]
+__all__ = ["TokenEncoder", "splits_losslessly", "token_dtype", "tokenizer_fingerprint"]
