@@ -32,8 +32,9 @@ exactly the batch that would have come next.
 
 import warnings
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -88,12 +89,23 @@ class WeightedRowSampler:
         return int(self._block[offset])
 
 
+class _Chunk(NamedTuple):
+    tokens: np.ndarray  # the chunk's tokens, eos after each document
+    position: dict[str, Any]  # the reader position at the chunk's first document
+    documents: int  # kept documents in the chunk
+    epoch: int  # the epoch the chunk belongs to
+
+
 class StreamingSourceTokens:
     """The endless token stream of one source in streaming mode, read chunk by chunk from its documents.
 
     A chunk is the tokens of up to `CHUNK_DOCUMENTS` consecutive kept documents (at most `CHUNK_CHARACTERS` of
     text). The position is (reader position at the chunk's first document, number of kept documents in the chunk,
     tokens of the chunk already read): resuming re-reads and re-encodes that one chunk, nothing before it.
+
+    While the current chunk is consumed, a background thread reads and encodes the next one (the Rust encoder
+    releases the GIL), so a training step rarely waits for tokenization. The thread only runs ahead: the state
+    describes the chunk being consumed, and an error in the next chunk is raised when that chunk is needed.
 
     Args:
         source: the source.
@@ -116,14 +128,18 @@ class StreamingSourceTokens:
         self.source, self.encoder, self.keep = source, encoder, keep
         self.purpose, self.holdout_every = purpose, holdout_every
         state = state or {}
-        self.epoch = int(state.get("epoch", 0))
         self.tokens_read = int(state.get("tokens", 0))
         position = state.get("position")
+        # The reader's own epoch bookkeeping; it runs one chunk ahead of what is consumed.
+        self._reader_epoch = int(state.get("epoch", 0))
         # An epoch read from its first document without finding a document means the source is empty.
         self._epoch_from_start = position is None or int(position.get("index", 0)) == 0
         self._documents_in_epoch = 0
         self._reader: DocumentReader = open_reader(source, position)
-        self._load_chunk(max_documents=state.get("chunk_documents"))
+        self._prefetch = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"genesis-data-{source.name}")
+        self._next: Future | None = None
+        # The first chunk is read here, in this thread, so a bad source fails when the loader is built.
+        self._install(self._read_chunk(max_documents=state.get("chunk_documents")))
         self._chunk_offset = int(state.get("offset", 0))
         if self._chunk_offset > len(self._chunk):
             raise ConfigError(
@@ -131,7 +147,16 @@ class StreamingSourceTokens:
                 f"of a {len(self._chunk)}-token chunk): the source changed since the checkpoint."
             )
 
-    def _load_chunk(self, max_documents: int | None = None) -> None:
+    def _install(self, chunk: _Chunk) -> None:
+        """Make `chunk` the one being consumed, and start reading the one after it in the background."""
+        self._chunk, self._chunk_position, self._chunk_documents, self.epoch = chunk
+        self._chunk_offset = 0
+        self._next = self._prefetch.submit(self._read_chunk)
+
+    def _load_chunk(self) -> None:
+        self._install(self._next.result())
+
+    def _read_chunk(self, max_documents: int | None = None) -> _Chunk:
         """Read and encode the next chunk, moving to the next epoch when the source is exhausted."""
         limit = CHUNK_DOCUMENTS if max_documents is None else int(max_documents)
         while True:
@@ -150,17 +175,15 @@ class StreamingSourceTokens:
                     texts.append(text)
                     characters += len(text)
             if texts:
-                self._chunk, _ = self.encoder.encode(texts)
-                self._chunk_position, self._chunk_documents, self._chunk_offset = position, len(texts), 0
                 self._documents_in_epoch += len(texts)
-                return
+                return _Chunk(self.encoder.encode(texts)[0], position, len(texts), self._reader_epoch)
             if not exhausted:
                 continue
             if self._epoch_from_start and self._documents_in_epoch == 0:
                 raise ConfigError(self._empty_message())
             self._reader.close()
             self._reader = open_reader(self.source, None)
-            self.epoch += 1
+            self._reader_epoch += 1
             self._epoch_from_start, self._documents_in_epoch = True, 0
 
     def _empty_message(self) -> str:
@@ -216,6 +239,8 @@ class StreamingSourceTokens:
         }
 
     def close(self) -> None:
+        """Stop reading ahead (waiting for a chunk being encoded) and close the reader."""
+        self._prefetch.shutdown(wait=True, cancel_futures=True)
         self._reader.close()
 
 
