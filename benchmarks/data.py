@@ -8,8 +8,9 @@ Measures, on the embedded stdlib corpus with the same tokenizer (`default_tokeni
   batch), against the `run_clm.py` approach of transformers' language-modeling example (tokenize with
   `datasets.map(batched=True)`, concatenate and chunk with a `group_texts` map, read torch batches), re-implemented
   here with an eos appended to every document so that both yield the same tokens. The two alternate `--repeats`
-  times; best and median wall-clock rates are reported, plus tokens per CPU-second (all threads), which a busy
-  machine disturbs less. Both sides spend nearly all their time in the same Rust BPE encoder.
+  times, each run in a fresh process; best and median wall-clock rates are reported, plus tokens per CPU-second
+  (all threads), which a busy machine disturbs less. Both use the same Rust BPE encoder: ours spends ~95% of its
+  time in it (most of that in the byte-level pre-tokenizer's regex), so the encoder's own speed bounds the ratio.
 - `pack_only`: the same comparison from already-encoded documents, i.e. the packing stage itself.
 - `tokenized`: tokens/s of `data prepare` (2 processes), and of reading the prepared shards (`np.memmap` slices).
 - `memory`: streaming one epoch of a JSON-lines copy of the corpus and of a 4x larger copy, each in a fresh process:
@@ -227,25 +228,22 @@ def _memory_probe(corpus: str, vocab_size: int, seq_len: int, batch_size: int) -
     print(json.dumps(result))
 
 
-def bench_memory(vocab_size: int, seq_len: int, batch_size: int, directory: Path) -> dict:
+def _in_fresh_process(probe: list[str], args: argparse.Namespace):
+    """Run this script with `probe` arguments in a new interpreter; its last stdout line, parsed as JSON."""
+    command = [sys.executable, __file__, *probe]
+    for option in ("vocab_size", "seq_len", "batch_size"):
+        command += [f"--{option.replace('_', '-')}", str(getattr(args, option))]
+    output = subprocess.run(command, check=True, capture_output=True, text=True).stdout
+    return json.loads(output.splitlines()[-1])
+
+
+def bench_memory(args: argparse.Namespace, directory: Path) -> dict:
     results = {}
     for label, copies in (("1x", 1), ("4x", 4)):
         path = directory / f"corpus-{label}.jsonl"
         _write_corpus(path, copies)
-        command = [
-            sys.executable,
-            __file__,
-            "--memory-probe",
-            str(path),
-            "--vocab-size",
-            str(vocab_size),
-            "--seq-len",
-            str(seq_len),
-            "--batch-size",
-            str(batch_size),
-        ]
-        output = subprocess.run(command, check=True, capture_output=True, text=True).stdout
-        results[label] = {"corpus_mib": round(path.stat().st_size / 2**20, 1), **json.loads(output.splitlines()[-1])}
+        measured = _in_fresh_process(["--memory-probe", str(path)], args)
+        results[label] = {"corpus_mib": round(path.stat().st_size / 2**20, 1), **measured}
     return results
 
 
@@ -256,24 +254,39 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=5, help="Runs of each packing recipe (best and median kept).")
     parser.add_argument("--memory-probe", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--packing-probe", choices=("genesis", "run_clm"), default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--corpus-tokens", type=int, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.memory_probe:
         _memory_probe(args.memory_probe, args.vocab_size, args.seq_len, args.batch_size)
+        return
+    if args.packing_probe:
+        tokenizer = _tokenizer(args.vocab_size)
+        _documents()  # read the corpus before the clock starts, as both recipes get it in memory
+        if args.packing_probe == "genesis":
+            rates = bench_packing(tokenizer, args.seq_len, args.batch_size, args.corpus_tokens)
+        else:
+            rates = bench_group_texts(tokenizer, args.seq_len, args.batch_size)
+        print(json.dumps(rates))
         return
 
     from genesis_hf.data.tokens import TokenEncoder
 
     tokenizer = _tokenizer(args.vocab_size)
     corpus_tokens = len(TokenEncoder(tokenizer).encode(_documents())[0])
-    # The machine may be shared: alternate the two recipes and keep each one's best run (as timeit does).
+    # The machine may be shared: alternate the two recipes and keep each one's best and median run. Each run is a
+    # fresh process, since what one recipe leaves behind in a process (Arrow's allocator and thread pool, a
+    # fragmented heap) was measured to slow the other one down by up to a third.
     ours, theirs = [], []
     for _ in range(args.repeats):
-        ours.append(bench_packing(tokenizer, args.seq_len, args.batch_size, corpus_tokens))
-        theirs.append(bench_group_texts(tokenizer, args.seq_len, args.batch_size))
+        for recipe, runs in (("genesis", ours), ("run_clm", theirs)):
+            runs.append(
+                tuple(_in_fresh_process(["--packing-probe", recipe, "--corpus-tokens", str(corpus_tokens)], args))
+            )
     pack_only = bench_pack_only(tokenizer, args.seq_len, args.batch_size)
     with tempfile.TemporaryDirectory() as scratch:
         tokenized = bench_tokenized(tokenizer, args.seq_len, args.batch_size, Path(scratch) / "tokens")
-        memory = bench_memory(args.vocab_size, args.seq_len, args.batch_size, Path(scratch))
+        memory = bench_memory(args, Path(scratch))
     report = {
         "setup": {
             "vocab_size": args.vocab_size,
