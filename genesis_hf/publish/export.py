@@ -513,8 +513,6 @@ def verify_prompt_ids(tokenizer, max_tokens: int = MAX_VERIFY_TOKENS) -> list[li
 def _rounded_reference(model: torch.nn.Module, export_format: str, dtype: torch.dtype) -> torch.nn.Module:
     """The source model in fp32 with each weight rounded the way the export stores it."""
     reference = copy.deepcopy(model).float().eval()
-    if dtype == torch.float32:
-        return reference
     with torch.no_grad():
         for parameter in reference.parameters():
             if export_format == "gguf" and parameter.ndim == 1:
@@ -573,8 +571,16 @@ def verify_export(
             differently.
     """
     out_dir = Path(out_dir)
-    reloaded, reloaded_tokenizer = _reload(out_dir, export_format, gguf_file)
     prompt_ids = verify_prompt_ids(tokenizer)
+    # One extra copy of the model at a time (the rounded reference, then the reloaded export), not two at once.
+    fp32_logits = _logits(model.float().eval(), prompt_ids)
+    if _parse_dtype(dtype) == torch.float32:
+        expected_logits = fp32_logits
+    else:
+        reference = _rounded_reference(model, export_format, _parse_dtype(dtype))
+        expected_logits = _logits(reference, prompt_ids)
+        del reference
+    reloaded, reloaded_tokenizer = _reload(out_dir, export_format, gguf_file)
     reloaded_ids = verify_prompt_ids(reloaded_tokenizer)
     for prompt, expected, got in zip(VERIFY_PROMPTS, prompt_ids, reloaded_ids):
         if expected != got:
@@ -583,10 +589,8 @@ def verify_export(
                 f"gives {expected[:12]}...: a model evaluated with this tokenizer would see other tokens than it was "
                 "trained on."
             )
-    reference = _rounded_reference(model, export_format, _parse_dtype(dtype))
-    expected_logits = _logits(reference, prompt_ids)
-    fp32_logits = _logits(model.float().eval(), prompt_ids)
     got_logits = _logits(reloaded, prompt_ids)
+    del reloaded
     max_diff = max((a - b).abs().max().item() for a, b in zip(expected_logits, got_logits))
     max_diff_fp32 = max((a - b).abs().max().item() for a, b in zip(fp32_logits, got_logits))
     result = VerificationResult(
