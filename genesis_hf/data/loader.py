@@ -142,6 +142,7 @@ class StreamingSourceTokens:
         self._install(self._read_chunk(max_documents=state.get("chunk_documents")))
         self._chunk_offset = int(state.get("offset", 0))
         if self._chunk_offset > len(self._chunk):
+            self.close()
             raise ConfigError(
                 f"The saved position of the {source.describe()} points past its data (offset {self._chunk_offset} "
                 f"of a {len(self._chunk)}-token chunk): the source changed since the checkpoint."

@@ -63,7 +63,8 @@ def splits_losslessly(spec: dict) -> bool:
 
 
 def _pieces(text: str) -> list[str]:
-    """`text` cut at `_CUT` points into pieces of at least `SPLIT_CHARACTERS` (except the last)."""
+    """`text` cut at `_CUT` points into pieces of at least `SPLIT_CHARACTERS` (except the last); `[text]` when it is
+    at most twice that long."""
     pieces, start = [], 0
     while len(text) - start > 2 * SPLIT_CHARACTERS:
         cut = _CUT.search(text, start + SPLIT_CHARACTERS)
@@ -118,10 +119,7 @@ class TokenEncoder:
             tokens: (sum(lengths),) int32, every document's ids followed by the eos.
             lengths: (len(texts),) int64, each document's token count, eos included.
         """
-        pieces = [
-            _pieces(text) if self.split_long_documents and len(text) > 2 * SPLIT_CHARACTERS else [text]
-            for text in texts
-        ]
+        pieces = [_pieces(text) if self.split_long_documents else [text] for text in texts]
         flat = [piece for document in pieces for piece in document]
         ids = iter([encoding.ids for encoding in self.backend.encode_batch_fast(flat, add_special_tokens=False)])
         documents = [

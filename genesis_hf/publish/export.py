@@ -574,10 +574,11 @@ def verify_export(
     prompt_ids = verify_prompt_ids(tokenizer)
     # One extra copy of the model at a time (the rounded reference, then the reloaded export), not two at once.
     fp32_logits = _logits(model.float().eval(), prompt_ids)
-    if _parse_dtype(dtype) == torch.float32:
+    export_dtype = _parse_dtype(dtype)
+    if export_dtype == torch.float32:
         expected_logits = fp32_logits
     else:
-        reference = _rounded_reference(model, export_format, _parse_dtype(dtype))
+        reference = _rounded_reference(model, export_format, export_dtype)
         expected_logits = _logits(reference, prompt_ids)
         del reference
     reloaded, reloaded_tokenizer = _reload(out_dir, export_format, gguf_file)
