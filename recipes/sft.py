@@ -1,0 +1,119 @@
+"""Supervised fine-tuning of a Genesis base into a chat model with TRL's `SFTTrainer` (loss on assistant tokens only).
+
+The CPU default (a few minutes): the main job's model `outputs/genesis-tiny/final` on the embedded conversations,
+with `recipes/configs/sft/genesis-tiny.yaml` as defaults:
+
+    .venv/bin/accelerate launch recipes/sft.py
+
+The seed project's SFT run on 2x RTX 4090:
+
+    accelerate launch --config_file accelerate_configs/fsdp2-2x4090-pcie.yaml recipes/sft.py \
+        --config recipes/configs/sft/genesis-1b.yaml
+
+LoRA on every linear projection: add `--use_peft true`. Every key is a field of TRL's `SFTConfig` or `ModelConfig`
+or of `genesis_hf.posttrain.config.SFTDataArguments`; unknown keys are an error. Outputs: `<output_dir>/final` (HF
+folder, loads with `trust_remote_code`), `<output_dir>/metrics.jsonl`, `<output_dir>/adapter` with LoRA, and with
+`--push_to_hub true --hub_model_id you/name` one Hub branch per checkpoint (`main` = newest).
+"""
+
+import logging
+import sys
+from pathlib import Path
+
+from trl import ModelConfig, SFTConfig, SFTTrainer
+
+from genesis_hf.posttrain.callbacks import CheckpointEventsCallback, MetricsJsonlCallback
+from genesis_hf.posttrain.chat import check_generation_markers
+from genesis_hf.posttrain.config import SFTDataArguments, hub_push_settings, parse_recipe_args
+from genesis_hf.posttrain.data import (
+    SFTMixture,
+    SFTSource,
+    apply_length_policy,
+    build_sft_dataset,
+    format_statistics,
+    load_sft_mixture,
+    mixture_statistics,
+)
+from genesis_hf.posttrain.model import chat_model, lora_config
+from genesis_hf.posttrain.outputs import final_model, last_loss, write_final
+
+DEFAULT_CONFIG = Path(__file__).resolve().parent / "configs" / "sft" / "genesis-tiny.yaml"
+logger = logging.getLogger("genesis_hf.sft")
+
+
+def load_mixture(data_args: SFTDataArguments) -> SFTMixture:
+    if data_args.dataset_name is None:
+        return load_sft_mixture(data_args.mixture)
+    source = SFTSource(
+        name=Path(data_args.dataset_name).stem or "dataset",
+        location=data_args.dataset_name,
+        config=data_args.dataset_config,
+        split=data_args.dataset_train_split,
+    )
+    return SFTMixture(name=source.name, sources=[source])
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%X")
+    try:
+        data_args, training_args, model_args = parse_recipe_args(
+            (SFTDataArguments, SFTConfig, ModelConfig), argv, DEFAULT_CONFIG
+        )
+        push = hub_push_settings(training_args)
+        # Data first: a bad row or schema stops the run before any model is loaded.
+        dataset, skipped = build_sft_dataset(load_mixture(data_args), on_bad_example=data_args.on_bad_example)
+        model, tokenizer, setup, source = chat_model(
+            model_args.model_name_or_path,
+            revision=model_args.model_revision,
+            dtype=model_args.dtype,
+            attn_implementation=model_args.attn_implementation,
+        )
+        check_generation_markers(tokenizer.chat_template, training_args.assistant_only_loss)
+        pusher = _pusher(push, training_args)
+    # ConfigError, ConversationError and ChatSetupError are ValueErrors, as are TRL's own argument checks.
+    except ValueError as error:
+        print(f"recipes/sft.py: error: {error}", file=sys.stderr, flush=True)
+        return 1
+    logger.info("Starting from %s. %s", source, setup.describe())
+    stats = mixture_statistics(dataset, tokenizer, max_length=training_args.max_length)
+    dataset, overlong = apply_length_policy(dataset, stats["lengths"], training_args.max_length, data_args.overlong)
+    logger.info("SFT data (assistant tokens are trainable):\n%s", format_statistics(stats))
+    logger.info("Skipped rows: %s. Longer than max_length: %d (%s).", skipped.describe(), overlong, data_args.overlong)
+
+    callbacks = [MetricsJsonlCallback()]
+    peft_config = lora_config(model_args, setup)
+    if pusher is not None and peft_config is None:
+        callbacks.append(CheckpointEventsCallback([pusher.submit]))
+    trainer = SFTTrainer(
+        model=model,
+        args=training_args,
+        train_dataset=dataset.remove_columns("source"),
+        processing_class=tokenizer,
+        peft_config=peft_config,
+        callbacks=callbacks,
+    )
+    trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    model = final_model(trainer, training_args.output_dir)
+    if trainer.accelerator.is_main_process:
+        final_dir = write_final(model, tokenizer, training_args.output_dir, step=trainer.state.global_step,
+                                loss=last_loss(trainer), dtype="bf16" if training_args.bf16 else "fp32")
+        logger.info("Chat model in %s.", final_dir)
+        if pusher is not None:
+            pusher.submit(final_dir, trainer.state.global_step)
+            pusher.close()
+    trainer.accelerator.wait_for_everyone()
+    trainer.accelerator.end_training()
+    return 0
+
+
+def _pusher(push: dict, training_args):
+    from types import SimpleNamespace
+
+    from genesis_hf.publish.push import pusher_for_run
+
+    is_main = training_args.process_index == 0
+    return pusher_for_run(SimpleNamespace(**push), is_main_process=is_main)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
