@@ -1,10 +1,17 @@
-"""Genesis model configuration.
+"""Genesis model configuration: transformers' `LlamaConfig` under `model_type: genesis`, with presets and checks.
+
+Every field, its meaning and its serialisation are Llama's (`LlamaConfig` is the base class), so a field transformers
+adds to Llama reaches Genesis with no change here. What is Genesis's own:
+- `model_type = "genesis"` and the Auto-class mapping it drives;
+- defaults from the seed project (the 1B shape, tied embeddings, RoPE theta 500,000, RMSNorm eps 1e-5, token id 0
+  as bos/eos);
+- `from_preset` over `GENESIS_PRESETS`, and size checks whose errors say what to change.
 
 This file is copied next to the weights of every saved Genesis model so that `trust_remote_code=True` works for
 users who never install genesis_hf: it imports only transformers.
 """
 
-from transformers import PreTrainedConfig
+from transformers.models.llama.configuration_llama import LlamaConfig
 
 # Named architectures. `genesis-1b` is the seed project's Run 2 (1.00B parameters with tied embeddings);
 # `genesis-tiny` trains in minutes on a laptop CPU; `debug` is for unit tests.
@@ -48,10 +55,10 @@ GENESIS_PRESETS: dict[str, dict] = {
 }
 
 
-class GenesisConfig(PreTrainedConfig):
+class GenesisConfig(LlamaConfig):
     r"""
     Configuration of a Genesis decoder-only language model: Llama's architecture (RMSNorm, RoPE, grouped-query
-    attention, SwiGLU MLP) with Genesis defaults (tied embeddings, RoPE theta 500,000).
+    attention, SwiGLU MLP) and `LlamaConfig`'s fields, with Genesis defaults (tied embeddings, RoPE theta 500,000).
 
     Args:
         vocab_size (`int`): number of token ids, including any chat tokens appended after training the tokenizer.
@@ -74,45 +81,26 @@ class GenesisConfig(PreTrainedConfig):
     """
 
     model_type = "genesis"
-    keys_to_ignore_at_inference = ["past_key_values"]
     default_theta = 500_000.0
-    base_model_tp_plan = {
-        "layers.*.self_attn.q_proj": "colwise",
-        "layers.*.self_attn.k_proj": "colwise",
-        "layers.*.self_attn.v_proj": "colwise",
-        "layers.*.self_attn.o_proj": "rowwise",
-        "layers.*.mlp.gate_proj": "colwise",
-        "layers.*.mlp.up_proj": "colwise",
-        "layers.*.mlp.down_proj": "rowwise",
-    }
 
+    # Only the defaults that differ from Llama's are restated; every other field is inherited from `LlamaConfig`.
     vocab_size: int = 49_152
     hidden_size: int = 1536
     intermediate_size: int = 4736
     num_hidden_layers: int = 32
     num_attention_heads: int = 12
     num_key_value_heads: int | None = 6
-    head_dim: int | None = None
-    hidden_act: str = "silu"
     max_position_embeddings: int = 2048
-    initializer_range: float = 0.02
     rms_norm_eps: float = 1e-5
-    use_cache: bool = True
-    pad_token_id: int | None = None
     bos_token_id: int | None = 0
     eos_token_id: int | list[int] | None = 0
     tie_word_embeddings: bool = True
-    rope_parameters: dict | None = None
-    attention_bias: bool = False
-    attention_dropout: float = 0.0
-    mlp_bias: bool = False
 
     def __post_init__(self, **kwargs):
         if self.num_key_value_heads is None:
             self.num_key_value_heads = self.num_attention_heads
+        # Before Llama's own checks, so that a wrong size gets an error that says what to change.
         self._validate_sizes()
-        if self.head_dim is None:
-            self.head_dim = self.hidden_size // self.num_attention_heads
         super().__post_init__(**kwargs)
 
     def _validate_sizes(self) -> None:

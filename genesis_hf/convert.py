@@ -1,7 +1,7 @@
 """Exact conversion between `GenesisForCausalLM` and transformers' `LlamaForCausalLM`.
 
-Genesis uses Llama's module names and its half-split RoPE convention, so the conversion is a config translation plus
-a 1:1 state-dict copy: no permutation, no renaming. Parity of logits is tested both ways; that is the guard against
+Genesis is Llama's architecture under its own `model_type` (`GenesisConfig` subclasses `LlamaConfig`, the model classes
+subclass Llama's), so the conversion is a config copy plus a 1:1 state-dict copy: no permutation, no renaming. Parity of logits is tested both ways; that is the guard against
 the export mismatch that put the seed project's published evals at chance level.
 """
 
@@ -11,34 +11,21 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from .configuration_genesis import GenesisConfig
 from .modeling_genesis import GenesisForCausalLM
 
-# Fields that mean the same thing in both configs and are copied verbatim.
-SHARED_CONFIG_FIELDS = (
-    "vocab_size",
-    "hidden_size",
-    "intermediate_size",
-    "num_hidden_layers",
-    "num_attention_heads",
-    "num_key_value_heads",
-    "head_dim",
-    "hidden_act",
-    "max_position_embeddings",
-    "initializer_range",
-    "rms_norm_eps",
-    "use_cache",
-    "pad_token_id",
-    "bos_token_id",
-    "eos_token_id",
-    "tie_word_embeddings",
-    "attention_bias",
-    "attention_dropout",
-    "mlp_bias",
-)
+# What says which class a config is for; every other value is a `LlamaConfig` field and is copied as it is, so a
+# field transformers adds to Llama is carried over with no change here.
+_CLASS_KEYS = ("model_type", "architectures", "auto_map", "transformers_version", "_name_or_path")
+
+
+def _llama_values(config) -> dict:
+    values = config.to_dict()
+    for key in _CLASS_KEYS:
+        values.pop(key, None)
+    return values
 
 
 def genesis_config_to_llama(config: GenesisConfig) -> LlamaConfig:
-    """Translate a `GenesisConfig` into the equivalent `LlamaConfig`."""
-    values = {name: getattr(config, name) for name in SHARED_CONFIG_FIELDS}
-    return LlamaConfig(**values, rope_parameters=dict(config.rope_parameters), dtype=config.dtype)
+    """Translate a `GenesisConfig` into the equivalent `LlamaConfig` (same field values, no remote-code map)."""
+    return LlamaConfig(**_llama_values(config))
 
 
 def llama_config_to_genesis(config: LlamaConfig) -> GenesisConfig:
@@ -48,8 +35,7 @@ def llama_config_to_genesis(config: LlamaConfig) -> GenesisConfig:
             f"LlamaConfig.pretraining_tp={config.pretraining_tp} is not supported; Genesis computes every "
             "projection as one matmul. Set pretraining_tp=1 (it does not change the weights)."
         )
-    values = {name: getattr(config, name) for name in SHARED_CONFIG_FIELDS}
-    return GenesisConfig(**values, rope_parameters=dict(config.rope_parameters), dtype=config.dtype)
+    return GenesisConfig(**_llama_values(config))
 
 
 def _copy_weights(source: torch.nn.Module, target: torch.nn.Module) -> None:

@@ -29,6 +29,7 @@ the Hub token is read on the server only (`HF_TOKEN` or the cached login), never
 import argparse
 import dataclasses
 import functools
+import inspect
 import json
 import logging
 import math
@@ -458,6 +459,11 @@ def _logits_processors(settings: SamplingSettings) -> LogitsProcessorList:
     return processors
 
 
+def cache_keyword(model: PreTrainedModel) -> str:
+    """The keyword that `model.forward` takes its KV cache by: `cache` (transformers >= 5.24) or `past_key_values`."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
 @_gpu
 @torch.inference_mode()
 def decode_tokens(
@@ -486,10 +492,11 @@ def decode_tokens(
     # (1, seq): the prompt, then every sampled token (the repetition penalty looks at all of them).
     all_ids = torch.tensor([input_ids], dtype=torch.long, device=device)
     next_input = all_ids
-    cache = DynamicCache(config=model.config)
+    # The cache is filled in place; its keyword is the model's own (`cache` from transformers 5.24, before that
+    # `past_key_values`), so the loop follows whichever transformers is installed.
+    cache_argument = {cache_keyword(model): DynamicCache(config=model.config)}
     for _ in range(max_new_tokens):
-        outputs = model(input_ids=next_input, past_key_values=cache, use_cache=True, logits_to_keep=1)
-        cache = outputs.past_key_values
+        outputs = model(input_ids=next_input, use_cache=True, logits_to_keep=1, **cache_argument)
         # (1, vocab) in fp32: bf16 logits would make top-p and the sampling coarser than the model is.
         scores = processors(all_ids, outputs.logits[:, -1, :].float())
         if settings.greedy:

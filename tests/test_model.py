@@ -205,7 +205,7 @@ def test_module_names_are_llamas():
         "model.norm.weight",
     ):
         assert expected in names
-    assert GenesisForCausalLM._no_split_modules == ["GenesisDecoderLayer"]
+    assert GenesisForCausalLM._no_split_modules == ["LlamaDecoderLayer"]
 
 
 @pytest.mark.parametrize(

@@ -158,7 +158,7 @@ def test_accelerate_accepts_every_config(tmp_path):
         if parsed.distributed_type.value == "FSDP":
             fsdp = parsed.fsdp_config
             assert fsdp["fsdp_version"] == 2 and fsdp["fsdp_state_dict_type"] == "SHARDED_STATE_DICT"
-            assert fsdp["fsdp_transformer_layer_cls_to_wrap"] == "GenesisDecoderLayer"
+            assert fsdp["fsdp_transformer_layer_cls_to_wrap"] == "LlamaDecoderLayer"
             assert fsdp["fsdp_activation_checkpointing"] and fsdp["fsdp_reshard_after_forward"]
     # Launching for real: the DDP config and the 2x4090 FSDP2 config (on CPU: two gloo processes).
     for name, extra in (("ddp-cpu.yaml", []), ("fsdp2-2x4090-pcie.yaml", ["--mixed_precision", "no"])):

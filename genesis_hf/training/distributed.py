@@ -5,9 +5,9 @@ runs the trackers. The model is wrapped here, not by `accelerator.prepare`:
 
 - **FSDP2** (`torch.distributed.fsdp.fully_shard`) when the Accelerate config says `distributed_type: FSDP` (read
   from Accelerate's own plugin, or from the `FSDP_*` variables its launcher exports) or when `--fsdp true`: each
-  `GenesisDecoderLayer` is one FSDP unit, then the root (embeddings, tied LM head, final norm). Accelerate 1.15 only
-  turns on FSDP for GPU-like devices, so on a CPU box its FSDP config would silently give plain data parallelism;
-  wrapping here makes the 2-process CPU test run exactly the sharding, activation checkpointing and sharded
+  decoder layer (`LlamaDecoderLayer`) is one FSDP unit, then the root (embeddings, tied LM head, final norm).
+  Accelerate 1.15 only turns on FSDP for GPU-like devices, so on a CPU box its FSDP config would silently give plain
+  data parallelism; wrapping here makes the 2-process CPU test run exactly the sharding, activation checkpointing and sharded
   checkpoint code that the 2x RTX 4090 run uses.
 - **DDP** for any other multi-process run; nothing for a single process.
 
@@ -38,7 +38,8 @@ from genesis_hf.args import ConfigError
 logger = logging.getLogger(__name__)
 
 CONSUMER_GPU_ENV = {"NCCL_P2P_DISABLE": "1", "PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True"}
-DECODER_LAYER_CLASS = "GenesisDecoderLayer"
+# transformers names the block of every Llama-architecture model so, Genesis included (see modeling_genesis.py).
+DECODER_LAYER_CLASS = "LlamaDecoderLayer"
 
 
 # ---------------------------------------------------------------------------------------------------------------------
