@@ -17,6 +17,8 @@ SUBCOMMANDS: dict[str, str] = {
     "export": "genesis_hf.publish.export",
     "checkpoints": "genesis_hf.publish.checkpoints",
     "playground": "genesis_hf.playground",
+    "constitution": "genesis_hf.constitution.cli",
+    "engagement": "genesis_hf.constitution.engagement",
 }
 
 
