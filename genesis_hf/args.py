@@ -39,8 +39,21 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"Config file {str(path)!r} does not exist; pass --config with the path of a YAML file.")
-    with path.open() as handle:
-        values = yaml.safe_load(handle) or {}
+    try:
+        with path.open(encoding="utf-8") as handle:
+            values = yaml.safe_load(handle) or {}
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(error, "problem", None) or str(error).splitlines()[0]
+        raise ConfigError(
+            f"Config file {str(path)!r} is not valid YAML{where}: {problem}. Fix that line (one `key: value` per "
+            "line, quote values that contain ': ' or start with '{' or '[')."
+        ) from None
+    except UnicodeDecodeError as error:
+        raise ConfigError(
+            f"Config file {str(path)!r} is not UTF-8 text ({error.reason} at byte {error.start})."
+        ) from None
     if not isinstance(values, dict):
         raise ConfigError(f"Config file {str(path)!r} must hold a mapping of key: value, got {type(values).__name__}.")
     return values

@@ -304,12 +304,17 @@ def test_a_tokenizer_that_does_not_fit_is_refused(tiny, tmp_path, capsys):
     assert "400 tokens" in error and "vocab_size=304" in error and "--tokenizer" in error
 
 
-def test_existing_output_needs_overwrite(tiny, tmp_path, capsys):
+def test_existing_output_needs_overwrite_and_only_an_earlier_export_is_replaced(tiny, tmp_path, capsys):
     folder, _, _ = tiny
     out = tmp_path / "out"
     out.mkdir()
     (out / "keep.txt").write_text("x")
     assert cli.main(["export", str(folder), str(out)]) == 2
     assert "--overwrite" in capsys.readouterr().err
-    assert cli.main(["export", str(folder), str(out), "--overwrite"]) == 0
-    assert not (out / "keep.txt").exists() and (out / "model.safetensors").is_file()
+    # --overwrite does not make a folder of the user's into an export: keep.txt survives.
+    assert cli.main(["export", str(folder), str(out), "--overwrite"]) == 2
+    assert "keep.txt" in capsys.readouterr().err and (out / "keep.txt").read_text() == "x"
+    (out / "keep.txt").unlink()
+    assert cli.main(["export", str(folder), str(out)]) == 0  # empty: written
+    assert cli.main(["export", str(folder), str(out), "--overwrite", "--dtype", "fp32"]) == 0  # an export: replaced
+    assert (out / "model.safetensors").is_file() and (out / export.EXPORT_MARKER_FILE).is_file()

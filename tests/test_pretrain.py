@@ -77,7 +77,9 @@ def run_recipe(env: dict, config: Path, *flags: str, fault: str | None = None) -
 
 
 def read_metrics(output_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines()]
+    """The step records of metrics.jsonl (without the `"event": "restart"` line each later launch writes)."""
+    records = [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines()]
+    return [record for record in records if "event" not in record]
 
 
 def steps_of(output_dir: Path) -> list[int]:

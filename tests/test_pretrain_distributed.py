@@ -93,7 +93,8 @@ def read_metrics(output_dir: Path, offset: int = 0) -> list[dict]:
     if not path.is_file():
         return []
     text = path.read_bytes()[offset:].decode()
-    return [json.loads(line) for line in text.splitlines(keepends=True) if line.endswith("\n")]
+    records = [json.loads(line) for line in text.splitlines(keepends=True) if line.endswith("\n")]
+    return [record for record in records if "event" not in record]  # a later launch's restart line is no step
 
 
 def write_config(folder: Path, mixture: str, **overrides) -> Path:

@@ -167,6 +167,18 @@ def resolve_local_files(source: SourceConfig) -> list[str]:
     return files
 
 
+def _read_text_file(path: str, source: SourceConfig) -> str:
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except UnicodeDecodeError as error:
+        line = Path(path).read_bytes()[: error.start].count(b"\n") + 1
+        raise ConfigError(
+            f"{path}:{line} (a file of the {source.describe()}) is not UTF-8 text: byte {error.start} "
+            f"({error.object[error.start : error.start + 1]!r}) cannot be decoded. Convert the file to UTF-8 (e.g. "
+            "`iconv -f latin1 -t utf-8`), or remove it from the source."
+        ) from None
+
+
 class LocalFilesReader(DocumentReader):
     """Local files, in sorted order: JSON lines (one document per non-blank line), parquet (one per row), text files
     (one per file). Position: file number and path, byte offset and line number (JSON lines) or row (parquet)."""
@@ -225,7 +237,7 @@ class LocalFilesReader(DocumentReader):
                     self._advance_file()
                     continue
                 self.row = 1
-                return Path(path).read_text(encoding="utf-8") if want else None
+                return _read_text_file(path, self.source) if want else None
             text = self._next_jsonl(path, want) if suffix in JSONL_SUFFIXES else self._next_parquet(path, want)
             if text is not _END_OF_FILE:
                 return text

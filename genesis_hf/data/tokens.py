@@ -6,13 +6,16 @@ skips character offsets), several times faster than calling the `transformers` w
 
 Long documents are encoded in pieces when that provably gives the same ids (see `splits_losslessly`): the Rust encoder
 spreads a batch over the cores one document per task, so a single long file (a 200k-character module, a book)
-otherwise keeps one core busy while the others wait.
+otherwise keeps one core busy while the others wait. Pieces also bound the memory: the encoder keeps per-byte
+alignment data for the text it is given, so a 50 MB document without a newline encoded whole took ~10 GB. A piece
+ends at a newline cut, else at a space cut (`_pieces`), within `MAX_PIECE_CHARACTERS`; text is handed to the encoder
+`ENCODE_BATCH_CHARACTERS` at a time, and every document, whatever its length, goes through pieces of bounded size.
 """
 
 import hashlib
 import json
 import re
-from itertools import chain
+from collections.abc import Iterator
 
 import numpy as np
 from tokenizers import Tokenizer
@@ -27,9 +30,18 @@ def token_dtype(vocab_size: int) -> np.dtype:
 
 # Documents longer than this are cut into pieces of about this size before encoding (when the tokenizer allows it).
 SPLIT_CHARACTERS = 8192
+# No piece is longer: a stretch this long without a cut point (no natural text has one) is cut anyway, where the ids
+# may then differ from a whole encoding; that is the price of memory that does not grow with the document.
+MAX_PIECE_CHARACTERS = 8 * SPLIT_CHARACTERS
+# Text handed to the Rust encoder per call: its alignment data (tens of bytes per byte) stays in the tens of MB.
+ENCODE_BATCH_CHARACTERS = 1 << 20
 # A cut point: right after a newline that sits between two printable ASCII characters that are not spaces, e.g. the
 # "\n" in "x = 1\ny = 2". Such a newline is always a pre-token of its own under the byte-level regex (see below).
 _CUT = re.compile(r"(?<=[!-~]\n)(?=[!-~])")
+# The fallback for text without newlines: right before a single space between two word characters or printable ASCII
+# characters, e.g. "the| cat". The regex's ` ?\p{L}+`, ` ?\p{N}+` and ` ?[^\s\p{L}\p{N}]+` take a space only in front
+# of what follows it and no pre-token ends with one, so "the" + " cat" yields the pre-tokens of "the cat".
+_SPACE_CUT = re.compile(r"(?<=[\w!-~])(?= [\w!-~])")
 
 
 def splits_losslessly(spec: dict) -> bool:
@@ -57,23 +69,29 @@ def splits_losslessly(spec: dict) -> bool:
     if any(step.get("type") != "Digits" for step in steps[:-1]):
         return False
     return not any(
-        "\n" in token["content"] or token.get("lstrip") or token.get("rstrip")
+        "\n" in token["content"] or " " in token["content"] or token.get("lstrip") or token.get("rstrip")
         for token in spec.get("added_tokens", [])
     )
 
 
 def _pieces(text: str) -> list[str]:
-    """`text` cut at `_CUT` points into pieces of at least `SPLIT_CHARACTERS` (except the last); `[text]` when it is
-    at most twice that long."""
+    """`text` cut at `_CUT` points (else `_SPACE_CUT` points) into pieces of `SPLIT_CHARACTERS` to
+    `MAX_PIECE_CHARACTERS` (except the last); `[text]` when it is at most twice `SPLIT_CHARACTERS` long."""
     pieces, start = [], 0
     while len(text) - start > 2 * SPLIT_CHARACTERS:
-        cut = _CUT.search(text, start + SPLIT_CHARACTERS)
-        if cut is None:
-            break
-        pieces.append(text[start : cut.start()])
-        start = cut.start()
+        window = (start + SPLIT_CHARACTERS, min(len(text), start + MAX_PIECE_CHARACTERS))
+        cut = _CUT.search(text, *window) or _SPACE_CUT.search(text, *window)
+        end = cut.start() if cut is not None else window[1]
+        pieces.append(text[start:end])
+        start = end
     pieces.append(text[start:])
     return pieces
+
+
+def _bounded_pieces(text: str) -> list[str]:
+    """For tokenizers that do not split losslessly: whole up to `MAX_PIECE_CHARACTERS` * 16, else cut as `_pieces`
+    does (memory first: such a document would otherwise take gigabytes to encode)."""
+    return [text] if len(text) <= 16 * MAX_PIECE_CHARACTERS else _pieces(text)
 
 
 class TokenEncoder:
@@ -119,12 +137,11 @@ class TokenEncoder:
             tokens: (sum(lengths),) int32, every document's ids followed by the eos.
             lengths: (len(texts),) int64, each document's token count, eos included.
         """
-        pieces = [_pieces(text) if self.split_long_documents else [text] for text in texts]
-        flat = [piece for document in pieces for piece in document]
-        ids = iter([encoding.ids for encoding in self.backend.encode_batch_fast(flat, add_special_tokens=False)])
+        pieces = [_pieces(text) if self.split_long_documents else _bounded_pieces(text) for text in texts]
+        ids = self._encode_pieces([piece for document in pieces for piece in document])
+        # int32 arrays, not lists: a list holds 8-byte pointers to int objects, ~10x the memory of the ids.
         documents = [
-            next(ids) if len(document) == 1 else list(chain.from_iterable(next(ids) for _ in document))
-            for document in pieces
+            next(ids) if len(document) == 1 else np.concatenate([next(ids) for _ in document]) for document in pieces
         ]
         lengths = np.fromiter((len(item) + 1 for item in documents), dtype=np.int64, count=len(documents))
         tokens = np.empty(int(lengths.sum()), dtype=np.int32)
@@ -135,6 +152,19 @@ class TokenEncoder:
             tokens[end] = self.eos_token_id
             start = end + 1
         return tokens, lengths
+
+    def _encode_pieces(self, pieces: list[str]) -> Iterator[np.ndarray]:
+        """The int32 ids of each piece, encoded `ENCODE_BATCH_CHARACTERS` of text at a time (the encoder's per-byte
+        data of one batch is freed before the next)."""
+        batch: list[str] = []
+        size = 0
+        for index, piece in enumerate(pieces):
+            batch.append(piece)
+            size += len(piece)
+            if size >= ENCODE_BATCH_CHARACTERS or index == len(pieces) - 1:
+                encodings = self.backend.encode_batch_fast(batch, add_special_tokens=False)
+                yield from (np.asarray(encoding.ids, dtype=np.int32) for encoding in encodings)
+                batch, size = [], 0
 
 
 def tokenizer_fingerprint(backend_json: str, eos_token_id: int) -> str:

@@ -21,6 +21,12 @@ exported dtype first so that only real mismatches count. The tokenizer is reload
 the same ids. The max absolute difference is printed; above the tolerance the export fails (exit code 1) and nothing
 is left at OUT. This is the check the seed project lacked: its published evaluations sat at chance level because the
 evaluated export did not match the trained model.
+
+Nothing of the user's is ever deleted. OUT must not be, contain or lie inside a training checkpoint or a run folder's
+`checkpoints/`, nor overlap the source. An existing non-empty OUT is replaced only with `--overwrite`, and only when it
+is an earlier export: it holds the marker `.genesis_export.json` (written last, listing every file of the export with
+its size) and nothing else, unchanged. Any other folder, a file or a symlink is refused with the paths that are in
+the way.
 """
 
 import argparse
@@ -28,8 +34,10 @@ import copy
 import dataclasses
 import json
 import os
+import re
 import shutil
 import sys
+import tempfile
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
@@ -48,6 +56,10 @@ EXPORT_DTYPES: dict[str, torch.dtype] = {"bf16": torch.bfloat16, "fp32": torch.f
 DEFAULT_TOLERANCE = 1e-4
 DEFAULT_MAX_SHARD_SIZE = "2GB"
 CHECKPOINT_METADATA_FILE = "genesis_checkpoint.json"
+# Written last into every export: proof that a folder is export output (`--overwrite` replaces nothing else).
+EXPORT_MARKER_FILE = ".genesis_export.json"
+EXPORT_MARKER_KIND = "genesis-hf export"
+_STEP_NAME = re.compile(r"^step-\d{7}")
 GGUF_BASENAME = "genesis"
 CHATML_END = "<|im_end|>"
 _WEIGHT_FILES = (
@@ -350,6 +362,20 @@ def _tokenizer_for_export(tokenizer):
     return tokenizer
 
 
+def _parse_shard_size(max_shard_size: str | int) -> int:
+    from transformers.utils.hub import convert_file_size_to_int
+
+    try:
+        size = convert_file_size_to_int(max_shard_size)
+    except (ValueError, TypeError):
+        size = 0
+    if size <= 0:
+        raise ExportError(
+            f"--max-shard-size {max_shard_size!r} is not a size; write a positive number with a unit, e.g. 2GB, 500MB."
+        )
+    return size
+
+
 def _write_hf(model: GenesisForCausalLM, tokenizer, out_dir: Path, dtype: torch.dtype, max_shard_size) -> None:
     export_model = copy.deepcopy(model).to(dtype)
     export_model.generation_config = generation_config_for(model.config, tokenizer)
@@ -611,6 +637,115 @@ def verify_export(
 
 
 # ---------------------------------------------------------------------------------------------------------------------
+# What OUT may be: never a run, a checkpoint or anything of the user's
+
+
+def _is_checkpoint_folder(path: Path) -> bool:
+    """A training checkpoint or a model folder with training state (what `export` reads as a source)."""
+    return (path / "trainer_state.json").is_file() or (path / "model" / ".metadata").is_file()
+
+
+def _is_run_folder(path: Path) -> bool:
+    """A pretraining run's output directory (its checkpoints or its metrics)."""
+    return (path / "checkpoints").is_dir() or (path / "metrics.jsonl").is_file()
+
+
+def _folder_kind(path: Path) -> str | None:
+    if _is_checkpoint_folder(path):
+        return "a checkpoint"
+    if _is_run_folder(path):
+        return "a run folder"
+    return None
+
+
+def _files_under(folder: Path) -> list[str]:
+    """Every file, symlink and empty folder under `folder`, as POSIX paths relative to it (links are not followed)."""
+    found = []
+    for directory, subdirectories, files in os.walk(folder):
+        base = Path(directory)
+        for name in files + [name for name in subdirectories if (base / name).is_symlink()]:
+            found.append((base / name).relative_to(folder).as_posix())
+        if not subdirectories and not files and base != folder:
+            found.append(base.relative_to(folder).as_posix() + "/")
+    return sorted(found)
+
+
+def _foreign_files(out_dir: Path) -> list[str]:
+    """What in an existing `out_dir` an earlier export did not write (all of it when there is no marker)."""
+    present = _files_under(out_dir)
+    try:
+        marker = json.loads((out_dir / EXPORT_MARKER_FILE).read_text())
+        listed = marker["files"] if marker.get("kind") == EXPORT_MARKER_KIND else None
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        listed = None
+    if not isinstance(listed, dict):
+        return present
+    foreign = []
+    for name in present:
+        if name == EXPORT_MARKER_FILE:
+            continue
+        path = out_dir / name
+        if name not in listed or path.is_symlink() or not path.is_file() or path.stat().st_size != listed[name]:
+            foreign.append(name)
+    return foreign
+
+
+def check_output_folder(out_dir: Path, source: Path, overwrite: bool) -> None:
+    """Refuse an OUT whose replacement could destroy anything the export did not write (before any loading).
+
+    Args:
+        out_dir: the folder to create or replace.
+        source: the checkpoint being exported.
+        overwrite: `--overwrite`: replace an earlier export at `out_dir`.
+
+    Raises:
+        ExportError: naming OUT, what it is or holds, and the fix.
+    """
+    out, src = out_dir.expanduser().resolve(), source.expanduser().resolve()
+    fix = "Choose a new OUT folder (e.g. exports/NAME) for the export."
+    if out == src or out.is_relative_to(src) or src.is_relative_to(out):
+        raise ExportError(f"OUT {str(out_dir)!r} overlaps the checkpoint being exported ({str(source)!r}). {fix}")
+    # Inside a run folder is fine (the Hub pusher exports to <run>/exports/); inside a checkpoint is not.
+    for parent in out.parents:
+        in_checkpoints = parent.name == "checkpoints" and any(
+            _STEP_NAME.match(child.name) for child in parent.iterdir()
+        )
+        if _is_checkpoint_folder(parent) or in_checkpoints:
+            kind = "a run's checkpoints folder" if in_checkpoints else "a checkpoint"
+            raise ExportError(
+                f"OUT {str(out_dir)!r} lies inside {kind} ({parent}); rotation and resume would trip over it. {fix}"
+            )
+    if not out_dir.exists() and not out_dir.is_symlink():
+        return
+    if out_dir.is_symlink() or not out_dir.is_dir():
+        what = "a symlink" if out_dir.is_symlink() else "a file"
+        raise ExportError(f"OUT {str(out_dir)!r} is {what}; export writes and replaces only folders it created. {fix}")
+    for directory, _, _ in os.walk(out_dir):
+        kind = _folder_kind(Path(directory))
+        if kind:
+            what = f"is {kind}" if Path(directory) == out_dir else f"contains {kind} ({directory})"
+            raise ExportError(f"OUT {str(out_dir)!r} {what}; export never replaces training output. {fix}")
+    if not any(out_dir.iterdir()):
+        return
+    if not overwrite:
+        raise ExportError(f"Output {str(out_dir)!r} already exists and is not empty; pass --overwrite or a new path.")
+    foreign = _foreign_files(out_dir)
+    if foreign:
+        shown = ", ".join(foreign[:6]) + (f" and {len(foreign) - 6} more" if len(foreign) > 6 else "")
+        raise ExportError(
+            f"--overwrite replaces only an earlier export, and {str(out_dir)!r} holds files that no export wrote or "
+            f"that changed since ({shown}). Move them elsewhere, or choose a new OUT folder."
+        )
+
+
+def write_export_marker(folder: Path) -> None:
+    """Record every file of a finished export with its size in `.genesis_export.json`, the proof `--overwrite` needs."""
+    files = {name: (folder / name).stat().st_size for name in _files_under(folder) if (folder / name).is_file()}
+    marker = {"kind": EXPORT_MARKER_KIND, "genesis_hf_version": genesis_hf.__version__, "files": files}
+    (folder / EXPORT_MARKER_FILE).write_text(json.dumps(marker, indent=1) + "\n")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
 # The whole export
 
 
@@ -674,31 +809,32 @@ def export_checkpoint(
         revision: the branch it will be published on (usage snippet).
         step: the training step, when the caller knows it better than the checkpoint's own metadata.
         eval_results_path: evaluation results JSON for the card; found next to the checkpoint when `None`.
-        overwrite: replace an existing non-empty `out_dir`.
+        overwrite: replace an existing non-empty `out_dir`, if it is an earlier export (`check_output_folder`).
         verify: reload and compare (always on from the command line).
         redact: strings (tokens) that must not appear in the card.
         log: called with progress lines.
 
     Raises:
-        ExportError: bad input (see `load_checkpoint`), or `out_dir` exists and `overwrite` is off.
+        ExportError: bad input (see `load_checkpoint`), or `out_dir` may not be written or replaced
+            (`check_output_folder`).
         ExportMismatchError: the verification failed.
     """
     log = log or (lambda message: None)
     if export_format not in EXPORT_FORMATS:
         raise ExportError(f"Unknown export format {export_format!r}; choose one of {', '.join(EXPORT_FORMATS)}.")
     torch_dtype = _parse_dtype(dtype)
+    if export_format != "gguf":
+        _parse_shard_size(max_shard_size)
     out_dir = Path(out_dir)
-    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())) and not overwrite:
-        raise ExportError(f"Output {str(out_dir)!r} already exists and is not empty; pass --overwrite or a new path.")
+    source = checkpoint.path if isinstance(checkpoint, LoadedCheckpoint) else Path(checkpoint)
+    check_output_folder(out_dir, source, overwrite)
     loaded = checkpoint if isinstance(checkpoint, LoadedCheckpoint) else load_checkpoint(checkpoint, tokenizer_path)
     if step is not None:
         loaded.step = step
     log(f"Loaded {loaded.kind} checkpoint {loaded.path} (step {loaded.step}).")
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = out_dir.parent / f"{out_dir.name}-partial-{os.getpid()}"
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir()
+    staging = Path(tempfile.mkdtemp(prefix=f"{out_dir.name}-partial-", dir=out_dir.parent))
     try:
         gguf_file = None
         if export_format == "hf":
@@ -751,14 +887,26 @@ def export_checkpoint(
             verification=dataclasses.asdict(verification) if verification else None,
             redact=redact,
         )
-        if out_dir.exists():
-            shutil.rmtree(out_dir) if out_dir.is_dir() else out_dir.unlink()
-        os.replace(staging, out_dir)
+        write_export_marker(staging)
+        _replace_folder(out_dir, staging, overwrite)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
     files = sorted(str(path.relative_to(out_dir)) for path in out_dir.rglob("*") if path.is_file())
     return ExportResult(out_dir, export_format, dtype, files, verification, gguf_file)
+
+
+def _replace_folder(out_dir: Path, staging: Path, overwrite: bool) -> None:
+    """Rename `staging` to `out_dir`; an existing `out_dir` is checked again (it may have changed during the export)
+    and moved aside before it is deleted, so a crash leaves one complete folder, never a half-deleted one."""
+    if not out_dir.exists() and not out_dir.is_symlink():
+        os.rename(staging, out_dir)
+        return
+    check_output_folder(out_dir, staging, overwrite)
+    trash = Path(tempfile.mkdtemp(prefix=f"{out_dir.name}-replaced-", dir=out_dir.parent))
+    os.rename(out_dir, trash / out_dir.name)
+    os.rename(staging, out_dir)
+    shutil.rmtree(trash)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -817,13 +965,16 @@ def register_cli(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--tokenizer", default=None, help="Tokenizer folder to publish instead of the checkpoint's.")
     parser.add_argument("--repo-id", default=None, help="Repo id used in the model card's usage snippet.")
     parser.add_argument("--eval-results", default=None, help="lm-evaluation-harness results JSON for the card.")
-    parser.add_argument("--overwrite", action="store_true", help="Replace OUT if it exists.")
+    parser.add_argument(
+        "--overwrite", action="store_true", help="Replace OUT if it holds an earlier export (and nothing else)."
+    )
     parser.set_defaults(func=_run_export)
 
 
 __all__ = [
     "CHECKPOINT_METADATA_FILE",
     "DEFAULT_TOLERANCE",
+    "EXPORT_MARKER_FILE",
     "EXPORT_DTYPES",
     "EXPORT_FORMATS",
     "ExportError",
@@ -831,6 +982,7 @@ __all__ = [
     "ExportResult",
     "LoadedCheckpoint",
     "VerificationResult",
+    "check_output_folder",
     "check_tokenizer_fits",
     "eos_token_ids",
     "export_checkpoint",

@@ -10,6 +10,7 @@ Layout (the "Training checkpoints" contract of docs/CONTRACTS.md):
         run_config.yaml     the resolved PretrainArguments
         config.json         the GenesisConfig
         tokenizer/          the tokenizer, so a checkpoint is usable on its own
+        checksums.json      SHA-256 of every shard file, written after the shards and checked before they are loaded
 
 Why it is built this way:
 
@@ -23,6 +24,12 @@ Why it is built this way:
 - The seed run once restored the weights without the AdamW state: the loss looked fine for ~50 steps, then diverged,
   and ~1,000 steps were lost. `load_training_checkpoint` refuses a checkpoint whose optimizer state is missing or
   does not match the model (`OptimizerStateError`) unless `allow_fresh_optimizer` is set.
+- A checkpoint counts only if it validates (`validate_checkpoint`): JSON files of the right structure, DCP metadata,
+  every shard present with its bytes, and (before loading) the shard checksums. Rotation, resume and export see only
+  such checkpoints, so a stub folder or a corrupted shard is skipped like a truncated one, never trusted.
+- DCP's `.metadata` is a pickle, and a checkpoint folder may come from anywhere (a copy, a download). It is read with
+  a restricted unpickler that builds only DCP's own metadata classes (`read_dcp_metadata`), for validation and for
+  loading alike (`SafeFileSystemReader`), so a planted `.metadata` cannot run code.
 
 Test hooks, read from the environment variable `GENESIS_HF_FAULT` (comma-separated `kind:STEP` or `kind:FIRST-LAST`,
 see `fault_steps`); never set it in a real run:
@@ -34,9 +41,12 @@ see `fault_steps`); never set it in a real run:
 """
 
 import base64
+import hashlib
+import io
 import json
 import logging
 import os
+import pickle
 import random
 import re
 import shutil
@@ -70,6 +80,7 @@ RNG_STATES_FILE = "rng_states.json"
 RUN_CONFIG_FILE = "run_config.yaml"
 MODEL_CONFIG_FILE = "config.json"
 DCP_METADATA_FILE = ".metadata"
+CHECKSUMS_FILE = "checksums.json"
 FAULT_ENV = "GENESIS_HF_FAULT"
 _STEP_DIR = re.compile(r"^step-(\d{7})$")
 _TMP_DIR = re.compile(r"^step-\d{7}\.tmp-")
@@ -143,36 +154,118 @@ def _step_dirs(output_dir: str | Path) -> list[tuple[int, Path]]:
     return sorted((step, path) for step, path in found if path.is_dir())
 
 
+def has_checkpoint_folders(output_dir: str | Path) -> bool:
+    """Whether `checkpoints/` holds any published `step-XXXXXXX` folder, intact or not."""
+    return bool(_step_dirs(output_dir))
+
+
 def list_checkpoints(output_dir: str | Path) -> list[CheckpointInfo]:
     """The complete checkpoints of a run, oldest first.
 
-    Only renamed folders (`step-XXXXXXX`) with a readable `trainer_state.json` count; interrupted saves
-    (`*.tmp-*`) and folders being deleted are ignored. Use `validate_checkpoint` to also check the shards.
+    Only renamed folders (`step-XXXXXXX`) that pass `validate_checkpoint` (structure, metadata, shard sizes; not the
+    checksums, which need every byte read) count; interrupted saves (`*.tmp-*`), folders being deleted and stubs are
+    ignored. Rotation decides on this list, so it never counts (or keeps in place of a good one) a broken folder.
 
     Args:
         output_dir: the run's output directory (the one holding `checkpoints/`).
     """
     found = []
     for step, path in _step_dirs(output_dir):
-        try:
-            state = read_trainer_state(path)
-        except (OSError, ValueError):
+        if validate_checkpoint(path) is not None:
             continue
+        state = read_trainer_state(path)
         found.append(
             CheckpointInfo(path=path, step=step, tokens_seen=state.get("tokens_seen"), loss=state.get("loss"))
         )
     return found
 
 
+# DCP's `.metadata` pickles only these (checked against torch 2.13): its dataclasses, torch.Size, dtypes, layouts and
+# the paths of the shard files. Anything else in a `.metadata` is refused before it is built.
+_DCP_METADATA_CLASSES = {
+    ("torch.distributed.checkpoint.metadata", name)
+    for name in (
+        "Metadata",
+        "MetadataIndex",
+        "StorageMeta",
+        "TensorProperties",
+        "TensorStorageMetadata",
+        "BytesStorageMetadata",
+        "ChunkStorageMetadata",
+        "_MEM_FORMAT_ENCODING",
+    )
+} | {
+    ("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
+    ("torch", "Size"),
+    ("torch.serialization", "_get_layout"),
+    ("pathlib", "PosixPath"),
+    ("pathlib", "PurePosixPath"),
+    ("pathlib", "WindowsPath"),
+    ("pathlib", "PureWindowsPath"),
+    ("collections", "OrderedDict"),
+}
+
+
+class _DCPMetadataUnpickler(pickle.Unpickler):
+    """Builds only DCP's metadata classes (and torch dtypes); any other global is an `UnpicklingError`."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) in _DCP_METADATA_CLASSES:
+            return super().find_class(module, name)
+        if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
+            return getattr(torch, name)
+        raise pickle.UnpicklingError(
+            f"{module}.{name} is not a DCP metadata class; this .metadata was not written by torch.distributed."
+            "checkpoint and is not loaded"
+        )
+
+
+def read_dcp_metadata(folder: str | Path):
+    """The DCP `Metadata` of a checkpoint folder, unpickled with only DCP's own classes allowed (never runs code).
+
+    Args:
+        folder: a DCP folder (`model/` or `optimizer/` of a checkpoint).
+
+    Raises:
+        pickle.UnpicklingError: the file references anything else, or is not DCP metadata.
+    """
+    from torch.distributed.checkpoint.metadata import Metadata
+
+    metadata = _DCPMetadataUnpickler(io.BytesIO((Path(folder) / DCP_METADATA_FILE).read_bytes())).load()
+    if not isinstance(metadata, Metadata):
+        raise pickle.UnpicklingError(f"it holds a {type(metadata).__name__}, not DCP Metadata")
+    return metadata
+
+
+def _safe_reader_class():
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.metadata import StorageMeta
+
+    class SafeFileSystemReader(FileSystemReader):
+        """DCP's file reader with `.metadata` read by `read_dcp_metadata` instead of a plain `pickle.load`."""
+
+        def read_metadata(self, *args: Any, **kwargs: Any):
+            metadata = read_dcp_metadata(self.path)
+            if getattr(metadata, "storage_meta", None) is None:
+                metadata.storage_meta = StorageMeta()
+            metadata.storage_meta.load_id = self.load_id
+            return metadata
+
+    return SafeFileSystemReader
+
+
+def safe_reader(folder: str | Path):
+    """A DCP storage reader for `folder` that unpickles its `.metadata` with `read_dcp_metadata`."""
+    return _safe_reader_class()(str(folder))
+
+
 def _dcp_problem(folder: Path) -> str | None:
     """Why the DCP checkpoint in `folder` is unreadable (missing metadata, missing or truncated shard), or `None`."""
-    from torch.distributed.checkpoint import FileSystemReader
-
     if not (folder / DCP_METADATA_FILE).is_file():
         return f"{folder.name}/{DCP_METADATA_FILE} is missing"
     try:
-        metadata = FileSystemReader(str(folder)).read_metadata()
-    except Exception as error:  # a truncated pickle raises anything from EOFError to UnpicklingError
+        metadata = read_dcp_metadata(folder)
+    except Exception as error:  # a truncated or planted pickle raises anything from EOFError to UnpicklingError
         return f"{folder.name}/{DCP_METADATA_FILE} is unreadable ({type(error).__name__}: {error})"
     needed: dict[str, int] = {}
     for storage in (metadata.storage_data or {}).values():
@@ -180,6 +273,8 @@ def _dcp_problem(folder: Path) -> str | None:
         needed[storage.relative_path] = max(needed.get(storage.relative_path, 0), end)
     for relative_path, size in sorted(needed.items()):
         shard = folder / relative_path
+        if not shard.resolve().is_relative_to(folder.resolve()):
+            return f"{folder.name}/{DCP_METADATA_FILE} names a shard outside the checkpoint ({relative_path!r})"
         if not shard.is_file():
             return f"shard {folder.name}/{relative_path} is missing"
         if shard.stat().st_size < size:
@@ -187,30 +282,111 @@ def _dcp_problem(folder: Path) -> str | None:
     return None
 
 
-def validate_checkpoint(path: str | Path) -> str | None:
+def _read_json_file(path: Path) -> tuple[Any, str | None]:
+    try:
+        with open(path) as handle:
+            return json.load(handle), None
+    except (OSError, ValueError) as error:
+        return None, f"{path.name} is missing or unreadable ({type(error).__name__})"
+
+
+def _is_count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _state_problem(path: Path, resumable: bool) -> str | None:
+    """What is structurally wrong with `trainer_state.json` and `rng_states.json` (parsing is not enough: `{}` and
+    `[]` parse), or `None`. `resumable` also requires what a resume reads: the scheduler and each rank's RNG state."""
+    state, problem = _read_json_file(path / TRAINER_STATE_FILE)
+    if problem:
+        return problem
+    if not isinstance(state, dict) or not _is_count(state.get("step")):
+        return f"{TRAINER_STATE_FILE} has no step count (it holds {str(state)[:60]!r})"
+    loader_states = state.get("data_loader_states")
+    if not isinstance(loader_states, list) or not loader_states:
+        return f"{TRAINER_STATE_FILE} has no data_loader_states list (one entry per rank)"
+    if resumable and not isinstance(state.get("scheduler"), dict):
+        return f"{TRAINER_STATE_FILE} has no scheduler state"
+    rng_states, problem = _read_json_file(path / RNG_STATES_FILE)
+    if problem:
+        return problem
+    if not isinstance(rng_states, list) or len(rng_states) != len(loader_states):
+        return f"{RNG_STATES_FILE} must list {len(loader_states)} rank state(s), it holds {str(rng_states)[:60]!r}"
+    needed = ("python", "numpy", "torch") if resumable else ()
+    if not all(isinstance(rank, dict) and all(key in rank for key in needed) for rank in rng_states):
+        return f"{RNG_STATES_FILE} has a rank entry without its python/numpy/torch generator states"
+    return None
+
+
+def _shard_files(path: Path) -> list[Path]:
+    return sorted(
+        file for part in (MODEL_DIR, OPTIMIZER_DIR) if (path / part).is_dir() for file in (path / part).iterdir()
+    )
+
+
+def _sha256(path: Path) -> str:
+    with open(path, "rb") as handle:
+        return hashlib.file_digest(handle, "sha256").hexdigest()
+
+
+def write_checksums(path: Path) -> None:
+    """Record the SHA-256 of every file of `model/` and `optimizer/` in `checksums.json` (rank 0, once the shards of
+    every rank are written, before the rename that makes the checkpoint visible)."""
+    sums = {file.relative_to(path).as_posix(): _sha256(file) for file in _shard_files(path) if file.is_file()}
+    _write_json(path / CHECKSUMS_FILE, sums)
+
+
+def checksum_problem(path: str | Path) -> str | None:
+    """Which shard's bytes differ from the checksum recorded at save, or `None` (also for checkpoints written before
+    checksums were recorded, which have no `checksums.json`)."""
+    path = Path(path)
+    if not (path / CHECKSUMS_FILE).exists():
+        return None
+    sums, problem = _read_json_file(path / CHECKSUMS_FILE)
+    if problem or not isinstance(sums, dict):
+        return problem or f"{CHECKSUMS_FILE} is not a mapping of file to SHA-256"
+    for relative_path, expected in sorted(sums.items()):
+        file = path / relative_path
+        if not file.resolve().is_relative_to(path.resolve()) or not file.is_file():
+            return f"{relative_path} (listed in {CHECKSUMS_FILE}) is missing"
+        if _sha256(file) != expected:
+            return f"{relative_path} is corrupted (its SHA-256 differs from the one recorded when it was saved)"
+    return None
+
+
+def validate_checkpoint(path: str | Path, *, checksums: bool = False, resumable: bool = False) -> str | None:
     """What is wrong with a checkpoint folder, or `None` if it is complete.
 
-    Checks the JSON/YAML files parse and every DCP shard that the metadata references exists with enough bytes. A
-    missing `optimizer/` is not reported here: that is a resume policy decision (`load_training_checkpoint`).
+    Checks `trainer_state.json` and `rng_states.json` have the structure the loaders read, `config.json` parses, and
+    every DCP shard that the metadata references exists with enough bytes (the metadata is read without running
+    code, see `read_dcp_metadata`). A missing `optimizer/` is not reported here: that is a resume policy decision
+    (`load_training_checkpoint`).
 
     Args:
         path: a `step-XXXXXXX` folder.
+        checksums: also read every shard and compare it with `checksums.json` (before loading it).
+        resumable: also require what a resume reads (scheduler state, every rank's generator states).
     """
     path = Path(path)
-    for name in (TRAINER_STATE_FILE, RNG_STATES_FILE, MODEL_CONFIG_FILE):
-        try:
-            with open(path / name) as handle:
-                json.load(handle)
-        except (OSError, ValueError) as error:
-            return f"{name} is missing or unreadable ({type(error).__name__})"
-    problem = _dcp_problem(path / MODEL_DIR)
+    problem = _state_problem(path, resumable)
+    if problem is None:
+        config, problem = _read_json_file(path / MODEL_CONFIG_FILE)
+        if problem is None and not isinstance(config, dict):
+            problem = f"{MODEL_CONFIG_FILE} is not a JSON object"
+    if problem is None:
+        problem = _dcp_problem(path / MODEL_DIR)
     if problem is None and (path / OPTIMIZER_DIR).exists():
         problem = _dcp_problem(path / OPTIMIZER_DIR)
+    if problem is None and checksums:
+        problem = checksum_problem(path)
     return problem
 
 
 def select_checkpoint(output_dir: str | Path) -> tuple[CheckpointInfo | None, list[str]]:
     """The newest complete and intact checkpoint of a run, and a warning for each newer one that was skipped.
+
+    Intact means `validate_checkpoint(path, checksums=True, resumable=True)`: a stub, a structurally wrong state file,
+    a truncated or a corrupted shard all fall back to the previous checkpoint.
 
     Args:
         output_dir: the run's output directory.
@@ -221,7 +397,7 @@ def select_checkpoint(output_dir: str | Path) -> tuple[CheckpointInfo | None, li
     skipped = []
     candidates = _step_dirs(output_dir)
     for step, path in reversed(candidates):
-        problem = validate_checkpoint(path)
+        problem = validate_checkpoint(path, checksums=True, resumable=True)
         if problem is None:
             state = read_trainer_state(path)
             return CheckpointInfo(path, step, state.get("tokens_seen"), state.get("loss")), skipped
@@ -458,6 +634,10 @@ class CheckpointManager:
 
         for name, part in state.items():
             dcp.save(part, checkpoint_id=str(staging_dir / name), process_group=self.group, no_dist=self.no_dist)
+        # Rank 0's DCP save returns once every rank's shards are written; hashing here keeps it off the training
+        # thread for async saves.
+        if self.is_main:
+            write_checksums(staging_dir)
 
     def poll(self) -> None:
         """Publish a finished background save (call once per step on every rank; only rank 0 does anything)."""
@@ -536,9 +716,7 @@ def _fsync_dir(path: Path) -> None:
 
 
 def _dcp_keys(folder: Path) -> dict[str, Any]:
-    from torch.distributed.checkpoint import FileSystemReader
-
-    return FileSystemReader(str(folder)).read_metadata().state_dict_metadata
+    return read_dcp_metadata(folder).state_dict_metadata
 
 
 def _optimizer_problems(folder: Path, optimizer_state: dict[str, Any], model_state: dict[str, Any]) -> list[str]:
@@ -628,7 +806,9 @@ def load_training_checkpoint(
     trainer_state = read_trainer_state(path)
     model_state = get_model_state_dict(model)
     no_dist = not dist.is_initialized()
-    dcp.load({"model": model_state}, checkpoint_id=str(path / MODEL_DIR), process_group=group, no_dist=no_dist)
+    dcp.load(
+        {"model": model_state}, storage_reader=safe_reader(path / MODEL_DIR), process_group=group, no_dist=no_dist
+    )
     set_model_state_dict(model, model_state)
 
     # The skeleton: get_optimizer_state_dict materialises AdamW's state with a zero-LR step, which changes nothing.
@@ -637,7 +817,7 @@ def load_training_checkpoint(
     if not problems:
         dcp.load(
             {"optimizer": optimizer_state},
-            checkpoint_id=str(path / OPTIMIZER_DIR),
+            storage_reader=safe_reader(path / OPTIMIZER_DIR),
             process_group=group,
             no_dist=no_dist,
         )
@@ -683,7 +863,7 @@ def load_model_from_checkpoint(path: str | Path, dtype: torch.dtype = torch.floa
     from genesis_hf import GenesisConfig, GenesisForCausalLM
 
     path = Path(path)
-    problem = validate_checkpoint(path)
+    problem = validate_checkpoint(path, checksums=True)
     if problem is not None:
         raise CheckpointError(f"Checkpoint {path} is not intact: {problem}.")
     config = GenesisConfig.from_json_file(path / MODEL_CONFIG_FILE)
@@ -695,7 +875,7 @@ def load_model_from_checkpoint(path: str | Path, dtype: torch.dtype = torch.floa
             state[key] = tensor
         elif not (key == "lm_head.weight" and config.tie_word_embeddings):
             raise CheckpointError(f"Checkpoint {path} has no weights for {key}; it was not written for this model.")
-    dcp.load({"model": state}, checkpoint_id=str(path / MODEL_DIR), no_dist=True)
+    dcp.load({"model": state}, storage_reader=safe_reader(path / MODEL_DIR), no_dist=True)
     model.load_state_dict(state, strict=False)
     if config.tie_word_embeddings:
         model.tie_weights()
@@ -711,10 +891,14 @@ __all__ = [
     "OptimizerStateError",
     "capture_rng_state",
     "check_model_config_compatible",
+    "checksum_problem",
+    "has_checkpoint_folders",
     "list_checkpoints",
     "load_model_from_checkpoint",
     "load_training_checkpoint",
+    "read_dcp_metadata",
     "restore_rng_state",
+    "safe_reader",
     "select_checkpoint",
     "validate_checkpoint",
 ]

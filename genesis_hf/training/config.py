@@ -10,8 +10,12 @@ it and the world size, so 1, 2 or 8 GPUs train on the same number of tokens per 
 """
 
 import dataclasses
+import difflib
 import importlib.util
+import inspect
 import json
+import math
+from pathlib import Path
 from typing import Any
 
 from genesis_hf.args import ConfigError
@@ -112,6 +116,13 @@ class PretrainArguments:
     allow_fresh_optimizer: bool = dataclasses.field(
         default=False, metadata=_help("Resume even if the checkpoint's AdamW state is missing (loud warning).")
     )
+    overwrite_output_dir: bool = dataclasses.field(
+        default=False,
+        metadata=_help(
+            "Start from step 0 in an output_dir that holds a previous run's results (final/, metrics.jsonl) but no "
+            "checkpoint; without it such a launch is refused."
+        ),
+    )
 
     # Validation and logging
     eval_steps: int = dataclasses.field(
@@ -142,8 +153,9 @@ class PretrainArguments:
 
     def __post_init__(self) -> None:
         self.model_overrides = parse_model_overrides(self.model_overrides)
-        for name in ("learning_rate", "min_learning_rate", "weight_decay", "max_grad_norm", "save_minutes"):
-            setattr(self, name, float(getattr(self, name)))
+        check_model_overrides(self.model_overrides)
+        self._check_floats()
+        self._check_tokenizer_path()
         positive = [
             "seq_len",
             "per_device_train_batch_size",
@@ -199,6 +211,42 @@ class PretrainArguments:
         if self.push_to_hub and not self.hub_model_id:
             raise ConfigError("push_to_hub=true needs hub_model_id (e.g. --hub_model_id your-name/genesis-tiny).")
 
+    def _check_floats(self) -> None:
+        # (name, lowest allowed, lowest is allowed itself, highest allowed or None, fix)
+        ranges = [
+            ("learning_rate", 0.0, False, None, "e.g. --learning_rate 6e-3"),
+            ("min_learning_rate", 0.0, True, None, "e.g. --min_learning_rate 3e-4"),
+            ("weight_decay", 0.0, True, None, "e.g. --weight_decay 0.1"),
+            ("max_grad_norm", 0.0, True, None, "0 disables clipping"),
+            ("save_minutes", 0.0, True, None, "0 disables wall-clock saves"),
+            ("adam_beta1", 0.0, True, 1.0, "AdamW needs 0 <= beta < 1, e.g. 0.9"),
+            ("adam_beta2", 0.0, True, 1.0, "AdamW needs 0 <= beta < 1, e.g. 0.95"),
+            ("adam_epsilon", 0.0, False, None, "e.g. --adam_epsilon 1e-8"),
+        ]
+        for name, lowest, inclusive, highest, fix in ranges:
+            value = getattr(self, name)
+            try:
+                number = float(value)
+            except (TypeError, ValueError):
+                raise ConfigError(f"{name}={value!r} is not a number; {fix}.") from None
+            below = number < lowest or (number == lowest and not inclusive)
+            if isinstance(value, bool) or not math.isfinite(number) or below or (highest and number >= highest):
+                bound = f"{'>=' if inclusive else '>'} {lowest:g}" + (f" and < {highest:g}" if highest else "")
+                raise ConfigError(f"{name}={value!r} must be a finite number {bound}; {fix}.")
+            setattr(self, name, number)
+
+    def _check_tokenizer_path(self) -> None:
+        value = self.tokenizer_name_or_path
+        # A Hub id is `name` or `org/name`; anything else is a local path, and a missing one is a typo, not a repo.
+        looks_local = value is not None and (
+            value.startswith((".", "/", "~")) or value.count("/") > 1 or "\\" in value
+        )
+        if looks_local and not Path(value).expanduser().exists():
+            raise ConfigError(
+                f"tokenizer_name_or_path={value!r} does not exist; pass the folder holding tokenizer.json (e.g. "
+                "outputs/tokenizer from `genesis-hf tokenizer train`), a Hub repo id, or null for the default."
+            )
+
     @property
     def trackers(self) -> list[str]:
         """`report_to` as a list; empty for `none`."""
@@ -225,6 +273,36 @@ def parse_model_overrides(value: str | dict | None) -> dict[str, Any]:
     if not isinstance(parsed, dict):
         raise ConfigError(f"model_overrides must be a JSON object of GenesisConfig fields, got {value!r}.")
     return parsed
+
+
+def model_override_keys() -> list[str]:
+    """The `GenesisConfig` fields `model_overrides` may set (its constructor's arguments and saved fields)."""
+    from genesis_hf import GenesisConfig
+    from genesis_hf.configuration_genesis import GENESIS_PRESETS
+
+    parameters = inspect.signature(GenesisConfig.__init__).parameters
+    keys = {name for name, parameter in parameters.items() if parameter.kind is not inspect.Parameter.VAR_KEYWORD}
+    keys |= set(GenesisConfig.from_preset("debug").to_dict()) | {
+        key for preset in GENESIS_PRESETS.values() for key in preset
+    }
+    return sorted(keys - {"self", "model_type", "transformers_version", "architectures", "_name_or_path"})
+
+
+def check_model_overrides(overrides: dict[str, Any]) -> None:
+    """Raise `ConfigError` for `model_overrides` keys that are no `GenesisConfig` field, with the closest match: a
+    misspelled key would otherwise be ignored by the model and written into config.json."""
+    if not overrides:
+        return
+    known = model_override_keys()
+    unknown = [key for key in overrides if key not in known]
+    if unknown:
+        hints = []
+        for key in unknown:
+            close = difflib.get_close_matches(key, known, n=1)
+            hints.append(f"{key!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+        raise ConfigError(
+            f"Unknown model_overrides key(s): {', '.join(hints)}. Valid GenesisConfig fields are: {', '.join(known)}."
+        )
 
 
 def resolve_gradient_accumulation(args: PretrainArguments, world_size: int) -> int:
@@ -273,4 +351,10 @@ def resolve_gradient_accumulation(args: PretrainArguments, world_size: int) -> i
     return accumulation
 
 
-__all__ = ["PretrainArguments", "parse_model_overrides", "resolve_gradient_accumulation"]
+__all__ = [
+    "PretrainArguments",
+    "check_model_overrides",
+    "model_override_keys",
+    "parse_model_overrides",
+    "resolve_gradient_accumulation",
+]

@@ -19,6 +19,7 @@ import logging
 import math
 import os
 import shutil
+import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -38,6 +39,8 @@ logger = logging.getLogger(__name__)
 
 METRICS_FILE = "metrics.jsonl"
 FINAL_DIR = "final"
+# Written into `final/` by `export_final`: the proof that the folder is this trainer's output and may be replaced.
+FINAL_MARKER_FILE = "training_checkpoint.json"
 
 
 class NonFiniteLossError(RuntimeError):
@@ -127,7 +130,15 @@ def build_tokenizer(args: PretrainArguments, config, accelerator):
         if args.tokenizer_name_or_path is None:
             tokenizer = default_tokenizer(config.vocab_size)
         else:
-            tokenizer = AutoTokenizer.from_pretrained(args.tokenizer_name_or_path)
+            try:
+                tokenizer = AutoTokenizer.from_pretrained(args.tokenizer_name_or_path)
+            except (OSError, ValueError) as error:
+                reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+                raise ConfigError(
+                    f"Cannot load tokenizer_name_or_path={args.tokenizer_name_or_path!r}: it is not a local folder "
+                    f"with a tokenizer, and loading it as a Hub repo id failed ({reason}). Pass the folder holding "
+                    "tokenizer.json, or an existing Hub repo id."
+                ) from None
     if len(tokenizer) > config.vocab_size:
         raise ConfigError(
             f"The tokenizer ({args.tokenizer_name_or_path or 'default_tokenizer'}) has {len(tokenizer):,} tokens but "
@@ -210,7 +221,15 @@ class MetricsLogger:
     """
 
     def __init__(
-        self, path: Path, accelerator, *, max_steps: int, initial_step: int, logging_steps: int, disable_tqdm: bool
+        self,
+        path: Path,
+        accelerator,
+        *,
+        max_steps: int,
+        initial_step: int,
+        logging_steps: int,
+        disable_tqdm: bool,
+        resumed_from: Path | None = None,
     ):
         from tqdm.auto import tqdm
 
@@ -221,6 +240,12 @@ class MetricsLogger:
         if self.is_main:
             path.parent.mkdir(parents=True, exist_ok=True)
             _drop_partial_last_line(path)
+            if path.is_file() and path.stat().st_size:
+                # Records of an earlier launch are already here: say where this launch starts, so that a reader never
+                # mistakes a resume (or a fresh start with --overwrite_output_dir) for one continuous run.
+                restart = {"event": "restart", "step": initial_step, "time": time.time()}
+                restart["resumed_from"] = str(resumed_from) if resumed_from is not None else None
+                self._append(restart)
         self.progress = tqdm(
             total=max_steps,
             initial=initial_step,
@@ -229,11 +254,14 @@ class MetricsLogger:
             unit="step",
         )
 
+    def _append(self, record: dict[str, Any]) -> None:
+        with open(self.path, "a") as handle:
+            handle.write(json.dumps(json_safe_record(record), allow_nan=False) + "\n")
+
     def log_step(self, record: dict[str, Any]) -> None:
         step = record["step"]
         if self.is_main:
-            with open(self.path, "a") as handle:
-                handle.write(json.dumps(record) + "\n")
+            self._append(record)
             self.progress.update(step - self.progress.n)
             self.progress.set_postfix(
                 loss=f"{record['loss'] or math.nan:.4f}", lr=f"{record['lr']:.2e}", refresh=False
@@ -246,6 +274,15 @@ class MetricsLogger:
 
     def close(self) -> None:
         self.progress.close()
+
+
+def json_safe_record(record: dict[str, Any]) -> dict[str, Any]:
+    """`record` with every non-finite float (top level) as `null` and `"nonfinite": [those keys]`: NaN and Infinity are
+    not JSON, and a reader must be able to tell a missing value from a diverged one."""
+    nonfinite = [key for key, value in record.items() if isinstance(value, float) and not math.isfinite(value)]
+    if not nonfinite:
+        return record
+    return {**{key: None if key in nonfinite else value for key, value in record.items()}, "nonfinite": nonfinite}
 
 
 def _is_scalar(value: Any) -> bool:
@@ -264,6 +301,60 @@ def _drop_partial_last_line(path: Path) -> None:
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Setup and resume
+
+
+def _last_logged_step(metrics_path: Path) -> int | None:
+    step = None
+    with open(metrics_path, "rb") as handle:
+        for line in handle:
+            try:
+                record = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(record, dict) and isinstance(record.get("step"), int) and "event" not in record:
+                step = record["step"]
+    return step
+
+
+def check_output_dir(args: PretrainArguments) -> None:
+    """Refuse, before any setup, an `output_dir` whose contents this run would destroy.
+
+    A file is not a folder; a `final/` that `export_final` did not write (no `training_checkpoint.json`) would be
+    replaced at the end; and results of an earlier run (`final/`, `metrics.jsonl`) with no checkpoint to resume from
+    would be silently overwritten by a run from step 0, unless `overwrite_output_dir` says so.
+
+    Raises:
+        ConfigError: naming the path, what is there, and the fix.
+    """
+    output_dir = Path(args.output_dir)
+    if output_dir.exists() and not output_dir.is_dir():
+        raise ConfigError(
+            f"output_dir={str(output_dir)!r} is a file, not a folder; pass --output_dir with a folder path (it is "
+            "created)."
+        )
+    final_dir = output_dir / FINAL_DIR
+    if final_dir.is_symlink() or (final_dir.exists() and not (final_dir / FINAL_MARKER_FILE).is_file()):
+        kind = "a symlink" if final_dir.is_symlink() else f"a folder without {FINAL_MARKER_FILE}"
+        raise ConfigError(
+            f"{final_dir} is {kind}: genesis-hf did not write it, and the run's final export would replace it. Move "
+            "it elsewhere, or pass a new --output_dir."
+        )
+    if args.resume_from_checkpoint is not None or ckpt.has_checkpoint_folders(output_dir):
+        return  # resumed (or refused by select_checkpoint when none is intact)
+    results = []
+    if final_dir.exists():
+        results.append(f"{FINAL_DIR}/")
+    metrics_path = output_dir / METRICS_FILE
+    if metrics_path.is_file() and metrics_path.stat().st_size:
+        last = _last_logged_step(metrics_path)
+        results.append(f"{METRICS_FILE}" + (f" (up to step {last})" if last is not None else ""))
+    if results and not args.overwrite_output_dir:
+        raise ConfigError(
+            f"output_dir={str(output_dir)!r} holds a previous run's results ({', '.join(results)}) but no checkpoint "
+            "to resume from: this launch would start again from step 0 and replace them. Pass a new --output_dir, "
+            "or --resume_from_checkpoint PATH, or --overwrite_output_dir true to start afresh (metrics.jsonl keeps "
+            f"the old records and marks the restart; {FINAL_DIR}/ is replaced at the end)."
+        )
 
 
 def setup_run(
@@ -333,6 +424,7 @@ def setup_run(
         initial_step=run.state.step,
         logging_steps=args.logging_steps,
         disable_tqdm=args.disable_tqdm,
+        resumed_from=resume_from.path if resume_from is not None else None,
     )
     _log_summary(run, config, fsdp, resume_from)
     return run
@@ -345,7 +437,7 @@ def _choose_checkpoint(args: PretrainArguments, accelerator) -> ckpt.CheckpointI
         try:
             if args.resume_from_checkpoint is not None:
                 path = Path(args.resume_from_checkpoint)
-                problem = ckpt.validate_checkpoint(path)
+                problem = ckpt.validate_checkpoint(path, checksums=True, resumable=True)
                 if problem is not None:
                     raise ckpt.CheckpointError(f"--resume_from_checkpoint {path} is not usable: {problem}.")
                 state = ckpt.read_trainer_state(path)
@@ -429,7 +521,7 @@ def resume(run: Run, info: ckpt.CheckpointInfo) -> None:
 
 # Arguments that may differ between launches without changing the run itself.
 _LAUNCH_ONLY_ARGUMENTS = {
-    "output_dir", "resume_from_checkpoint", "allow_fresh_optimizer", "max_steps", "disable_tqdm", "report_to",
+    "output_dir", "resume_from_checkpoint", "allow_fresh_optimizer", "overwrite_output_dir", "max_steps", "disable_tqdm", "report_to",
     "run_name", "save_steps", "save_minutes", "save_total_limit", "milestone_steps", "async_save", "logging_steps",
     "push_to_hub", "hub_model_id", "consumer_gpu_env", "eval_steps",
 }  # fmt: skip
@@ -588,9 +680,6 @@ def step_record(run: Run, elapsed: float) -> dict[str, Any]:
         "step_time": elapsed,
         "skipped_steps": state.skipped_steps,
     }
-    if not math.isfinite(state.loss) or not math.isfinite(state.grad_norm):
-        # NaN and Infinity are not JSON; the flag says why the values are missing.
-        record.update(nonfinite=True, loss=_finite_or_none(state.loss), grad_norm=_finite_or_none(state.grad_norm))
     if run.fresh_optimizer:
         record["fresh_optimizer"] = True
     if state.step % args.logging_steps == 0:
@@ -598,13 +687,9 @@ def step_record(run: Run, elapsed: float) -> dict[str, Any]:
     return record
 
 
-def _finite_or_none(value: float) -> float | None:
-    return value if math.isfinite(value) else None
-
-
 def nonfinite_report(run: Run) -> str:
     state, args = run.state, run.args
-    good = ckpt.list_checkpoints(args.output_dir)
+    good = [info for info in ckpt.list_checkpoints(args.output_dir) if ckpt.checksum_problem(info.path) is None]
     return (
         f"Stopping: {state.consecutive_nonfinite} consecutive steps (up to step {state.step}) had a non-finite loss "
         f"or gradient norm (max_consecutive_nonfinite={args.max_consecutive_nonfinite}); each was skipped without "
@@ -655,23 +740,33 @@ def save_checkpoint(run: Run) -> None:
 def export_final(output_dir: Path, checkpoint_path: Path) -> Path:
     """Write `<output_dir>/final/` (save_pretrained model + tokenizer) from a sharded checkpoint, in this process.
 
-    Reads the shards from disk instead of gathering them over the network; the folder is swapped in atomically.
+    Reads the shards from disk instead of gathering them over the network; the folder is swapped in atomically. An
+    existing `final/` is replaced only if it holds `training_checkpoint.json` (written here); anything else there is
+    the user's and stops the export (`check_output_dir` refuses it before training).
+
+    Raises:
+        ConfigError: `final/` exists and was not written by this function.
     """
+    final_dir = output_dir / FINAL_DIR
+    if final_dir.is_symlink() or (final_dir.exists() and not (final_dir / FINAL_MARKER_FILE).is_file()):
+        raise ConfigError(f"{final_dir} was not written by genesis-hf; move it elsewhere and relaunch to export.")
     model, tokenizer, _ = ckpt.load_model_from_checkpoint(checkpoint_path)
     dtype = model.config.dtype
     dtype = getattr(torch, str(dtype).removeprefix("torch.")) if dtype is not None else torch.float32
-    final_dir = output_dir / FINAL_DIR
-    staging = output_dir / f"{FINAL_DIR}.tmp-{os.getpid()}"
-    shutil.rmtree(staging, ignore_errors=True)
-    model.to(dtype).save_pretrained(staging)
-    tokenizer.save_pretrained(staging)
-    with open(staging / "training_checkpoint.json", "w") as handle:
-        json.dump({"checkpoint": str(checkpoint_path)}, handle)
-    if final_dir.exists():
-        old = output_dir / f"{FINAL_DIR}.old-{os.getpid()}"
-        os.rename(final_dir, old)
-        shutil.rmtree(old)
-    os.rename(staging, final_dir)
+    staging = Path(tempfile.mkdtemp(prefix=f"{FINAL_DIR}.tmp-", dir=output_dir))
+    try:
+        model.to(dtype).save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        with open(staging / FINAL_MARKER_FILE, "w") as handle:
+            json.dump({"checkpoint": str(checkpoint_path)}, handle)
+        if final_dir.exists():
+            old = Path(tempfile.mkdtemp(prefix=f"{FINAL_DIR}.old-", dir=output_dir))
+            os.rename(final_dir, old / FINAL_DIR)
+            shutil.rmtree(old)
+        os.rename(staging, final_dir)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
     return final_dir
 
 
@@ -689,6 +784,7 @@ def run_pretraining(
         CheckpointError: no intact checkpoint to resume, or a missing optimizer state (`OptimizerStateError`).
         NonFiniteLossError: `max_consecutive_nonfinite` skipped steps in a row.
     """
+    check_output_dir(args)
     accelerator = distributed.build_accelerator(
         mixed_precision="bf16" if args.bf16 else None,
         log_with=args.trackers,
@@ -718,9 +814,12 @@ def run_pretraining(
         run.loader.close()
     distributed.barrier()
     final_dir = None
-    checkpoints = ckpt.list_checkpoints(args.output_dir)
-    if accelerator.is_main_process and checkpoints:
-        final_dir = export_final(Path(args.output_dir), checkpoints[-1].path)
+    if accelerator.is_main_process and ckpt.has_checkpoint_folders(args.output_dir):
+        # The newest checkpoint that validates with its checksums; a stub or corrupted newer one is skipped, loudly.
+        newest, warnings = ckpt.select_checkpoint(args.output_dir)
+        for warning in warnings:
+            logger.warning(warning)
+        final_dir = export_final(Path(args.output_dir), newest.path)
         logger.info("Done at step %d (loss %s); model and tokenizer in %s.", run.state.step, run.state.loss, final_dir)
         # With push_to_hub, the pusher has put every checkpoint on its branch and the newest (this one) on main.
     distributed.barrier()
@@ -735,6 +834,7 @@ __all__ = [
     "build_model_config",
     "build_optimizer",
     "build_tokenizer",
+    "check_output_dir",
     "export_final",
     "run_pretraining",
     "train",
