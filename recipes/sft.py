@@ -81,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
     logger.info("Skipped rows: %s. Longer than max_length: %d (%s).", skipped.describe(), overlong, data_args.overlong)
 
     callbacks = [MetricsJsonlCallback()]
-    peft_config = lora_config(model_args, setup)
+    peft_config = lora_config(model_args, setup, tied_embeddings=model.config.tie_word_embeddings)
     if pusher is not None and peft_config is None:
         callbacks.append(CheckpointEventsCallback([pusher.submit]))
     trainer = SFTTrainer(

@@ -126,12 +126,17 @@ def chat_model(name_or_path: str | None, **load_kwargs):
     return model, tokenizer, setup, source
 
 
-def lora_config(model_args, setup: ChatSetup):
+def lora_config(model_args, setup: ChatSetup, *, tied_embeddings: bool = True):
     """A `peft.LoraConfig` from TRL's `ModelConfig` fields, with the Genesis defaults filled in.
 
     `lora_target_modules` defaults to every linear projection of the blocks. When the chat setup added tokens, the
     embeddings and the head are trained and saved in full (`modules_to_save`): the new rows start at the mean and must
-    learn, and with tied embeddings the head is the embedding matrix.
+    learn, and with tied embeddings the head is the embedding matrix (kept tied, `ensure_weight_tying`).
+
+    Args:
+        model_args: TRL's `ModelConfig` (`use_peft`, `lora_r`, `lora_alpha`, `lora_target_modules`, ...).
+        setup: the chat setup, which says whether tokens were added.
+        tied_embeddings: the model's `config.tie_word_embeddings`.
     """
     from trl import get_peft_config
 
@@ -142,14 +147,21 @@ def lora_config(model_args, setup: ChatSetup):
         config.target_modules = set(LORA_TARGET_MODULES)
     if setup.added_tokens and not model_args.lora_modules_to_save:
         config.modules_to_save = ["embed_tokens", "lm_head"]
+    # Trained copies of tied embeddings would drift apart, and a saved tied model keeps only one of them: the merged
+    # model would not reproduce base + adapter. PEFT keeps the copies tied.
+    config.ensure_weight_tying = tied_embeddings
     return config
 
 
 def merge_lora(peft_model):
-    """The base model with the adapter's weights added in (a new plain model; `peft_model` is left usable)."""
+    """The base model with the adapter's weights added in, in eval mode (a new plain model; `peft_model` stays usable).
+
+    `peft_model` is put in eval mode first: a copy taken in train mode keeps LoRA's dropout active after merging.
+    """
     import copy
 
-    return copy.deepcopy(peft_model).merge_and_unload()
+    peft_model.eval()
+    return copy.deepcopy(peft_model).merge_and_unload().eval()
 
 
 __all__ = [

@@ -2,6 +2,8 @@
 code and the chat template), `<output_dir>/adapter` for LoRA runs, and `metrics.jsonl` (see `callbacks`).
 """
 
+import os
+import shutil
 from pathlib import Path
 
 import torch
@@ -16,7 +18,8 @@ def final_model(trainer, output_dir: str | Path):
     """The trained model as a plain fp32 model; a LoRA adapter is saved to `<output_dir>/adapter` and merged in."""
     from peft import PeftModel
 
-    model = trainer.accelerator.unwrap_model(trainer.model)
+    # keep_fp32_wrapper=False: Accelerate patches `forward` on the instance, and a copy would keep calling the original.
+    model = trainer.accelerator.unwrap_model(trainer.model, keep_fp32_wrapper=False)
     if isinstance(model, PeftModel):
         if trainer.accelerator.is_main_process:
             model.save_pretrained(Path(output_dir) / ADAPTER_DIR)
@@ -44,11 +47,21 @@ def write_final(model, tokenizer, output_dir: str | Path, *, step: int, loss: fl
         dtype: weights dtype of the export (`fp32`, `bf16`).
     """
     # The exporter belongs to the later publish stage; imported here, at the end of the run, as pretraining does.
-    from genesis_hf.publish.export import LoadedCheckpoint, export_checkpoint
+    from genesis_hf.publish.export import CHECKPOINT_METADATA_FILE, LoadedCheckpoint, export_checkpoint
 
     output_dir = Path(output_dir)
-    loaded = LoadedCheckpoint(model=model, tokenizer=tokenizer, path=output_dir, kind="hf", step=step, loss=loss)
-    return export_checkpoint(loaded, output_dir / FINAL_DIR, dtype=dtype, overwrite=True).out_dir
-
-
-__all__ = ["ADAPTER_DIR", "FINAL_DIR", "final_model", "last_loss", "write_final"]
+    final_dir = output_dir / FINAL_DIR
+    if final_dir.exists() and not (final_dir / CHECKPOINT_METADATA_FILE).is_file():
+        raise FileExistsError(
+            f"{final_dir} exists and was not written by a genesis_hf export; move it away or pick another output_dir."
+        )
+    # The exporter refuses to write inside a run folder, so it writes next to it and the finished, verified folder is
+    # renamed into place. `path` points at final/ so that the model card finds the run's metrics.jsonl.
+    staging = output_dir.parent / f".{output_dir.name}-final-{os.getpid()}"
+    loaded = LoadedCheckpoint(model=model, tokenizer=tokenizer, path=final_dir, kind="hf", step=step, loss=loss)
+    export_checkpoint(loaded, staging, dtype=dtype, overwrite=True)
+    if final_dir.exists():
+        # An earlier final/ of this output_dir (a rerun): replaced only once the new one is complete and verified.
+        shutil.rmtree(final_dir)
+    os.replace(staging, final_dir)
+    return final_dir

@@ -1,0 +1,104 @@
+"""Direct preference optimisation of a Genesis chat model with TRL's `DPOTrainer`.
+
+The CPU default (a few minutes) on the embedded preference pairs, after `recipes/sft.py`, with
+`recipes/configs/dpo/genesis-tiny.yaml` as defaults:
+
+    .venv/bin/accelerate launch recipes/dpo.py --model_name_or_path outputs/sft-tiny/final
+
+On the constitution pipeline's pairs (chosen = the revision, rejected = the original): add
+`--dataset_name outputs/constitution/dpo.jsonl`. Genesis 1B on 2x RTX 4090:
+
+    accelerate launch --config_file accelerate_configs/fsdp2-2x4090-pcie.yaml recipes/dpo.py \
+        --config recipes/configs/dpo/genesis-1b.yaml
+
+The reference model is the starting model after the chat setup (same resized vocabulary), or with `--use_peft true`
+the LoRA adapter's disabled base. Every key is a field of TRL's `DPOConfig` or `ModelConfig` or of
+`genesis_hf.posttrain.config.DPODataArguments`. Outputs as `recipes/sft.py`: `final/`, `metrics.jsonl` (with
+`rewards/margins` and `rewards/accuracies`), `adapter/` with LoRA, per-checkpoint Hub branches with `--push_to_hub`.
+"""
+
+import copy
+import logging
+import sys
+from pathlib import Path
+
+from trl import DPOConfig, DPOTrainer, ModelConfig
+
+from genesis_hf.posttrain.callbacks import CheckpointEventsCallback, MetricsJsonlCallback
+from genesis_hf.posttrain.config import DPODataArguments, hub_push_settings, parse_recipe_args
+from genesis_hf.posttrain.data import build_preference_dataset
+from genesis_hf.posttrain.model import chat_model, lora_config
+from genesis_hf.posttrain.outputs import final_model, last_loss, write_final
+
+DEFAULT_CONFIG = Path(__file__).resolve().parent / "configs" / "dpo" / "genesis-tiny.yaml"
+logger = logging.getLogger("genesis_hf.dpo")
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%X")
+    try:
+        data_args, training_args, model_args = parse_recipe_args(
+            (DPODataArguments, DPOConfig, ModelConfig), argv, DEFAULT_CONFIG
+        )
+        push = hub_push_settings(training_args)
+        # Data first: a bad pair stops the run before any model is loaded.
+        dataset, skipped = build_preference_dataset(
+            data_args.dataset_name,
+            on_bad_example=data_args.on_bad_example,
+            config=data_args.dataset_config,
+            split=data_args.dataset_train_split,
+        )
+        model, tokenizer, setup, source = chat_model(
+            model_args.model_name_or_path,
+            revision=model_args.model_revision,
+            dtype=model_args.dtype,
+            attn_implementation=model_args.attn_implementation,
+        )
+        pusher = _pusher(push, training_args)
+    # ConfigError and ConversationError are ValueErrors, as are TRL's own argument checks.
+    except ValueError as error:
+        print(f"recipes/dpo.py: error: {error}", file=sys.stderr, flush=True)
+        return 1
+    logger.info("Starting from %s. %s", source, setup.describe())
+    logger.info("%d preference pairs; skipped: %s.", len(dataset), skipped.describe())
+
+    peft_config = lora_config(model_args, setup, tied_embeddings=model.config.tie_word_embeddings)
+    # TRL would reload the reference from model_name_or_path, without the chat tokens just added (an IndexError);
+    # the reference is this model as it starts. With LoRA the adapter's disabled base is the reference.
+    ref_model = None if peft_config is not None else copy.deepcopy(model).eval()
+    callbacks = [MetricsJsonlCallback()]
+    if pusher is not None and peft_config is None:
+        callbacks.append(CheckpointEventsCallback([pusher.submit]))
+    trainer = DPOTrainer(
+        model=model,
+        ref_model=ref_model,
+        args=training_args,
+        train_dataset=dataset,
+        processing_class=tokenizer,
+        peft_config=peft_config,
+        callbacks=callbacks,
+    )
+    trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    model = final_model(trainer, training_args.output_dir)
+    if trainer.accelerator.is_main_process:
+        final_dir = write_final(model, tokenizer, training_args.output_dir, step=trainer.state.global_step,
+                                loss=last_loss(trainer), dtype="bf16" if training_args.bf16 else "fp32")
+        logger.info("Aligned model in %s.", final_dir)
+        if pusher is not None:
+            pusher.submit(final_dir, trainer.state.global_step)
+            pusher.close()
+    trainer.accelerator.wait_for_everyone()
+    trainer.accelerator.end_training()
+    return 0
+
+
+def _pusher(push: dict, training_args):
+    from types import SimpleNamespace
+
+    from genesis_hf.publish.push import pusher_for_run
+
+    return pusher_for_run(SimpleNamespace(**push), is_main_process=training_args.process_index == 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
