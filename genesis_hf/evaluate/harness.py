@@ -1,0 +1,324 @@
+"""Run lm-evaluation-harness on any Genesis model: find what MODEL is, gate it, evaluate it, save the results.
+
+MODEL may be a training checkpoint (exported on the fly, with `genesis-hf export`'s verification, to a temporary
+folder), a run's output folder (its newest checkpoint, or the model a TRL trainer saved at its root), an exported
+folder (hf with remote code, or plain llama), a GGUF file, or a Hub repo `owner/name[@revision]`. The harness loads
+it through its own `HFLM` (`--model hf`) with the same `model_args` the seed's `lm_eval` command line would use, so
+the two give the same numbers.
+"""
+
+import dataclasses
+import json
+import math
+import re
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import yaml
+
+from genesis_hf.evaluate.sanity import SanityReport, run_sanity_gate
+from genesis_hf.evaluate.tasks import PACKAGED_TASKS_DIR
+
+CHECKPOINT_METADATA_FILE = "genesis_checkpoint.json"  # written next to every export by genesis_hf.publish.export
+_RUN_FILES_DEPTH = 3  # a checkpoint's run files sit in it, its parent or its grandparent (checkpoints/step-X)
+
+
+class EvalError(ValueError):
+    """MODEL or an argument cannot be evaluated; the message names the value and the fix."""
+
+
+@dataclasses.dataclass
+class EvalTarget:
+    """What `MODEL` resolved to: how lm-eval's `HFLM` should load it, and what is known about its training run."""
+
+    source: str
+    kind: str  # training-checkpoint, hf, llama, gguf, hub
+    pretrained: str
+    revision: str | None = None
+    gguf_file: str | None = None
+    trust_remote_code: bool = False
+    step: int | None = None
+    tokens_seen: int | None = None
+    recorded_loss: float | None = None
+    recorded_loss_kind: str | None = None
+    mixture: str | None = None
+
+    def model_args(self, dtype: str) -> str:
+        """The `--model_args` string of the `lm_eval` CLI that loads this model the same way."""
+        args = [f"pretrained={self.pretrained}", f"dtype={dtype}"]
+        if self.revision:
+            args.append(f"revision={self.revision}")
+        if self.gguf_file:
+            args.append(f"gguf_file={self.gguf_file}")
+        if self.trust_remote_code:
+            args.append("trust_remote_code=True")
+        return ",".join(args)
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        return {}
+    return value if isinstance(value, dict) else {}
+
+
+def _run_metadata(target: EvalTarget, folder: Path) -> EvalTarget:
+    """Fill step, tokens seen, recorded loss and the data mixture from the files a run leaves next to its model."""
+    state = {**_read_json(folder / "trainer_state.json"), **_read_json(folder / CHECKPOINT_METADATA_FILE)}
+    history = [entry for entry in state.get("log_history") or [] if isinstance(entry, dict)]  # TRL's trainer_state
+    target.step = state.get("step", state.get("global_step"))
+    target.tokens_seen = state.get("tokens_seen")
+    for kind in ("eval_loss", "loss"):
+        value = state.get(kind)
+        if value is None:
+            value = next((entry[kind] for entry in reversed(history) if kind in entry), None)
+        if isinstance(value, (int, float)) and math.isfinite(value):
+            target.recorded_loss, target.recorded_loss_kind = float(value), kind
+            break
+    for directory in [folder, *folder.parents][:_RUN_FILES_DEPTH]:
+        if (directory / "run_config.yaml").is_file():
+            run_config = yaml.safe_load((directory / "run_config.yaml").read_text(encoding="utf-8")) or {}
+            mixture = run_config.get("mixture") if isinstance(run_config, dict) else None
+            target.mixture = mixture if isinstance(mixture, str) and not run_config.get("tokenized_dir") else None
+            break
+    return target
+
+
+def _export_training_checkpoint(checkpoint: Path, workdir: Path, dtype: str, log: Callable[[str], None]) -> Path:
+    # The verified export (publish stage) is the one way a training checkpoint becomes a loadable folder; imported here
+    # only, so the evaluate stage does not depend on publishing otherwise.
+    from genesis_hf.publish.export import ExportError, export_checkpoint
+
+    out_dir = workdir / "export"
+    try:
+        export_checkpoint(checkpoint, out_dir, export_format="hf", dtype=dtype, log=log)
+    except ExportError as error:
+        raise EvalError(f"Could not export training checkpoint {str(checkpoint)!r} for evaluation: {error}") from None
+    return out_dir
+
+
+def is_training_checkpoint(path: Path) -> bool:
+    """A training checkpoint holds `trainer_state.json` and DCP shards under `model/`, no safetensors weights."""
+    return (
+        (path / "trainer_state.json").is_file() and (path / "model").is_dir() and not any(path.glob("*.safetensors"))
+    )
+
+
+def resolve_target(model: str, workdir: Path, *, export_dtype: str, log: Callable[[str], None]) -> EvalTarget:
+    """Find out what `model` is and how to load it (exporting a training checkpoint into `workdir`).
+
+    Args:
+        model: a checkpoint, run folder, model folder, GGUF file or `owner/name[@revision]`.
+        workdir: a temporary folder for an on-the-fly export.
+        export_dtype: `fp32` or `bf16`, for an on-the-fly export.
+        log: called with progress lines.
+    """
+    path = Path(model)
+    if path.is_file() and path.suffix == ".gguf":
+        target = EvalTarget(model, "gguf", str(path.parent.resolve()), gguf_file=path.name)
+        return _run_metadata(target, path.parent)
+    if path.is_dir():
+        from genesis_hf.training.checkpoint import list_checkpoints
+
+        if not (path / "config.json").is_file() and (path / "checkpoints").is_dir():
+            checkpoints = list_checkpoints(path)
+            if not checkpoints:
+                raise EvalError(f"Run folder {model!r} has no complete checkpoint yet (checkpoints/ is empty).")
+            log(f"{model}: evaluating its newest checkpoint, {checkpoints[-1].path.name}.")
+            path = checkpoints[-1].path
+        if is_training_checkpoint(path):
+            folder = _export_training_checkpoint(path, workdir, export_dtype, log)
+            target = EvalTarget(model, "training-checkpoint", str(folder), trust_remote_code=True)
+            target = _run_metadata(target, folder)
+            return _run_metadata(target, path) if target.mixture is None else target
+        if (path / "config.json").is_file():
+            config = _read_json(path / "config.json")
+            kind = "llama" if config.get("model_type") == "llama" else "hf"
+            target = EvalTarget(model, kind, str(path.resolve()), trust_remote_code=bool(config.get("auto_map")))
+            return _run_metadata(target, path)
+        ggufs = sorted(path.glob("*.gguf"))
+        if len(ggufs) == 1:
+            return resolve_target(str(ggufs[0]), workdir, export_dtype=export_dtype, log=log)
+        raise EvalError(
+            f"{model!r} is a folder but not a model: no config.json, no checkpoints/ and not exactly one .gguf file. "
+            "Pass a training checkpoint (<output_dir>/checkpoints/step-XXXXXXX), an exported folder or a GGUF file."
+        )
+    repo_id, _, revision = model.partition("@")
+    if re.fullmatch(r"[\w.-]+/[\w.-]+", repo_id):
+        return EvalTarget(model, "hub", repo_id, revision=revision or None, trust_remote_code=True)
+    raise EvalError(
+        f"MODEL {model!r} does not exist locally and is not a Hub repo id (owner/name or owner/name@revision). Pass "
+        "a training checkpoint, a run or model folder, a .gguf file, or a Hub repo."
+    )
+
+
+def load_for_gate(target: EvalTarget, device: str):
+    """The model (fp32) and tokenizer exactly as `HFLM` will load them, for the sanity gate."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    kwargs = {
+        "revision": target.revision,
+        "trust_remote_code": target.trust_remote_code,
+        "gguf_file": target.gguf_file,
+    }
+    kwargs = {key: value for key, value in kwargs.items() if value}
+    model = AutoModelForCausalLM.from_pretrained(target.pretrained, dtype=torch.float32, **kwargs).to(device).eval()
+    tokenizer = AutoTokenizer.from_pretrained(target.pretrained, **kwargs)
+    return model, tokenizer
+
+
+def sanity_check(target: EvalTarget, device: str, log: Callable[[str], None]) -> SanityReport:
+    model, tokenizer = load_for_gate(target, device)
+    try:
+        return run_sanity_gate(
+            model,
+            tokenizer,
+            recorded_loss=target.recorded_loss,
+            recorded_loss_kind=target.recorded_loss_kind or "loss",
+            mixture=target.mixture,
+            log=log,
+        )
+    finally:
+        del model
+
+
+def task_leaves(index: dict, name: str) -> list[str]:
+    """The task names a task, group or tag stands for, in lm-eval's task index."""
+    entry = index.get(name)
+    if entry is None:
+        return [name]  # unknown names are reported by lm-eval itself
+    if entry.kind.name == "TAG":
+        return sorted(entry.tags)
+    if entry.kind.name == "GROUP":
+        members = [item if isinstance(item, str) else item.get("task") for item in entry.cfg.get("task", [])]
+        return [leaf for member in members if isinstance(member, str) for leaf in task_leaves(index, member)]
+    return [name]
+
+
+def split_by_output_type(task_manager, tasks: list[str]) -> tuple[list[str], list[str]]:
+    """`(log-likelihood tasks, generative tasks)`: generative ones run with the chat template, the others without.
+
+    A group is generative when every task it names is; a mixed group (`aligned`) is split into its tasks.
+    """
+    index = task_manager.task_index
+
+    def leaves(name: str) -> list[str]:
+        return task_leaves(index, name)
+
+    def generative(name: str) -> bool:
+        entry = index.get(name)
+        return bool(entry and entry.cfg and entry.cfg.get("output_type") == "generate_until")
+
+    loglikelihood, generation = [], []
+    for name in tasks:
+        kinds = {generative(leaf) for leaf in leaves(name)}
+        if kinds == {True}:
+            generation.append(name)
+        elif kinds == {False}:
+            loglikelihood.append(name)
+        else:
+            for leaf in leaves(name):
+                (generation if generative(leaf) else loglikelihood).append(leaf)
+    return loglikelihood, generation
+
+
+def _merge(total: dict | None, part: dict) -> dict:
+    if total is None:
+        return part
+    for key in (
+        "results",
+        "groups",
+        "group_subtasks",
+        "configs",
+        "versions",
+        "n-shot",
+        "higher_is_better",
+        "n-samples",
+    ):
+        if isinstance(part.get(key), dict):
+            total.setdefault(key, {}).update(part[key])
+    if isinstance(part.get("samples"), dict):
+        total.setdefault("samples", {}).update(part["samples"])
+    return total
+
+
+def load_task_manager(tasks: list[str], include_path: list[str]):
+    """lm-eval's `TaskManager` over the include path, plus lm-eval's own tasks only when a task needs them.
+
+    Indexing lm-eval's ~15,000 task YAMLs takes 10-20 s; offline task folders `include` their definitions by path,
+    so a run over local tasks skips it.
+    """
+    from lm_eval.tasks import TaskManager
+
+    paths = [str(PACKAGED_TASKS_DIR), *include_path]
+    local = TaskManager(include_path=paths, include_defaults=False)
+    if all(leaf in local.task_index for name in tasks for leaf in task_leaves(local.task_index, name)):
+        return local
+    return TaskManager(include_path=paths)
+
+
+def evaluate_target(
+    target: EvalTarget,
+    tasks: list[str],
+    *,
+    include_path: list[str],
+    num_fewshot: int | None,
+    limit: float | None,
+    batch_size: str,
+    device: str,
+    dtype: str,
+    log_samples: bool,
+) -> dict:
+    """Run `lm_eval.simple_evaluate` with lm-eval's `HFLM` on `target`; return the harness's results dictionary.
+
+    Log-likelihood tasks are scored on raw text; generative ones with the tokenizer's chat template when it has one
+    (stopping at `<|im_end|>`: the export's `generation_config` lists it as an end-of-sequence token).
+    """
+    import lm_eval
+
+    task_manager = load_task_manager(tasks, include_path)
+    unknown = [name for name in tasks if name not in task_manager.task_index]
+    if unknown:
+        raise EvalError(
+            f"Unknown task(s) {', '.join(unknown)}: not in lm-eval nor in --include_path "
+            f"{', '.join(include_path) or '(none)'}. `lm_eval ls tasks` lists lm-eval's; write local copies with "
+            "`genesis-hf eval_tasks`."
+        )
+    model_args = target.model_args(dtype)
+    max_batch_size = 64 if device.startswith("cuda") else 8
+    lm = lm_eval.api.registry.get_model("hf").create_from_arg_string(
+        model_args, {"batch_size": batch_size, "max_batch_size": max_batch_size, "device": device}
+    )
+    loglikelihood, generation = split_by_output_type(task_manager, tasks)
+    has_template = bool(getattr(lm.tokenizer, "chat_template", None))
+    results = None
+    for names, chat in ((loglikelihood, False), (generation, has_template)):
+        if not names:
+            continue
+        part = lm_eval.simple_evaluate(
+            model=lm,
+            tasks=names,
+            num_fewshot=num_fewshot,
+            limit=limit,
+            task_manager=task_manager,
+            log_samples=log_samples,
+            apply_chat_template=chat,
+            fewshot_as_multiturn=chat,
+        )
+        results = _merge(results, part)
+    results["config"] = {**part.get("config", {}), "model": "hf", "model_args": model_args, "batch_size": batch_size}
+    results["config"]["device"] = device
+    return results
+
+
+__all__ = [
+    "EvalError",
+    "EvalTarget",
+    "evaluate_target",
+    "load_for_gate",
+    "resolve_target",
+    "sanity_check",
+    "split_by_output_type",
+]

@@ -1,0 +1,179 @@
+"""lm-eval task lists (the seed's suite, the `aligned` group) and offline task folders over local benchmark files.
+
+`genesis-hf eval_tasks --data_dir LOCAL --output_dir TASKS` writes one lm-eval task YAML per benchmark found in
+`LOCAL/<task>/<split>.jsonl` (or `.json`, `.parquet`): each YAML `include`s lm-eval's own definition of the task (same
+prompts, metrics and version) and only swaps the Hub dataset for the local files (`dataset_path: json` with
+`data_files`). Tasks keep their lm-eval names, so `--include_path TASKS --tasks hellaswag` reads the local copy, with
+`genesis-hf eval` and with the `lm_eval` CLI alike, and no request leaves the machine.
+"""
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import yaml
+
+# The seed's published suite (step 40,000 base model), in its table order.
+SEED_TASKS = ("arc_challenge", "arc_easy", "hellaswag", "piqa", "winogrande", "lambada_openai", "mmlu")
+# For SFT/DPO models: honesty (TruthfulQA mc2) and instruction following (IFEval), as the `aligned` group.
+ALIGNED_TASKS = ("truthfulqa_mc2", "ifeval")
+# Task folders shipped with genesis_hf (the `aligned` group); always on the include path of `genesis-hf eval`.
+PACKAGED_TASKS_DIR = Path(__file__).resolve().parents[1] / "configs" / "eval_tasks"
+# Accuracy of guessing uniformly among the choices (ARC has a few 3- and 5-choice questions; 4 dominates).
+RANDOM_BASELINES = {
+    "arc_challenge": 0.25,
+    "arc_easy": 0.25,
+    "hellaswag": 0.25,
+    "piqa": 0.5,
+    "winogrande": 0.5,
+    "lambada_openai": 0.0,
+    "mmlu": 0.25,
+    "gsm8k": 0.0,
+}
+# lm-eval's definition of each benchmark we know the local layout of, relative to lm_eval/tasks.
+TASK_DEFINITIONS = {
+    "hellaswag": "hellaswag/hellaswag.yaml",
+    "piqa": "piqa/piqa.yaml",
+    "winogrande": "winogrande/default.yaml",
+    "arc_easy": "arc/arc_easy.yaml",
+    "arc_challenge": "arc/arc_challenge.yaml",
+    "lambada_openai": "lambada/lambada_openai.yaml",
+    "gsm8k": "gsm8k/gsm8k.yaml",
+    "truthfulqa_mc2": "truthfulqa/truthfulqa_mc2.yaml",
+    "ifeval": "ifeval/ifeval.yaml",
+}
+_SPLIT_KEYS = ("training_split", "validation_split", "test_split", "fewshot_split")
+_FORMATS = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}
+
+
+class TaskFolderError(ValueError):
+    """The local benchmark files cannot be turned into task YAMLs; the message names the file and the fix."""
+
+
+def lm_eval_tasks_dir() -> Path:
+    import lm_eval.tasks
+
+    return Path(lm_eval.tasks.__file__).parent
+
+
+def _split_files(task_dir: Path) -> tuple[str, dict[str, str]]:
+    """`(dataset_path, {split: file})` of one local benchmark folder."""
+    files = sorted(path for path in task_dir.iterdir() if path.suffix in _FORMATS and path.is_file())
+    formats = {_FORMATS[path.suffix] for path in files}
+    if len(formats) != 1:
+        found = ", ".join(path.name for path in files) or "no .jsonl/.json/.parquet file"
+        raise TaskFolderError(
+            f"{str(task_dir)!r} must hold the splits of one benchmark in one format, named <split>.jsonl (or .json, "
+            f".parquet), e.g. validation.jsonl; found: {found}."
+        )
+    return formats.pop(), {path.stem: str(path.resolve()) for path in files}
+
+
+def offline_task_config(task: str, task_dir: Path) -> dict:
+    """The YAML mapping of one offline task: lm-eval's definition of `task`, reading the files in `task_dir`.
+
+    Args:
+        task: an lm-eval task name from `TASK_DEFINITIONS`.
+        task_dir: a folder of `<split>.jsonl` files in the benchmark's own record format.
+    """
+    from lm_eval.tasks._yaml_loader import load_yaml
+
+    definition = lm_eval_tasks_dir() / TASK_DEFINITIONS[task]
+    upstream = load_yaml(definition, resolve_func=False)
+    dataset_path, files = _split_files(task_dir)
+    config = {
+        "include": str(definition),
+        "task": task,
+        "dataset_path": dataset_path,
+        "dataset_name": None,
+        "dataset_kwargs": {"data_files": files},
+    }
+    for key in _SPLIT_KEYS:
+        split = upstream.get(key)
+        if split is not None and split not in files:
+            config[key] = None
+    # lm-eval scores the test split when the task has one, else validation: the local copy must score the same one.
+    scored = upstream.get("test_split") or upstream.get("validation_split")
+    if scored not in files:
+        raise TaskFolderError(
+            f"{task}: lm-eval scores this task on its {scored!r} split, but {str(task_dir)!r} holds only "
+            f"{', '.join(files)}. Add {str(task_dir / (str(scored) + '.jsonl'))!r}."
+        )
+    fewshot = upstream.get("fewshot_split") or upstream.get("training_split")
+    if upstream.get("num_fewshot") and fewshot not in files:
+        raise TaskFolderError(
+            f"{task} is a {upstream['num_fewshot']}-shot task that draws its examples from the {fewshot!r} split; add "
+            f"{str(task_dir / (str(fewshot) + '.jsonl'))!r}."
+        )
+    return config
+
+
+def write_offline_tasks(data_dir: str | Path, output_dir: str | Path) -> dict[str, Path]:
+    """Write one task YAML per benchmark folder in `data_dir`; returns `{task: yaml path}`.
+
+    Args:
+        data_dir: holds `<task>/<split>.jsonl` for tasks of `TASK_DEFINITIONS` (other folders are an error).
+        output_dir: the task folder to create; pass it to `--include_path`. Existing YAMLs of other names are kept.
+    """
+    data_dir, output_dir = Path(data_dir), Path(output_dir)
+    if not data_dir.is_dir():
+        raise TaskFolderError(
+            f"--data_dir {str(data_dir)!r} is not a folder; pass the folder holding <task>/<split>.jsonl."
+        )
+    task_dirs = sorted(path for path in data_dir.iterdir() if path.is_dir())
+    unknown = [path.name for path in task_dirs if path.name not in TASK_DEFINITIONS]
+    if unknown or not task_dirs:
+        raise TaskFolderError(
+            f"{str(data_dir)!r}: folders must be named after lm-eval tasks; unknown: {', '.join(unknown) or 'none found'}. "
+            f"Known: {', '.join(TASK_DEFINITIONS)}."
+        )
+    configs = {path.name: offline_task_config(path.name, path) for path in task_dirs}
+    output_dir.mkdir(parents=True, exist_ok=True)
+    written = {}
+    for task, config in configs.items():
+        path = output_dir / f"{task}.yaml"
+        header = f"# Written by `genesis-hf eval_tasks` from {data_dir / task}: lm-eval's own task, local files.\n"
+        path.write_text(header + yaml.safe_dump(config, sort_keys=False), encoding="utf-8")
+        written[task] = path
+    return written
+
+
+def _run_eval_tasks(args: argparse.Namespace) -> int:
+    try:
+        written = write_offline_tasks(args.data_dir, args.output_dir)
+    except TaskFolderError as error:
+        print(f"genesis-hf eval_tasks: error: {error}", file=sys.stderr)
+        return 2
+    print(json.dumps({"include_path": str(Path(args.output_dir).resolve()), "tasks": sorted(written)}))
+    return 0
+
+
+def register_cli(subparsers: argparse._SubParsersAction) -> None:
+    """Add `genesis-hf eval_tasks`.
+
+    Args:
+        subparsers: the `add_subparsers()` object of the top-level `genesis-hf` parser.
+    """
+    parser = subparsers.add_parser(
+        "eval_tasks",
+        help="Write lm-eval task YAMLs that read local copies of the benchmarks (offline evaluation).",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--data_dir", required=True, help="Folder of <task>/<split>.jsonl benchmark files.")
+    parser.add_argument("--output_dir", required=True, help="Task folder to write; pass it as --include_path.")
+    parser.set_defaults(func=_run_eval_tasks)
+
+
+__all__ = [
+    "ALIGNED_TASKS",
+    "PACKAGED_TASKS_DIR",
+    "RANDOM_BASELINES",
+    "SEED_TASKS",
+    "TASK_DEFINITIONS",
+    "TaskFolderError",
+    "offline_task_config",
+    "register_cli",
+    "write_offline_tasks",
+]

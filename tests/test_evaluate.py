@@ -1,0 +1,326 @@
+"""`genesis-hf eval`, `eval_tasks` and `report` on a tiny trained run, with small local benchmarks in the real formats
+of HellaSwag, PIQA, ARC, Winogrande, LAMBADA and GSM8K (generate_until), made here; the `lm_eval` CLI is the peer."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from genesis_hf import GenesisConfig, GenesisForCausalLM, cli, corpus
+from genesis_hf.evaluate import sanity
+from genesis_hf.tokenizer import add_chat_tokens, train_tokenizer
+
+LOGLIKELIHOOD_TASKS = ["hellaswag", "piqa", "arc_easy", "arc_challenge", "winogrande", "lambada_openai"]
+LIMIT = "3"
+TRAIN_STEPS = 160
+VENV_BIN = Path(sys.executable).parent
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread():
+    # Tiny matmuls: on a busy 2-core machine, torch's thread pool costs more than the work itself.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _write_jsonl(path: Path, records: list[dict]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(record) + "\n" for record in records), encoding="utf-8")
+
+
+def write_local_benchmarks(data_dir: Path) -> None:
+    """A few documents of each benchmark, with the fields (and field types) of its Hub dataset."""
+    sentences = [
+        ("The function returns", "the value of the argument.", "a purple elephant on the moon."),
+        ("Open the file and", "read its lines.", "paint the river loudly."),
+        ("The module defines", "a class for parsing.", "nothing but silent bananas."),
+    ]
+    hellaswag, piqa, arc, winogrande, lambada = [], [], [], [], []
+    for index, (context, good, bad) in enumerate(sentences):
+        hellaswag.append(
+            {
+                "ind": index,
+                "activity_label": "Programming",
+                "ctx_a": context,
+                "ctx_b": "then",
+                "ctx": context + " then",
+                "endings": [good, bad, "the " + bad, good.upper()],
+                "source_id": f"doc-{index}",
+                "split": "val",
+                "split_type": "indomain",
+                "label": str(index % 2),
+            }  # fmt: skip
+        )
+        piqa.append({"goal": f"How do you {context.lower()}?", "sol1": good, "sol2": bad, "label": index % 2})
+        arc.append(
+            {
+                "id": f"q{index}",
+                "question": f"What does {context.lower()}?",
+                "choices": {"text": [good, bad, "none", "all of these"], "label": ["A", "B", "C", "D"]},
+                "answerKey": "ABCD"[index % 4],
+            }  # fmt: skip
+        )
+        winogrande.append(
+            {"sentence": f"{context} _ quickly.", "option1": good, "option2": bad, "answer": "12"[index % 2]}
+        )
+        lambada.append({"text": f"{context} {good} {context} the value"})
+    _write_jsonl(data_dir / "hellaswag" / "validation.jsonl", hellaswag)
+    _write_jsonl(data_dir / "piqa" / "validation.jsonl", piqa)
+    _write_jsonl(data_dir / "arc_easy" / "test.jsonl", arc)
+    _write_jsonl(data_dir / "arc_challenge" / "test.jsonl", arc[::-1])
+    _write_jsonl(data_dir / "winogrande" / "validation.jsonl", winogrande)
+    _write_jsonl(data_dir / "lambada_openai" / "test.jsonl", lambada)
+    gsm8k = [
+        {"question": f"What is {a} plus {a}?", "answer": f"{a} plus {a} is {2 * a}.\n#### {2 * a}"}
+        for a in range(1, 8)
+    ]
+    _write_jsonl(data_dir / "gsm8k" / "test.jsonl", gsm8k[:2])
+    _write_jsonl(data_dir / "gsm8k" / "train.jsonl", gsm8k[2:])
+
+
+def _documents(source: str, count: int) -> list[str]:
+    return [doc for index, doc in enumerate(corpus.iter_documents(source, max_documents=count)) if index % 20 != 19]
+
+
+def train_tiny_run(run_dir: Path) -> Path:
+    """Train a tiny model on embedded-corpus documents the sanity gate holds out none of; save a DCP checkpoint."""
+    from genesis_hf.training.checkpoint import CheckpointManager, capture_rng_state
+
+    documents = _documents("stdlib-docs", 60) + _documents("stdlib-code", 20)
+    tokenizer = train_tokenizer(documents, 300)
+    add_chat_tokens(tokenizer)
+    ids = []
+    for document in documents:
+        ids += tokenizer(document, add_special_tokens=False, verbose=False)["input_ids"] + [tokenizer.eos_token_id]
+    rows = torch.tensor(ids[: len(ids) // 64 * 64]).view(-1, 64)
+    torch.manual_seed(0)
+    config = GenesisConfig.from_preset(
+        "debug", vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, max_position_embeddings=512
+    )
+    model = GenesisForCausalLM(config)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(TRAIN_STEPS):
+        batch = rows[torch.randint(0, len(rows), (16,), generator=generator)]
+        loss = model(input_ids=batch, labels=batch).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    manager = CheckpointManager(
+        run_dir, save_total_limit=None, milestone_steps=None, async_save=False,
+        run_config={"model": "debug"}, model_config=config, tokenizer=tokenizer,
+    )  # fmt: skip
+    state = {"step": TRAIN_STEPS, "tokens_seen": TRAIN_STEPS * 16 * 64, "loss": loss.item()}
+    manager.save(TRAIN_STEPS, model, optimizer, state, {"data_loader": {}, "rng": capture_rng_state()})
+    manager.close()
+    return run_dir / "checkpoints" / f"step-{TRAIN_STEPS:07d}"
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    home = tmp_path_factory.mktemp("eval-home")
+    values = {"HF_HOME": str(home / "hf"), "HF_DATASETS_CACHE": str(home / "datasets"), "HF_HUB_OFFLINE": "1"}
+    saved = {key: os.environ.get(key) for key in values}
+    os.environ.update(values)
+    yield {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    for key, value in saved.items():
+        os.environ.pop(key) if value is None else os.environ.__setitem__(key, value)
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory, env):
+    """The tiny run's checkpoint, its hf/llama/gguf exports (fp32) and a local task folder."""
+    from genesis_hf.publish.export import export_checkpoint
+
+    root = tmp_path_factory.mktemp("eval-run")
+    checkpoint = train_tiny_run(root / "run")
+    exports = {}
+    for export_format in ("hf", "llama", "gguf"):
+        result = export_checkpoint(checkpoint, root / export_format, export_format=export_format, dtype="fp32")
+        exports[export_format] = root / export_format / (result.gguf_file or "")
+    write_local_benchmarks(root / "data")
+    assert cli.main(["eval_tasks", "--data_dir", str(root / "data"), "--output_dir", str(root / "tasks")]) == 0
+    return {"checkpoint": checkpoint, **exports, "tasks": root / "tasks", "root": root}
+
+
+def genesis_eval(model, output: Path, tasks: str, include_path, *extra: str) -> tuple[int, dict | None]:
+    argv = ["eval", str(model), "--tasks", tasks, "--include_path", str(include_path), "--limit", LIMIT]
+    rc = cli.main(argv + ["--batch_size", "2", "--output_path", str(output), "--log_samples", *extra])
+    return rc, (json.loads(output.read_text()) if output.is_file() else None)
+
+
+def _loglikelihoods(results: dict) -> dict[str, list[float]]:
+    return {
+        task: [response[0] for sample in samples for response in sample["filtered_resps"]]
+        for task, samples in results["samples"].items()
+    }
+
+
+def test_checkpoint_hf_llama_gguf_give_equal_loglikelihoods(run, tmp_path, capsys):
+    scores = {}
+    for kind in ("checkpoint", "hf", "llama", "gguf"):
+        rc, results = genesis_eval(run[kind], tmp_path / f"{kind}.json", ",".join(LOGLIKELIHOOD_TASKS), run["tasks"])
+        assert rc == 0, capsys.readouterr()
+        scores[kind] = results
+    reference = scores["checkpoint"]
+    assert set(reference["results"]) == set(LOGLIKELIHOOD_TASKS)
+    for task in LOGLIKELIHOOD_TASKS:
+        assert reference["n-samples"][task]["effective"] == int(LIMIT)
+    assert all(math.isfinite(value) for value in _loglikelihoods(reference)["lambada_openai"])
+    for kind in ("hf", "llama", "gguf"):
+        for task, values in _loglikelihoods(scores[kind]).items():
+            expected = _loglikelihoods(reference)[task]
+            assert max(abs(a - b) for a, b in zip(values, expected, strict=True)) < 1e-3, (kind, task)
+        for task in LOGLIKELIHOOD_TASKS:
+            assert scores[kind]["results"][task]["acc,none"] == reference["results"][task]["acc,none"], (kind, task)
+
+    genesis = reference["genesis"]
+    assert genesis["kind"] == "training-checkpoint" and genesis["model_path"] == str(run["checkpoint"].resolve())
+    assert (genesis["step"], genesis["tokens_seen"]) == (TRAIN_STEPS, TRAIN_STEPS * 16 * 64)
+    assert genesis["lm_eval_version"] == __import__("lm_eval").__version__
+    assert genesis["sanity_gate"]["ok"] and not genesis["sanity_gate"]["problems"]
+    assert reference["versions"]["hellaswag"] == 1.0 and reference["versions"]["lambada_openai"] == 1.0
+    assert scores["gguf"]["genesis"]["gguf_file"] == run["gguf"].name
+    # Nothing is overwritten: the same output path again is refused before any work.
+    assert genesis_eval(run["hf"], tmp_path / "hf.json", "piqa", run["tasks"])[0] == 2
+    assert "already exists" in capsys.readouterr().err
+
+
+def test_the_seeds_lm_eval_command_gives_the_same_numbers(run, tmp_path, env):
+    rc, ours = genesis_eval(run["hf"], tmp_path / "ours.json", ",".join(LOGLIKELIHOOD_TASKS), run["tasks"])
+    assert rc == 0
+    command = [
+        str(VENV_BIN / "lm_eval"), "--model", "hf",
+        "--model_args", f"pretrained={run['hf']},dtype=float32,trust_remote_code=True",
+        "--tasks", ",".join(LOGLIKELIHOOD_TASKS), "--include_path", str(run["tasks"]), "--limit", LIMIT,
+        "--batch_size", "auto:2", "--device", "cpu", "--output_path", str(tmp_path / "cli"),
+    ]  # fmt: skip
+    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    (results_file,) = (tmp_path / "cli").rglob("results_*.json")
+    theirs = json.loads(results_file.read_text())
+    for task in LOGLIKELIHOOD_TASKS:
+        for metric, value in theirs["results"][task].items():
+            if isinstance(value, float) and "stderr" not in metric:
+                assert ours["results"][task][metric] == pytest.approx(value, abs=1e-9), (task, metric)
+        assert ours["versions"][task] == theirs["versions"][task]
+
+
+def test_generate_until_task_matches_greedy_transformers(run, tmp_path):
+    rc, results = genesis_eval(run["hf"], tmp_path / "gsm8k.json", "gsm8k", run["tasks"], "--num_fewshot", "1")
+    assert rc == 0
+    assert set(results["results"]["gsm8k"]) >= {"exact_match,strict-match", "exact_match,flexible-extract"}
+    model = AutoModelForCausalLM.from_pretrained(run["hf"], trust_remote_code=True, dtype=torch.float32).eval()
+    tokenizer = AutoTokenizer.from_pretrained(run["hf"])
+    sample = results["samples"]["gsm8k"][0]
+    ((prompt, generation_kwargs),) = sample["arguments"]
+    assert prompt.startswith("<|im_start|>"), "generative tasks run with the chat template"
+    ids = tokenizer(prompt, return_tensors="pt", add_special_tokens=False)["input_ids"]
+    # The peer: greedy decoding without a KV cache, so a cache bug in the model cannot hide in both.
+    until = generation_kwargs["until"]
+    with torch.no_grad():
+        output = model.generate(ids, max_new_tokens=32, do_sample=False, use_cache=False)
+    text = tokenizer.decode(output[0, ids.shape[1] :], skip_special_tokens=True)
+    for stop in until:
+        text = text.split(stop)[0]
+    assert sample["resps"][0][0][: len(text)] == text[: len(sample["resps"][0][0])]
+
+
+def shifted_tokenizer(tokenizer):
+    """The same tokenizer with every id moved up by one (the last wraps to 0): the bug of a special token inserted
+    at the front. Every id stays valid and the text still round-trips, but each id now names another embedding row."""
+    data = json.loads(tokenizer.backend_tokenizer.to_str())
+    size = len(tokenizer)
+    data["model"]["vocab"] = {token: (index + 1) % size for token, index in data["model"]["vocab"].items()}
+    for token in data["added_tokens"]:
+        token["id"] = (token["id"] + 1) % size
+    from tokenizers import Tokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    return PreTrainedTokenizerFast(
+        tokenizer_object=Tokenizer.from_str(json.dumps(data)), eos_token=tokenizer.eos_token
+    )
+
+
+def _load(folder: Path):
+    model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True, dtype=torch.float32).eval()
+    return model, AutoTokenizer.from_pretrained(folder)
+
+
+def test_sanity_gate_is_quiet_on_the_good_model_and_fires_on_broken_ones(run, tmp_path):
+    model, tokenizer = _load(run["hf"])
+    recorded = json.loads((run["hf"] / "genesis_checkpoint.json").read_text())["loss"]
+    good = sanity.run_sanity_gate(model, tokenizer, recorded_loss=recorded)
+    assert good.ok, good.message()
+
+    other = shifted_tokenizer(tokenizer)
+    mismatched = sanity.run_sanity_gate(model, other, recorded_loss=recorded)
+    assert not mismatched.ok and "does not match its tokenizer or its export" in mismatched.message()
+
+    # Q/K stored with llama.cpp's pairing but loaded as HF halves (a converter without the permutation).
+    with torch.no_grad():
+        for layer in model.model.layers:
+            for projection, heads in ((layer.self_attn.q_proj, 4), (layer.self_attn.k_proj, 2)):
+                projection.weight.copy_(sanity._pair_interleaved(projection.weight.clone(), heads))
+    rotated = sanity.run_sanity_gate(model, tokenizer, recorded_loss=recorded)
+    assert not rotated.ok and "rotary layout" in rotated.message(), rotated.message()
+
+
+def test_eval_exits_non_zero_when_the_gate_fires_unless_told_not_to(run, tmp_path, capsys):
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    for item in run["hf"].iterdir():
+        if item.is_file() and not item.name.startswith("tokenizer"):
+            (broken / item.name).write_bytes(item.read_bytes())
+    shifted_tokenizer(AutoTokenizer.from_pretrained(run["hf"])).save_pretrained(broken)
+    rc, results = genesis_eval(broken, tmp_path / "broken.json", "piqa", run["tasks"])
+    output = capsys.readouterr().out
+    assert rc == 1 and results is None and "does not match its tokenizer or its export" in output
+    rc, results = genesis_eval(broken, tmp_path / "forced.json", "piqa", run["tasks"], "--no_sanity_gate")
+    assert rc == 0 and results["genesis"]["sanity_gate"] == {**results["genesis"]["sanity_gate"], "ok": False}
+    assert results["genesis"]["sanity_gate"]["ignored"] is True
+
+
+def test_report_table_and_chart(run, tmp_path):
+    base = {
+        "results": {"piqa": {"acc,none": 0.5, "acc_stderr,none": 0.05}, "lambada_openai": {"perplexity,none": 3e6}}
+    }
+    sft = {
+        "results": {"piqa": {"acc,none": 0.625, "acc_stderr,none": 0.04}, "lambada_openai": {"perplexity,none": 20.0}}
+    }
+    engagement = {"results": {"engagement": {"curiosity,none": 0.7}}}  # the constitution stage's benchmark shape
+    for name, data in (("base", base), ("sft", sft), ("engagement", engagement)):
+        (tmp_path / f"{name}.json").write_text(json.dumps(data))
+    files = [str(tmp_path / f"{name}.json") for name in ("base", "sft", "engagement")]
+    assert cli.main(["report", *files, "--output_dir", str(tmp_path / "report")]) == 0
+    table = (tmp_path / "report" / "report.md").read_text()
+    assert "| piqa | acc | sft | 0.6250 | 0.0400 | 0.5000 | +0.1250 |" in table
+    assert "| lambada_openai | perplexity | base | 3,000,000 |  |  |  |" in table
+    assert "| engagement | curiosity | engagement | 0.7000 |" in table
+    from PIL import Image
+
+    with Image.open(tmp_path / "report" / "report.png") as image:
+        assert image.format == "PNG" and image.width >= 600
+    # A second report into the same folder would overwrite it: refused.
+    assert cli.main(["report", *files, "--output_dir", str(tmp_path / "report")]) == 2
+
+
+@pytest.mark.parametrize(
+    ("layout", "message"),
+    [({"hellaswag/train.txt": ""}, "one format"), ({"arc_easy/validation.jsonl": "{}"}, "test.jsonl"),
+     ({"gsm8k/test.jsonl": "{}"}, "train"), ({"squad/test.jsonl": "{}"}, "unknown: squad")],
+)  # fmt: skip
+def test_eval_tasks_rejects_bad_layouts(tmp_path, capsys, layout, message):
+    for name, text in layout.items():
+        (tmp_path / "data" / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / "data" / name).write_text(text)
+    assert cli.main(["eval_tasks", "--data_dir", str(tmp_path / "data"), "--output_dir", str(tmp_path / "t")]) == 2
+    assert message in capsys.readouterr().err
