@@ -64,7 +64,14 @@ class TransformersBackend:
         self.settings = settings
         self.batch_size = batch_size
         # The tokenizer first: a model without a chat template is refused before its weights are loaded.
-        self.tokenizer = AutoTokenizer.from_pretrained(model, trust_remote_code=trust_remote_code)
+        try:
+            self.tokenizer = AutoTokenizer.from_pretrained(model, trust_remote_code=trust_remote_code)
+        except (OSError, ValueError) as error:
+            first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+            raise BackendError(
+                f"could not load --model {model!r} ({first_line}); pass a local model folder or a Hub id you can "
+                "download, or --base_url for a served model."
+            ) from None
         if not self.tokenizer.chat_template:
             raise BackendError(
                 f"--model {model!r} has no chat template, so its prompts cannot be formatted as a conversation; use "

@@ -72,10 +72,10 @@ def _check_generate_arguments(args: GenerateArguments) -> None:
 
 
 def _run_settings(args: GenerateArguments, backend_args: BackendArguments, constitution, prompts) -> dict:
-    """The settings that shape the rows; a resumed run must match them (speed-only flags may change)."""
+    """The settings that shape the rows; a resumed run must match them. Speed-only flags may change, and so may the
+    endpoint's address (a restarted server on another port serves the same --model)."""
     return {
         "model": backend_args.model,
-        "base_url": backend_args.base_url,
         "max_new_tokens": backend_args.max_new_tokens,
         "temperature": backend_args.temperature,
         "top_p": backend_args.top_p,
