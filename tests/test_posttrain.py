@@ -519,3 +519,24 @@ def test_readme_sft_then_dpo_through_accelerate_launch(base_dir, tmp_path, run_e
         capture_output=True, text=True, env=run_env, timeout=120,
     )  # fmt: skip
     assert listing.returncode == 0 and "final" in listing.stdout
+
+
+@pytest.mark.parametrize("kind", ["sft", "dpo"])
+def test_configs_use_only_known_keys_and_the_seed_values(kind):
+    from trl import DPOConfig, ModelConfig, SFTConfig
+
+    from genesis_hf.args import check_keys, load_yaml
+    from genesis_hf.posttrain.config import DPODataArguments, SFTDataArguments
+
+    types = (SFTDataArguments, SFTConfig, ModelConfig) if kind == "sft" else (DPODataArguments, DPOConfig, ModelConfig)
+    for name in ("genesis-tiny", "genesis-1b"):
+        check_keys(load_yaml(REPO / "recipes" / "configs" / kind / f"{name}.yaml"), types, source=name)
+    seed = load_yaml(REPO / "recipes" / "configs" / kind / "genesis-1b.yaml")
+    if kind == "sft":
+        # 2 per GPU x 2 GPUs x accumulation 8, sequence 2048, LR 2e-5 -> 2e-6 cosine, warmup 200, AdamW 0.9/0.95.
+        assert (seed["per_device_train_batch_size"], seed["gradient_accumulation_steps"]) == (2, 8)
+        assert (seed["max_length"], seed["learning_rate"], seed["lr_scheduler_kwargs"]) == (2048, 2e-5, {"min_lr": 2e-6})
+        assert (seed["warmup_steps"], seed["weight_decay"], seed["num_train_epochs"]) == (200, 0.01, 1)
+        assert (seed["adam_beta1"], seed["adam_beta2"], seed["mixture"]) == (0.9, 0.95, "genesis-1b")
+    else:
+        assert (seed["beta"], seed["loss_type"], seed["learning_rate"]) == (0.1, ["sigmoid"], 5e-7)
