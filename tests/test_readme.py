@@ -25,6 +25,11 @@ COVERED_ELSEWHERE = {
     ),
     ".venv/bin/genesis-hf export": "test_export.py (cli export of a training checkpoint)",
     ".venv/bin/genesis-hf checkpoints": "test_hub_push.py (cli checkpoints)",
+    ".venv/bin/accelerate launch recipes/sft.py": "test_posttrain.py (README SFT then DPO)",
+    ".venv/bin/accelerate launch recipes/dpo.py": "test_posttrain.py (README SFT then DPO)",
+    ".venv/bin/accelerate launch --config_file accelerate_configs/fsdp2-2x4090-pcie.yaml recipes/sft.py": (
+        "test_posttrain.py (the seed's SFT config: every key valid, the seed's values)"
+    ),
 }
 RUN_HERE = (
     ".venv/bin/genesis-hf tokenizer train",
