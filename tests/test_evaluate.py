@@ -94,6 +94,13 @@ def train_tiny_run(run_dir: Path) -> Path:
     """Train a tiny model on embedded-corpus documents the sanity gate holds out none of; save a DCP checkpoint."""
     from genesis_hf.training.checkpoint import CheckpointManager, capture_rng_state
 
+    # The run's mixture, written as local files: the sanity gate reads its validation split (documents 19, 39, ...).
+    sources = []
+    for source, count in (("stdlib-docs", 60), ("stdlib-code", 20)):
+        _write_jsonl(run_dir / f"{source}.jsonl", [{"text": text} for text in corpus.iter_documents(source, count)])
+        sources.append({"name": source, "location": str(run_dir / f"{source}.jsonl"), "weight": 0.5})
+    mixture = run_dir / "mixture.yaml"
+    mixture.write_text(json.dumps({"name": "eval-test", "holdout_every": 20, "sources": sources}))
     documents = _documents("stdlib-docs", 60) + _documents("stdlib-code", 20)
     tokenizer = train_tokenizer(documents, 300)
     add_chat_tokens(tokenizer)
@@ -116,7 +123,7 @@ def train_tiny_run(run_dir: Path) -> Path:
         optimizer.zero_grad()
     manager = CheckpointManager(
         run_dir, save_total_limit=None, milestone_steps=None, async_save=False,
-        run_config={"model": "debug"}, model_config=config, tokenizer=tokenizer,
+        run_config={"model": "debug", "mixture": str(mixture)}, model_config=config, tokenizer=tokenizer,
     )  # fmt: skip
     state = {"step": TRAIN_STEPS, "tokens_seen": TRAIN_STEPS * 16 * 64, "loss": loss.item()}
     manager.save(TRAIN_STEPS, model, optimizer, state, {"data_loader": {}, "rng": capture_rng_state()})
@@ -187,6 +194,8 @@ def test_checkpoint_hf_llama_gguf_give_equal_loglikelihoods(run, tmp_path, capsy
     assert (genesis["step"], genesis["tokens_seen"]) == (TRAIN_STEPS, TRAIN_STEPS * 16 * 64)
     assert genesis["lm_eval_version"] == __import__("lm_eval").__version__
     assert genesis["sanity_gate"]["ok"] and not genesis["sanity_gate"]["problems"]
+    assert genesis["sanity_gate"]["held_out_source"].startswith("the run's validation split")
+    assert scores["hf"]["genesis"]["sanity_gate"]["held_out_source"].startswith("held-out documents of the embedded")
     assert reference["versions"]["hellaswag"] == 1.0 and reference["versions"]["lambada_openai"] == 1.0
     assert scores["gguf"]["genesis"]["gguf_file"] == run["gguf"].name
     # Nothing is overwritten: the same output path again is refused before any work.
@@ -324,3 +333,28 @@ def test_eval_tasks_rejects_bad_layouts(tmp_path, capsys, layout, message):
         (tmp_path / "data" / name).write_text(text)
     assert cli.main(["eval_tasks", "--data_dir", str(tmp_path / "data"), "--output_dir", str(tmp_path / "t")]) == 2
     assert message in capsys.readouterr().err
+
+
+def test_a_hub_repo_at_a_revision(run, tmp_path):
+    from huggingface_hub import HfApi
+
+    from genesis_hf.testing import HubServer
+
+    server = HubServer().start()
+    try:
+        api = HfApi(endpoint=server.endpoint, token=server.write_token)
+        repo = "alice/genesis-tiny"
+        api.create_repo(repo)
+        api.create_branch(repo, branch=f"step-{TRAIN_STEPS:07d}")
+        api.upload_folder(repo_id=repo, folder_path=run["hf"], revision=f"step-{TRAIN_STEPS:07d}")
+        command = [str(VENV_BIN / "genesis-hf"), "eval", f"{repo}@step-{TRAIN_STEPS:07d}", "--tasks", "piqa"]
+        command += ["--include_path", str(run["tasks"]), "--limit", LIMIT, "--output_path", str(tmp_path / "hub.json")]
+        env = {**os.environ, "HF_HOME": str(tmp_path / "hf"), "OMP_NUM_THREADS": "1", **server.client_env()}
+        result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
+    finally:
+        server.stop()
+    assert result.returncode == 0, result.stderr[-3000:]
+    genesis = json.loads((tmp_path / "hub.json").read_text())["genesis"]
+    assert (genesis["kind"], genesis["model_path"], genesis["revision"]) == ("hub", repo, f"step-{TRAIN_STEPS:07d}")
+    assert (genesis["step"], genesis["tokens_seen"]) == (TRAIN_STEPS, TRAIN_STEPS * 16 * 64)
+    assert genesis["sanity_gate"]["ok"]

@@ -86,6 +86,31 @@ def _run_metadata(target: EvalTarget, folder: Path) -> EvalTarget:
     return target
 
 
+def _hub_metadata(target: EvalTarget, workdir: Path) -> EvalTarget:
+    """Step, tokens seen and loss from the `genesis_checkpoint.json` a genesis_hf upload carries, when it has one."""
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import EntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError
+
+    try:
+        path = hf_hub_download(target.pretrained, CHECKPOINT_METADATA_FILE, revision=target.revision)
+    except RevisionNotFoundError:
+        raise EvalError(
+            f"Hub repo {target.pretrained!r} has no revision {target.revision!r}; `genesis-hf checkpoints "
+            f"{target.pretrained}` lists its step branches."
+        ) from None
+    except RepositoryNotFoundError:
+        raise EvalError(
+            f"Hub repo {target.pretrained!r} does not exist or is private (log in with `hf auth login` or set "
+            "HF_TOKEN); for a local folder, check the path."
+        ) from None
+    except EntryNotFoundError:
+        return target  # not uploaded by genesis_hf: evaluated all the same, without training metadata
+    metadata_dir = workdir / "hub-metadata"
+    metadata_dir.mkdir(exist_ok=True)
+    (metadata_dir / CHECKPOINT_METADATA_FILE).write_bytes(Path(path).read_bytes())
+    return _run_metadata(target, metadata_dir)
+
+
 def _export_training_checkpoint(checkpoint: Path, workdir: Path, dtype: str, log: Callable[[str], None]) -> Path:
     # The verified export (publish stage) is the one way a training checkpoint becomes a loadable folder; imported here
     # only, so the evaluate stage does not depend on publishing otherwise.
@@ -147,7 +172,8 @@ def resolve_target(model: str, workdir: Path, *, export_dtype: str, log: Callabl
         )
     repo_id, _, revision = model.partition("@")
     if re.fullmatch(r"[\w.-]+/[\w.-]+", repo_id):
-        return EvalTarget(model, "hub", repo_id, revision=revision or None, trust_remote_code=True)
+        target = EvalTarget(model, "hub", repo_id, revision=revision or None, trust_remote_code=True)
+        return _hub_metadata(target, workdir)
     raise EvalError(
         f"MODEL {model!r} does not exist locally and is not a Hub repo id (owner/name or owner/name@revision). Pass "
         "a training checkpoint, a run or model folder, a .gguf file, or a Hub repo."

@@ -81,7 +81,9 @@ def embedded_sample_rows(tokenizer, seq_len: int, max_rows: int) -> torch.Tensor
     for source in corpus.EMBEDDED_SOURCES:
         for index, document in enumerate(corpus.iter_documents(source)):
             if index % HOLDOUT_EVERY == HOLDOUT_EVERY - 1:
-                ids += tokenizer(document, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+                ids += tokenizer(document, add_special_tokens=False, verbose=False)["input_ids"] + [
+                    tokenizer.eos_token_id
+                ]
             if len(ids) >= needed * EMBEDDED_SOURCE_SHARE[source]:
                 break
     rows = len(ids) // seq_len
