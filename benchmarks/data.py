@@ -15,6 +15,9 @@ Measures, on the embedded stdlib corpus with the same tokenizer (`default_tokeni
 - `tokenized`: tokens/s of `data prepare` (2 processes), and of reading the prepared shards (`np.memmap` slices).
 - `memory`: streaming one epoch of a JSON-lines copy of the corpus and of a 4x larger copy, each in a fresh process:
   RSS growth (sampled after every batch) and the Python/numpy peak seen by `tracemalloc`.
+- `long_one_line_document`: one document of `--long-document-mb` MB without a newline (the corpus's text with its
+  newlines turned into spaces), encoded by `TokenEncoder` as the loader does: seconds and peak RSS growth, in a fresh
+  process; and a 2 MB one encoded in pieces and whole (one encoder call, as before pieces), side by side.
 
 The consumer to beat: Genesis 1B on 2x RTX 4090 trains at ~19,000 tokens/s in all.
 """
@@ -228,6 +231,55 @@ def _memory_probe(corpus: str, vocab_size: int, seq_len: int, batch_size: int) -
     print(json.dumps(result))
 
 
+def _long_document_probe(megabytes: float, vocab_size: int, whole: bool) -> None:
+    """Runs in a fresh process: encode one `megabytes` MB document without a newline, in pieces (`TokenEncoder`) or
+    whole; print its tokens, seconds and peak RSS growth in MiB (RSS sampled every 5 ms by a thread, minus before)."""
+    import threading
+
+    from genesis_hf.data.tokens import TokenEncoder
+
+    encoder = TokenEncoder(_tokenizer(vocab_size))
+    text = " ".join(document.replace("\n", " ") for document in _documents()[:300])
+    size = int(megabytes * 1e6)
+    text = (text * (size // len(text) + 1))[:size]
+    before = peak = _rss_mib()
+    done = threading.Event()
+
+    def sample() -> None:
+        nonlocal peak
+        while not done.wait(0.005):
+            peak = max(peak, _rss_mib())
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    started = time.perf_counter()
+    if whole:
+        tokens = len(encoder.backend.encode_batch_fast([text], add_special_tokens=False)[0].ids)
+    else:
+        tokens = len(encoder.encode([text])[0]) - 1
+    seconds = time.perf_counter() - started
+    done.set()
+    sampler.join()
+    growth = max(peak, _rss_mib()) - before
+    print(
+        json.dumps(
+            {"mb": megabytes, "tokens": tokens, "seconds": round(seconds, 2), "peak_rss_growth_mib": round(growth)}
+        )
+    )
+
+
+def bench_long_document(args: argparse.Namespace) -> dict:
+    long = _in_fresh_process(["--long-document-probe", str(args.long_document_mb)], args)
+    pieces = _in_fresh_process(["--long-document-probe", "2"], args)
+    whole = _in_fresh_process(["--long-document-probe", "2", "--whole"], args)
+    return {
+        f"pieces_{args.long_document_mb:g}mb": long,
+        "pieces_2mb": pieces,
+        "whole_2mb": whole,
+        "whole_over_pieces_2mb_memory": round(whole["peak_rss_growth_mib"] / max(pieces["peak_rss_growth_mib"], 1), 1),
+    }
+
+
 def _in_fresh_process(probe: list[str], args: argparse.Namespace):
     """Run this script with `probe` arguments in a new interpreter; its last stdout line, parsed as JSON."""
     command = [sys.executable, __file__, *probe]
@@ -256,7 +308,18 @@ def main() -> None:
     parser.add_argument("--memory-probe", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--packing-probe", choices=("genesis", "run_clm"), default=None, help=argparse.SUPPRESS)
     parser.add_argument("--corpus-tokens", type=int, default=None, help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--long-document-mb",
+        type=float,
+        default=50,
+        help="Size of the one-line document (MB) of long_one_line_document.",
+    )
+    parser.add_argument("--long-document-probe", type=float, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--whole", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.long_document_probe:
+        _long_document_probe(args.long_document_probe, args.vocab_size, args.whole)
+        return
     if args.memory_probe:
         _memory_probe(args.memory_probe, args.vocab_size, args.seq_len, args.batch_size)
         return
@@ -287,6 +350,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as scratch:
         tokenized = bench_tokenized(tokenizer, args.seq_len, args.batch_size, Path(scratch) / "tokens")
         memory = bench_memory(args, Path(scratch))
+    long_document = bench_long_document(args)
     report = {
         "setup": {
             "vocab_size": args.vocab_size,
@@ -319,6 +383,7 @@ def main() -> None:
             "rss_growth": round(memory["4x"]["rss_growth_mib"] / max(memory["1x"]["rss_growth_mib"], 0.1), 2),
             "tracemalloc_peak": round(memory["4x"]["tracemalloc_peak_mib"] / memory["1x"]["tracemalloc_peak_mib"], 2),
         },
+        "long_one_line_document": long_document,
     }
     print(json.dumps(report, indent=1))
 

@@ -247,7 +247,15 @@ class CheckpointSource:
     def location(self, checkpoint: CheckpointEntry) -> str:
         """Where a checkpoint lives, for people: its folder relative to the run, or `repo@revision`."""
         if checkpoint.path is not None and self.run_dir is not None:
-            return Path(checkpoint.path).resolve().relative_to(self.run_dir).as_posix() or "."
+            path = Path(checkpoint.path)
+            if not path.resolve().is_relative_to(self.run_dir):
+                link = next((part for part in [path, *path.parents] if part.is_symlink()), path)
+                raise PlaygroundError(
+                    f"Refused checkpoint {checkpoint.name!r}: {link} is a symlink to {link.resolve()}, outside the run "
+                    f"folder {self.run_dir}; the playground serves only what lies inside --runs. Copy the folder in "
+                    "instead of linking it, or pass its own run with --runs."
+                )
+            return path.resolve().relative_to(self.run_dir).as_posix() or "."
         return f"{self.repo_id}@{checkpoint.revision}"
 
     def _pretrained_kwargs(self, checkpoint: CheckpointEntry) -> tuple[str, dict]:
@@ -1336,7 +1344,29 @@ def deploy_space(
 # Command line
 
 
+def port_problem(host: str | None, port: int | None) -> str | None:
+    """Why the app could not listen on `host:port` (a busy port), or `None`; checked before anything is loaded."""
+    import socket
+
+    if port is None:
+        return None
+    with socket.socket(socket.AF_INET6 if host and ":" in host else socket.AF_INET) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the web server does: TIME_WAIT is no conflict
+        try:
+            sock.bind((host or "127.0.0.1", port))
+        except OSError as error:
+            return (
+                f"cannot listen on {host}:{port} ({error.strerror or error}): another program (another playground?) "
+                f"uses that port. Pass a free one with --port (e.g. --port {port + 1}), or stop that program."
+            )
+    return None
+
+
 def _run_playground(args: argparse.Namespace) -> int:
+    problem = port_problem(args.host, args.port)
+    if problem is not None:
+        print(f"genesis-hf playground: error: {problem}", file=sys.stderr)
+        return 2
     try:
         playground = Playground(
             CheckpointSource(runs=args.runs, repo=args.repo), cache_size=args.cache_size, concurrency=args.concurrency

@@ -109,5 +109,9 @@ def test_readme_pretrain_benchmark(tmp_path):
 @pytest.mark.slow
 def test_readme_data_benchmark(tmp_path):
     command = readme_command(".venv/bin/python benchmarks/data.py")
-    output = run(command + ["--repeats", "1", "--vocab-size", "512", "--seq-len", "64"], tmp_path, timeout=600)
-    assert json.loads(output)
+    flags = ["--repeats", "1", "--vocab-size", "512", "--seq-len", "64", "--long-document-mb", "4"]
+    report = json.loads(run(command + flags, tmp_path, timeout=600))
+    long_document = report["long_one_line_document"]
+    # A one-line document goes through pieces: same tokens as one whole encoding, for a fraction of its memory.
+    assert long_document["pieces_2mb"]["tokens"] == long_document["whole_2mb"]["tokens"]
+    assert long_document["pieces_4mb"]["tokens"] > long_document["pieces_2mb"]["tokens"]

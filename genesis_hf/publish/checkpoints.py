@@ -9,6 +9,7 @@ and loss read from the `genesis_checkpoint.json` that every export carries. The 
 
 import argparse
 import dataclasses
+import difflib
 import json
 import re
 import sys
@@ -185,6 +186,14 @@ def list_hub_checkpoints(
             f"Hub repo {repo_id!r} was not found at {api.endpoint}. Check the id; for a private repo set HF_TOKEN to a "
             "token that can read it."
         ) from None
+    except Exception as error:
+        # No connection (DNS, refused, offline mode): the network, not the request. httpx's errors are not OSErrors.
+        if not isinstance(error, OSError) and "Connect" not in type(error).__name__:
+            raise
+        raise CheckpointsError(
+            f"Cannot reach the Hub at {api.endpoint} to list {repo_id!r} ({type(error).__name__}: {error}). Check the "
+            "connection, or, if you meant a local folder, check its path: no such directory."
+        ) from None
     entries = []
     for branch in refs.branches:
         step = _step_from_name(branch.name)
@@ -211,6 +220,28 @@ def list_hub_checkpoints(
     return sorted(entries, key=lambda entry: (entry.step, entry.name == "main", entry.name))
 
 
+def _refuse_missing_local_path(source: str, path: Path) -> None:
+    """A `source` that can only be a local path (`./x`, `/x`, `~/x`, `a/b/c`), or whose first part is an existing
+    local folder (`outputs/genesis-tny` next to `outputs/`), is a mistyped path, not a Hub repo id."""
+    looks_local = source.startswith((".", "/", "~")) or source.count("/") > 1 or "\\" in source
+    parent = path.parent if str(path.parent) not in ("", ".") else None
+    if path.exists() and not path.is_dir():
+        raise CheckpointsError(
+            f"{source!r} is a file; pass a run's output directory (the folder holding checkpoints/)."
+        )
+    if not looks_local and (parent is None or not parent.is_dir()):
+        return
+    close = []
+    if parent is not None and parent.is_dir():
+        siblings = [child.name for child in parent.iterdir() if child.is_dir()]
+        close = [str(parent / name) for name in difflib.get_close_matches(path.name, siblings, n=3)]
+    hint = f" Did you mean {' or '.join(repr(name) for name in close)}?" if close else ""
+    raise CheckpointsError(
+        f"No local directory {source!r}.{hint} Pass a run's output directory, or a Hub repo id like "
+        "'your-name/genesis-1b' (one that does not name a local folder)."
+    )
+
+
 def list_run_checkpoints(
     source: str | Path, *, token: str | None = None, endpoint: str | None = None
 ) -> list[CheckpointEntry]:
@@ -227,6 +258,7 @@ def list_run_checkpoints(
     path = Path(source).expanduser()
     if path.is_dir():
         return list_local_checkpoints(path)
+    _refuse_missing_local_path(str(source), path)
     from huggingface_hub.errors import HFValidationError
     from huggingface_hub.utils import validate_repo_id
 
