@@ -358,3 +358,26 @@ def test_a_hub_repo_at_a_revision(run, tmp_path):
     assert (genesis["kind"], genesis["model_path"], genesis["revision"]) == ("hub", repo, f"step-{TRAIN_STEPS:07d}")
     assert (genesis["step"], genesis["tokens_seen"]) == (TRAIN_STEPS, TRAIN_STEPS * 16 * 64)
     assert genesis["sanity_gate"]["ok"]
+
+
+def test_run_folders_resolve_to_their_final_model_or_newest_checkpoint(run, tmp_path):
+    from genesis_hf.evaluate.harness import resolve_target
+
+    run_dir = run["checkpoint"].parent.parent
+    target = resolve_target(str(run_dir), tmp_path / "work", export_dtype="fp32", log=print)
+    assert (target.kind, target.step) == ("training-checkpoint", TRAIN_STEPS)
+    assert Path(target.pretrained, "config.json").is_file()
+    # A pretraining run's final/ (save_pretrained + the checkpoint it came from) is preferred over re-exporting.
+    finished = tmp_path / "finished"
+    (finished / "final").mkdir(parents=True)
+    for item in run["hf"].iterdir():
+        (finished / "final" / item.name).write_bytes(item.read_bytes())
+    (finished / "final" / "genesis_checkpoint.json").unlink()
+    (finished / "final" / "training_checkpoint.json").write_text(json.dumps({"checkpoint": str(run["checkpoint"])}))
+    target = resolve_target(str(finished), tmp_path / "work2", export_dtype="fp32", log=print)
+    assert (target.kind, target.pretrained) == ("hf", str((finished / "final").resolve()))
+    assert (target.step, target.recorded_loss_kind, target.mixture) == (
+        TRAIN_STEPS,
+        "loss",
+        str(run_dir / "mixture.yaml"),
+    )

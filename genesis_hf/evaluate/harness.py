@@ -1,10 +1,10 @@
 """Run lm-evaluation-harness on any Genesis model: find what MODEL is, gate it, evaluate it, save the results.
 
 MODEL may be a training checkpoint (exported on the fly, with `genesis-hf export`'s verification, to a temporary
-folder), a run's output folder (its newest checkpoint, or the model a TRL trainer saved at its root), an exported
-folder (hf with remote code, or plain llama), a GGUF file, or a Hub repo `owner/name[@revision]`. The harness loads
-it through its own `HFLM` (`--model hf`) with the same `model_args` the seed's `lm_eval` command line would use, so
-the two give the same numbers.
+folder), a run's output folder (its `final/` model, written by pretraining, SFT and DPO, else its newest checkpoint),
+an exported folder (hf with remote code, or plain llama), a GGUF file, or a Hub repo `owner/name[@revision]`. The
+harness loads it through its own `HFLM` (`--model hf`) with the same `model_args` the seed's `lm_eval` command line
+would use, so the two give the same numbers.
 """
 
 import dataclasses
@@ -21,6 +21,7 @@ from genesis_hf.evaluate.sanity import SanityReport, run_sanity_gate
 from genesis_hf.evaluate.tasks import PACKAGED_TASKS_DIR
 
 CHECKPOINT_METADATA_FILE = "genesis_checkpoint.json"  # written next to every export by genesis_hf.publish.export
+FINAL_MARKER_FILE = "training_checkpoint.json"  # in a pretraining run's final/: the checkpoint it was saved from
 _RUN_FILES_DEPTH = 3  # a checkpoint's run files sit in it, its parent or its grandparent (checkpoints/step-X)
 
 
@@ -66,7 +67,11 @@ def _read_json(path: Path) -> dict:
 
 def _run_metadata(target: EvalTarget, folder: Path) -> EvalTarget:
     """Fill step, tokens seen, recorded loss and the data mixture from the files a run leaves next to its model."""
-    state = {**_read_json(folder / "trainer_state.json"), **_read_json(folder / CHECKPOINT_METADATA_FILE)}
+    # A pretraining run's final/ names the checkpoint it was saved from (training_checkpoint.json).
+    source = _read_json(folder / FINAL_MARKER_FILE).get("checkpoint")
+    source_dir = Path(source) if isinstance(source, str) and Path(source).is_dir() else None
+    state = _read_json(source_dir / "trainer_state.json") if source_dir else {}
+    state = {**state, **_read_json(folder / "trainer_state.json"), **_read_json(folder / CHECKPOINT_METADATA_FILE)}
     history = [entry for entry in state.get("log_history") or [] if isinstance(entry, dict)]  # TRL's trainer_state
     target.step = state.get("step", state.get("global_step"))
     target.tokens_seen = state.get("tokens_seen")
@@ -77,7 +82,7 @@ def _run_metadata(target: EvalTarget, folder: Path) -> EvalTarget:
         if isinstance(value, (int, float)) and math.isfinite(value):
             target.recorded_loss, target.recorded_loss_kind = float(value), kind
             break
-    for directory in [folder, *folder.parents][:_RUN_FILES_DEPTH]:
+    for directory in ([source_dir] if source_dir else []) + [folder, *folder.parents][:_RUN_FILES_DEPTH]:
         if (directory / "run_config.yaml").is_file():
             run_config = yaml.safe_load((directory / "run_config.yaml").read_text(encoding="utf-8")) or {}
             mixture = run_config.get("mixture") if isinstance(run_config, dict) else None
@@ -147,7 +152,10 @@ def resolve_target(model: str, workdir: Path, *, export_dtype: str, log: Callabl
     if path.is_dir():
         from genesis_hf.training.checkpoint import list_checkpoints
 
-        if not (path / "config.json").is_file() and (path / "checkpoints").is_dir():
+        if not (path / "config.json").is_file() and (path / "final" / "config.json").is_file():
+            log(f"{model}: evaluating the run's final model, {path / 'final'}.")
+            path = path / "final"
+        elif not (path / "config.json").is_file() and (path / "checkpoints").is_dir():
             checkpoints = list_checkpoints(path)
             if not checkpoints:
                 raise EvalError(f"Run folder {model!r} has no complete checkpoint yet (checkpoints/ is empty).")
