@@ -1,6 +1,7 @@
 """`genesis-hf eval`, `eval_tasks` and `report` on a tiny trained run, with small local benchmarks in the real formats
 of HellaSwag, PIQA, ARC, Winogrande, LAMBADA and GSM8K (generate_until), made here; the `lm_eval` CLI is the peer."""
 
+import dataclasses
 import json
 import math
 import os
@@ -279,8 +280,31 @@ def test_sanity_gate_is_quiet_on_the_good_model_and_fires_on_broken_ones(run, tm
         for layer in model.model.layers:
             for projection, heads in ((layer.self_attn.q_proj, 4), (layer.self_attn.k_proj, 2)):
                 projection.weight.copy_(sanity._pair_interleaved(projection.weight.clone(), heads))
-    rotated = sanity.run_sanity_gate(model, tokenizer, recorded_loss=recorded)
-    assert not rotated.ok and "rotary layout" in rotated.message(), rotated.message()
+    interleaved = sanity.run_sanity_gate(model, tokenizer, recorded_loss=recorded)
+    assert not interleaved.ok and "rotary layout" in interleaved.message(), interleaved.message()
+
+    # Q/K rotated the other way (the sign of the sine flipped) on the good weights.
+    model, _ = _load(run["hf"])
+    with torch.no_grad():
+        for layer in model.model.layers:
+            for projection, heads in ((layer.self_attn.q_proj, 4), (layer.self_attn.k_proj, 2)):
+                projection.weight.copy_(sanity._reverse_rotation(projection.weight.clone(), heads))
+    reversed_rotation = sanity.run_sanity_gate(model, tokenizer, recorded_loss=recorded)
+    assert not reversed_rotation.ok and "rotated the other way the held-out loss drops" in reversed_rotation.message()
+
+
+def test_what_the_gate_says_about_the_seeds_base_model():
+    # The seed's numbers: training loss 1.93 at step 40,000, LAMBADA perplexity 3,360,048, vocabulary 49,152.
+    report = sanity.SanityReport(
+        held_out_loss=math.log(3_360_048), held_out_source="held-out text", num_tokens=2048, vocab_size=49_152,
+        recorded_loss=1.93, recorded_loss_kind="loss",
+    )  # fmt: skip
+    message = sanity.judge(report).message()
+    assert message.startswith("This model does not match its tokenizer or its export: held-out perplexity 3,360,048.0")
+    assert "its scores will sit at chance, yet the run recorded loss 1.930 (perplexity 6.9)" in message
+    # Perplexity in the thousands fires even without a recorded loss; a healthy model's does not.
+    assert not sanity.judge(dataclasses.replace(report, held_out_loss=math.log(2500), recorded_loss=None)).ok
+    assert sanity.judge(dataclasses.replace(report, held_out_loss=math.log(25), recorded_loss=None)).ok
 
 
 def test_eval_exits_non_zero_when_the_gate_fires_unless_told_not_to(run, tmp_path, capsys):

@@ -28,6 +28,8 @@ OTHER_TEXT_RELATIVE_MARGIN = 0.5
 # A layout variant must beat the loaded weights by this much to count (below it, an undertrained model's noise).
 ROPE_PROBE_MARGIN = 0.01
 CHANCE_FRACTION = 0.9
+# Held-out perplexity in the thousands means a broken model whatever its size (healthy small models sit in the tens).
+PERPLEXITY_LIMIT = 1000.0
 HOLDOUT_EVERY = 20  # the default mixture's: documents 19, 39, ... of each embedded source never reach training
 # The embedded sample stops reading prose at half the tokens wanted; code fills the rest.
 EMBEDDED_SOURCE_SHARE = {"stdlib-docs": 0.5, "stdlib-code": 1.0}
@@ -169,33 +171,47 @@ def tokenizer_round_trip_failures(tokenizer, vocab_size: int) -> list[str]:
 
 
 def judge(report: SanityReport) -> SanityReport:
-    """Fill `report.problems` in plain words, with the numbers."""
+    """Fill `report.problems` (replacing any earlier verdict) in plain words, with the numbers."""
+    report.problems = []
     loss, perplexity = report.held_out_loss, report.held_out_perplexity
     measured = f"held-out perplexity {perplexity:,.1f} (loss {loss:.3f} nats) on {report.num_tokens} tokens of " + (
         report.held_out_source
     )
-    chance = math.log(report.vocab_size)
-    if loss >= CHANCE_FRACTION * chance:
-        report.problems.append(
-            f"{measured} is at or above guessing uniformly over its {report.vocab_size:,} tokens (perplexity "
-            f"{report.vocab_size:,}): its scores will sit at chance."
+    recorded = ""
+    if report.recorded_loss is not None:
+        recorded = (
+            f"the run recorded {report.recorded_loss_kind} {report.recorded_loss:.3f} (perplexity "
+            f"{math.exp(report.recorded_loss):,.1f})"
         )
-    elif report.recorded_loss is not None:
+    at_chance = loss >= CHANCE_FRACTION * math.log(report.vocab_size)
+    if at_chance or perplexity >= PERPLEXITY_LIMIT:
+        where = (
+            f"at or above guessing uniformly over its {report.vocab_size:,} tokens (perplexity {report.vocab_size:,})"
+            if at_chance
+            else f"above {PERPLEXITY_LIMIT:,.0f}, where no trained model sits on ordinary prose and code"
+        )
+        report.problems.append(
+            f"{measured} is {where}: its scores will sit at chance" + (f", yet {recorded}." if recorded else ".")
+        )
+        return _judge_tokenizer(report)  # at chance every layout variant is noise: the probe says nothing more
+    if report.recorded_loss is not None:
         if report.held_out_source.startswith("the run's validation split"):
             margin = VALIDATION_MARGIN
         else:
             margin = OTHER_TEXT_MARGIN + OTHER_TEXT_RELATIVE_MARGIN * report.recorded_loss
         if loss > report.recorded_loss + margin:
-            report.problems.append(
-                f"{measured}, but the run recorded {report.recorded_loss_kind} {report.recorded_loss:.3f} (perplexity "
-                f"{math.exp(report.recorded_loss):,.1f}); more than {margin:.2f} nats apart."
-            )
-    for name, variant_loss in report.rope_variant_losses.items():
+            report.problems.append(f"{measured}, but {recorded}: more than {margin:.2f} nats apart.")
+    if report.rope_variant_losses:
+        name, variant_loss = min(report.rope_variant_losses.items(), key=lambda item: item[1])
         if variant_loss < loss - ROPE_PROBE_MARGIN:
             report.problems.append(
                 f"With {name} the held-out loss drops from {loss:.3f} to {variant_loss:.3f}: the query/key weights are "
                 "stored in the wrong rotary layout (export with `genesis-hf export`, which verifies it)."
             )
+    return _judge_tokenizer(report)
+
+
+def _judge_tokenizer(report: SanityReport) -> SanityReport:
     if report.round_trip_failures:
         report.problems.append("The tokenizer does not round-trip: " + "; ".join(report.round_trip_failures) + ".")
     return report
