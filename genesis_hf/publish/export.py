@@ -45,6 +45,7 @@ import numpy as np
 import torch
 import yaml
 from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig, LlamaForCausalLM
+from transformers.dynamic_module_utils import get_class_from_dynamic_module
 
 import genesis_hf
 from genesis_hf.convert import from_llama, to_llama
@@ -108,10 +109,12 @@ class VerificationResult:
     tolerance: float
     num_prompts: int
     num_tokens: int
+    # Greedy generation with the KV cache against one uncached forward pass over the generated text, on the reload.
+    max_abs_diff_cached: float = 0.0
 
     @property
     def ok(self) -> bool:
-        return self.max_abs_diff <= self.tolerance
+        return self.max_abs_diff <= self.tolerance and self.max_abs_diff_cached <= self.tolerance
 
 
 @dataclasses.dataclass
@@ -552,10 +555,44 @@ def _logits(model: torch.nn.Module, prompt_ids: list[list[int]]) -> list[torch.T
     return [model(torch.tensor([ids])).logits[0].float() for ids in prompt_ids if ids]
 
 
+@torch.no_grad()
+def cached_generation_difference(model: torch.nn.Module, prompt_ids: list[int], new_tokens: int = 8) -> float:
+    """Max |logit difference| between greedy `generate()` with the KV cache and an uncached forward pass.
+
+    One forward pass compares the weights; this compares the cache path too, which transformers drives through an
+    interface that has changed between releases (5.24 passes the cache as `cache=`): a model that ignores the cache
+    loses its context from the second new token on, with the first token and every single-pass check still right.
+    """
+    prompt = torch.tensor([prompt_ids])
+    output = model.generate(
+        prompt,
+        attention_mask=torch.ones_like(prompt),
+        max_new_tokens=new_tokens,
+        min_new_tokens=new_tokens,
+        do_sample=False,
+        use_cache=True,
+        output_logits=True,
+        return_dict_in_generate=True,
+        pad_token_id=0,
+        eos_token_id=None,
+    )
+    # (new_tokens, vocab): the logits that chose each new token, with and without the cache.
+    cached = torch.cat(output.logits).float()
+    uncached = model(output.sequences, use_cache=False).logits[0, len(prompt_ids) - 1 : -1].float()
+    return (cached - uncached).abs().max().item()
+
+
 def _reload(out_dir: Path, export_format: str, gguf_file: str | None):
     """Load the export the way its users will, in fp32."""
     if export_format == "hf":
-        model = AutoModelForCausalLM.from_pretrained(out_dir, trust_remote_code=True, dtype=torch.float32)
+        # The class named by the folder's auto_map, imported from the folder's own files: in this process genesis_hf
+        # is registered for `model_type: genesis`, and AutoModelForCausalLM would pick the installed class instead of
+        # the remote code that users without genesis_hf run.
+        auto_map = json.loads((out_dir / "config.json").read_text()).get("auto_map") or {}
+        if "AutoModelForCausalLM" not in auto_map:
+            raise ExportMismatchError(f"{out_dir / 'config.json'} has no auto_map for AutoModelForCausalLM.")
+        model_class = get_class_from_dynamic_module(auto_map["AutoModelForCausalLM"], out_dir)
+        model = model_class.from_pretrained(out_dir, dtype=torch.float32)
         tokenizer = AutoTokenizer.from_pretrained(out_dir)
     elif export_format == "llama":
         config = json.loads((out_dir / "config.json").read_text())
@@ -617,6 +654,7 @@ def verify_export(
                 "trained on."
             )
     got_logits = _logits(reloaded, prompt_ids)
+    cached_diff = cached_generation_difference(reloaded, next(ids for ids in prompt_ids if ids))
     del reloaded
     max_diff = max((a - b).abs().max().item() for a, b in zip(expected_logits, got_logits))
     max_diff_fp32 = max((a - b).abs().max().item() for a, b in zip(fp32_logits, got_logits))
@@ -626,7 +664,14 @@ def verify_export(
         tolerance=tolerance,
         num_prompts=len(got_logits),
         num_tokens=sum(len(ids) for ids in prompt_ids),
+        max_abs_diff_cached=cached_diff,
     )
+    if cached_diff > tolerance:
+        raise ExportMismatchError(
+            f"The {export_format} export generates differently with its KV cache than without: max |logit "
+            f"difference| = {cached_diff:.3g} > tolerance {tolerance:.3g} over 8 greedy tokens. Its modeling code does "
+            "not use the cache transformers passes (re-export with this version of genesis-hf to refresh it)."
+        )
     if not result.ok:
         raise ExportMismatchError(
             f"The {export_format} export does not reproduce the source model: max |logit difference| = "
