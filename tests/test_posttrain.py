@@ -540,3 +540,23 @@ def test_configs_use_only_known_keys_and_the_seed_values(kind):
         assert (seed["adam_beta1"], seed["adam_beta2"], seed["mixture"]) == (0.9, 0.95, "genesis-1b")
     else:
         assert (seed["beta"], seed["loss_type"], seed["learning_rate"]) == (0.1, ["sigmoid"], 5e-7)
+
+
+def test_plan_counts_sft_and_dpo_memory_for_the_1b_on_two_4090s(capsys):
+    from genesis_hf.cli import main as cli_main
+    from genesis_hf.training.plan import estimate_memory, resolve_preset
+
+    config = resolve_preset("genesis-1b", {"vocab_size": 49156})
+    settings = dict(gpus=2, micro_batch=1, seq_len=2048, activation_checkpointing=True, gpu="RTX 4090")
+    sft, dpo = estimate_memory(config, **settings, stage="sft"), estimate_memory(config, **settings, stage="dpo")
+    pairs_as_sequences = estimate_memory(config, **{**settings, "micro_batch": 2}, stage="sft")
+    # bf16 reference: half of 2 bytes per parameter on each of the 2 GPUs, plus the gathered embeddings and blocks.
+    assert sft.reference_model_bytes == 0 and dpo.num_parameters < dpo.reference_model_bytes < 2 * dpo.num_parameters
+    assert dpo.activations_bytes == pairs_as_sequences.activations_bytes
+    assert dpo.logits_bytes == pairs_as_sequences.logits_bytes
+    assert dpo.total_bytes > pairs_as_sequences.total_bytes + dpo.reference_model_bytes
+    argv = ["plan", "--stage", "dpo", "--config", str(REPO / "recipes/configs/dpo/genesis-1b.yaml"), "--gpu", "RTX 4090"]
+    assert cli_main(argv) == 0
+    report = capsys.readouterr().out
+    assert report.startswith("DPO genesis-1b") and "reference model (bf16, no gradients)" in report
+    assert "vocab 49156" in report and "RTX 4090" in report

@@ -78,6 +78,9 @@ BF16 = 2
 FP32 = 4
 # Decoder blocks unsharded at once under FSDP: the one computing and the one being prefetched.
 LIVE_BLOCKS = 2
+# Post-training stages: SFT costs what pretraining costs at its own batch; DPO runs chosen and rejected through the
+# policy in one forward (twice the sequences) and holds a frozen reference model.
+STAGES = ("pretrain", "sft", "dpo")
 
 
 @dataclass
@@ -103,6 +106,8 @@ class MemoryPlan:
         total_bytes: the sum of the above.
         gpu_memory_bytes: nominal memory of `gpu`, or `None`.
         fits: whether `total_bytes <= FIT_FRACTION * gpu_memory_bytes`; `None` without a GPU.
+        stage: `pretrain`, `sft` or `dpo`.
+        reference_model_bytes: DPO's frozen reference model (bf16, sharded like the policy; no gradients).
     """
 
     gpus: int
@@ -123,6 +128,8 @@ class MemoryPlan:
     total_bytes: int
     gpu_memory_bytes: int | None
     fits: bool | None
+    stage: str = "pretrain"
+    reference_model_bytes: int = 0
 
     def utilization(self, gpu: str) -> float:
         """Fraction of `gpu`'s memory this plan needs (1.0 = full)."""
@@ -208,8 +215,9 @@ def estimate_memory(
     activation_checkpointing: bool,
     gpu: str | None = None,
     gradient_sync_every_micro_batch: bool = False,
+    stage: str = "pretrain",
 ) -> MemoryPlan:
-    """Estimate the peak memory per GPU of pretraining `config` with FSDP2 (see the module docstring for the model).
+    """Estimate the peak memory per GPU of training `config` with FSDP2 (see the module docstring for the model).
 
     Args:
         config: the model's `GenesisConfig`.
@@ -220,6 +228,9 @@ def estimate_memory(
         gpu: a key of `GPU_MEMORY_BYTES` (case-insensitive) to decide `fits`; `None` leaves `fits` unset.
         gradient_sync_every_micro_batch: the trainer reduce-scatters gradients after every micro-batch instead of
             accumulating unsharded gradients until the last one (genesis_hf's trainer does the latter).
+        stage: `pretrain`, `sft` (the same estimate at the SFT batch) or `dpo` (chosen and rejected sequences of each
+            pair in one forward, so twice the activations and logits, plus a bf16 reference model sharded like the
+            policy; its forward runs without gradients, so it keeps no activations).
 
     Raises:
         ConfigError: a non-positive size or an unknown GPU.
@@ -228,6 +239,8 @@ def estimate_memory(
     micro_batch = _check_positive("micro_batch", micro_batch)
     seq_len = _check_positive("seq_len", seq_len)
     gpu = resolve_gpu(gpu) if gpu is not None else None
+    if stage not in STAGES:
+        raise ConfigError(f"stage={stage!r}; use one of {', '.join(STAGES)}.")
 
     counts = parameter_counts(config)
     num_parameters = counts.total
@@ -249,7 +262,7 @@ def estimate_memory(
         gradients_bytes = FP32 * num_parameters + BF16 * live_parameters
     optimizer_bytes = 2 * FP32 * shard
 
-    tokens = micro_batch * seq_len
+    tokens = micro_batch * seq_len * (2 if stage == "dpo" else 1)
     per_layer = activation_bytes_per_token_per_layer(config) * tokens
     final_norm = (FP32 + 2 * BF16) * config.hidden_size * tokens
     layer_inputs = BF16 * config.hidden_size * tokens * config.num_hidden_layers
@@ -258,7 +271,12 @@ def estimate_memory(
     activations_bytes = with_checkpointing if activation_checkpointing else without_checkpointing
     logits_bytes = (BF16 + FP32 + FP32) * config.vocab_size * tokens
 
-    tensors = parameters_bytes + gradients_bytes + optimizer_bytes + activations_bytes + logits_bytes
+    reference_model_bytes = 0
+    if stage == "dpo":
+        reference_model_bytes = BF16 * num_parameters if gpus == 1 else BF16 * (shard + live_parameters)
+    tensors = (
+        parameters_bytes + gradients_bytes + optimizer_bytes + activations_bytes + logits_bytes + reference_model_bytes
+    )
     overhead_bytes = (
         CUDA_CONTEXT_BYTES + (NCCL_BUFFER_BYTES if gpus > 1 else 0) + round(ALLOCATOR_SLACK_FRACTION * tensors)
     )
@@ -283,6 +301,8 @@ def estimate_memory(
         total_bytes=total_bytes,
         gpu_memory_bytes=gpu_memory_bytes,
         fits=None if gpu_memory_bytes is None else total_bytes <= FIT_FRACTION * gpu_memory_bytes,
+        stage=stage,
+        reference_model_bytes=reference_model_bytes,
     )
 
 
@@ -296,6 +316,7 @@ def _settings_from_args(args: argparse.Namespace) -> dict[str, Any]:
             ("model_preset", "preset"),
             ("per_device_train_batch_size", "micro_batch"),
             ("seq_len", "seq_len"),
+            ("max_length", "seq_len"),  # SFT/DPO YAMLs (TRL's name)
             ("gradient_checkpointing", "activation_checkpointing"),
             ("model_overrides", "model_overrides"),
         ):
@@ -354,6 +375,7 @@ def format_plan(plan: MemoryPlan, config: GenesisConfig, preset: str) -> str:
         activation_checkpointing=not plan.activation_checkpointing,
         gpu=plan.gpu,
         gradient_sync_every_micro_batch=plan.gradient_sync_every_micro_batch,
+        stage=plan.stage,
     )
     parameters_label = "parameters (fp32 shard + bf16 gathered copies)"
     if plan.gpus == 1:
@@ -373,10 +395,14 @@ def format_plan(plan: MemoryPlan, config: GenesisConfig, preset: str) -> str:
         ("CUDA context, NCCL, allocator slack", plan.overhead_bytes),
         ("total", plan.total_bytes),
     ]
+    if plan.stage == "dpo":
+        rows.insert(5, ("reference model (bf16, no gradients)", plan.reference_model_bytes))
     lines = [
-        f"{preset}: {_format_count(plan.num_parameters)} parameters, "
+        (f"{plan.stage.upper()} " if plan.stage != "pretrain" else "")
+        + f"{preset}: {_format_count(plan.num_parameters)} parameters, "
         + ("1 GPU, " if plan.gpus == 1 else f"{plan.gpus} GPUs with FSDP full sharding, ")
-        + f"micro-batch {plan.micro_batch} x {plan.seq_len} tokens, activation checkpointing "
+        + f"micro-batch {plan.micro_batch}{' pairs' if plan.stage == 'dpo' else ''} x {plan.seq_len} tokens, "
+        + "activation checkpointing "
         + ("on" if plan.activation_checkpointing else "off"),
         "",
         f"{'memory per GPU':<52}{'GiB':>7}",
@@ -402,7 +428,11 @@ def format_plan(plan: MemoryPlan, config: GenesisConfig, preset: str) -> str:
 def _run_plan(args: argparse.Namespace) -> int:
     try:
         settings = _settings_from_args(args)
-        config = resolve_preset(settings["preset"], settings["model_overrides"])
+        overrides = dict(settings["model_overrides"])
+        if args.stage != "pretrain" and "vocab_size" not in overrides:
+            # SFT adds the four ChatML tokens to the vocabulary (49152 -> 49156 for the 1B).
+            overrides["vocab_size"] = resolve_preset(settings["preset"]).vocab_size + 4
+        config = resolve_preset(settings["preset"], overrides)
         seq_len = settings["seq_len"] if settings["seq_len"] is not None else config.max_position_embeddings
         plan = estimate_memory(
             config,
@@ -412,6 +442,7 @@ def _run_plan(args: argparse.Namespace) -> int:
             activation_checkpointing=settings["activation_checkpointing"],
             gpu=args.gpu,
             gradient_sync_every_micro_batch=args.sync_every_micro_batch,
+            stage=args.stage,
         )
     except ConfigError as error:
         print(f"genesis-hf plan: error: {error}", file=sys.stderr)
@@ -480,6 +511,12 @@ def register_cli(subparsers: argparse._SubParsersAction) -> None:
         action="store_true",
         help="Estimate for a trainer that reduce-scatters gradients after every micro-batch (less memory, more "
         "traffic); the default matches genesis_hf's trainer, which accumulates unsharded gradients.",
+    )
+    parser.add_argument(
+        "--stage",
+        choices=STAGES,
+        default="pretrain",
+        help="pretrain, sft (ChatML tokens added) or dpo (pairs in one forward, plus a reference model).",
     )
     parser.add_argument("--json", action="store_true", help="Print the estimate as JSON (sizes in bytes).")
     parser.set_defaults(func=_run_plan)
