@@ -25,6 +25,11 @@ COVERED_ELSEWHERE = {
     ),
     ".venv/bin/genesis-hf export": "test_export.py (cli export of a training checkpoint)",
     ".venv/bin/genesis-hf checkpoints": "test_hub_push.py (cli checkpoints)",
+    ".venv/bin/genesis-hf eval outputs/": "test_evaluate.py (a training checkpoint, a run folder, exports, GGUF)",
+    ".venv/bin/genesis-hf eval you/": "test_evaluate.py::test_a_hub_repo_at_a_revision (the local Hub server)",
+    ".venv/bin/genesis-hf eval_tasks": "test_evaluate.py (the local benchmarks of every test there)",
+    ".venv/bin/genesis-hf report": "test_evaluate.py::test_report_table_and_chart",
+    "lm_eval --model hf": "test_evaluate.py::test_the_seeds_lm_eval_command_gives_the_same_numbers (fp32 on CPU)",
     ".venv/bin/accelerate launch recipes/sft.py": "test_posttrain.py (README SFT then DPO)",
     ".venv/bin/accelerate launch recipes/dpo.py": "test_posttrain.py (README SFT then DPO)",
     ".venv/bin/accelerate launch --config_file accelerate_configs/fsdp2-2x4090-pcie.yaml recipes/sft.py": (
