@@ -107,7 +107,7 @@ def test_hf_export_shards_reloads_without_genesis_hf_and_card_snippet_runs(tiny,
     inputs = tokenizer("The history of science", return_tensors="pt")
     with torch.no_grad():
         peer_ids = export.to_llama(model).generate(**inputs, max_new_tokens=32, do_sample=False)
-    assert tokenizer.decode(peer_ids[0], skip_special_tokens=True) in result.stdout.splitlines()
+    assert result.stdout.splitlines() == [tokenizer.decode(peer_ids[0], skip_special_tokens=True)]
 
 
 def test_llama_export_loads_with_plain_llama(tiny, tmp_path):

@@ -276,8 +276,9 @@ def usage_snippet(repo_id: str, export_format: str, revision: str | None = None,
         ]
     else:
         remote_code = ", trust_remote_code=True" if export_format == "hf" else ""
+        # The tokenizer too: AutoTokenizer reads config.json, whose auto_map would otherwise make it ask on stdin.
         lines += [
-            f"tokenizer = AutoTokenizer.from_pretrained(repo_id{revision_argument})",
+            f"tokenizer = AutoTokenizer.from_pretrained(repo_id{revision_argument}{remote_code})",
             f"model = AutoModelForCausalLM.from_pretrained(repo_id{revision_argument}{remote_code})",
         ]
     lines += [
