@@ -385,12 +385,17 @@ def test_a_hub_repo_at_a_revision(run, tmp_path):
 
 
 def test_run_folders_resolve_to_their_final_model_or_newest_checkpoint(run, tmp_path):
-    from genesis_hf.evaluate.harness import resolve_target
+    from genesis_hf.evaluate.harness import export_for_evaluation, resolve_target
 
     run_dir = run["checkpoint"].parent.parent
-    target = resolve_target(str(run_dir), tmp_path / "work", export_dtype="fp32", log=print)
-    assert (target.kind, target.step) == ("training-checkpoint", TRAIN_STEPS)
-    assert Path(target.pretrained, "config.json").is_file()
+    target = resolve_target(str(run_dir), tmp_path / "work", log=print)
+    assert (target.kind, target.step, target.pretrained) == (
+        "training-checkpoint",
+        TRAIN_STEPS,
+        str(run["checkpoint"]),
+    )
+    export_for_evaluation(target, tmp_path / "work", export_dtype="fp32", log=print)
+    assert Path(target.pretrained, "config.json").is_file() and target.checkpoint == str(run["checkpoint"])
     # A pretraining run's final/ (save_pretrained + the checkpoint it came from) is preferred over re-exporting.
     finished = tmp_path / "finished"
     (finished / "final").mkdir(parents=True)
@@ -398,10 +403,43 @@ def test_run_folders_resolve_to_their_final_model_or_newest_checkpoint(run, tmp_
         (finished / "final" / item.name).write_bytes(item.read_bytes())
     (finished / "final" / "genesis_checkpoint.json").unlink()
     (finished / "final" / "training_checkpoint.json").write_text(json.dumps({"checkpoint": str(run["checkpoint"])}))
-    target = resolve_target(str(finished), tmp_path / "work2", export_dtype="fp32", log=print)
+    target = resolve_target(str(finished), tmp_path / "work2", log=print)
     assert (target.kind, target.pretrained) == ("hf", str((finished / "final").resolve()))
     assert (target.step, target.recorded_loss_kind, target.mixture) == (
         TRAIN_STEPS,
         "loss",
         str(run_dir / "mixture.yaml"),
     )
+
+
+def _bad_eval_inputs(tmp_path: Path) -> list[tuple[list[str], str]]:
+    (tmp_path / "typo.yaml").write_text("model: x\nlimt: 3\n")
+    (tmp_path / "not-a-model").mkdir()
+    (tmp_path / "not-a-model" / "notes.txt").write_text("hello")
+    return [
+        (["eval"], "MODEL is required"),
+        (["eval", "--config", str(tmp_path / "typo.yaml")], "'limt' (did you mean 'limit'?)"),
+        (["eval", "m", "--batch_size", "lots"], "--batch_size 'lots'"),
+        (["eval", "m", "--limit", "0"], "--limit 0"),
+        (["eval", "m", "--include_path", str(tmp_path / "nowhere")], "is not a folder"),
+        (["eval", str(tmp_path / "missing-step"), "--tasks", "aligned"], "does not exist"),
+        (["eval", str(tmp_path / "not-a-model"), "--tasks", "aligned"], "is a folder but not a model"),
+    ]
+
+
+def test_bad_eval_input_fails_early_with_the_value_and_the_fix(tmp_path, capsys):
+    for argv, message in _bad_eval_inputs(tmp_path):
+        assert cli.main(argv) == 2, argv
+        error = capsys.readouterr().err
+        assert error.startswith("genesis-hf eval: error:") and message in error, (argv, error)
+
+
+def test_eval_reads_a_config_file_and_flags_override_it(run, tmp_path, capsys):
+    config = {"model": str(run["llama"]), "tasks": "piqa,arc_easy", "include_path": str(run["tasks"]), "limit": 2}
+    (tmp_path / "eval.yaml").write_text(json.dumps({**config, "output_path": str(tmp_path / "unused.json")}))
+    argv = ["eval", "--config", str(tmp_path / "eval.yaml"), "--output_path", str(tmp_path / "llama.json")]
+    assert cli.main(argv + ["--batch_size", "1"]) == 0, capsys.readouterr()
+    results = json.loads((tmp_path / "llama.json").read_text())
+    assert not (tmp_path / "unused.json").exists()
+    assert set(results["results"]) == {"piqa", "arc_easy"} and results["n-samples"]["piqa"]["effective"] == 2
+    assert results["genesis"]["kind"] == "llama" and "trust_remote_code" not in results["config"]["model_args"]

@@ -106,9 +106,7 @@ def summary_record(target, arguments: EvalArguments, sanity) -> dict:
     return {
         "model": arguments.model,
         "kind": target.kind,
-        "model_path": target.pretrained
-        if target.kind != "training-checkpoint"
-        else str(Path(arguments.model).resolve()),
+        "model_path": target.checkpoint or target.pretrained,
         "revision": target.revision,
         "gguf_file": target.gguf_file,
         "step": target.step,
@@ -126,23 +124,27 @@ def run_eval(arguments: EvalArguments, log=print) -> tuple[int, dict | None]:
     import torch
     from lm_eval.utils import handle_non_serializable, make_table
 
-    from genesis_hf.evaluate.harness import evaluate_target, resolve_target, sanity_check
+    from genesis_hf.evaluate import harness
 
     output = results_path(arguments)
+    tasks = split_list(arguments.tasks)
     device = arguments.device or ("cuda" if torch.cuda.is_available() else "cpu")
     on_gpu = device.startswith("cuda")
     with tempfile.TemporaryDirectory(prefix="genesis-eval-") as workdir:
-        target = resolve_target(arguments.model, Path(workdir), export_dtype="bf16" if on_gpu else "fp32", log=log)
+        # Cheap checks first (the model's path, the task names), then the export and the model loads.
+        target = harness.resolve_target(arguments.model, Path(workdir), log=log)
+        task_manager = harness.load_task_manager(tasks, split_list(arguments.include_path))
         started = time.perf_counter()
-        sanity = sanity_check(target, device, log)
+        harness.export_for_evaluation(target, Path(workdir), export_dtype="bf16" if on_gpu else "fp32", log=log)
+        sanity = harness.sanity_check(target, device, log)
         log(sanity.message())
         if not sanity.ok and not arguments.no_sanity_gate:
             log("Not running the suite; fix the model, or pass --no_sanity_gate to evaluate it anyway.")
             return 1, None
-        results = evaluate_target(
+        results = harness.evaluate_target(
             target,
-            split_list(arguments.tasks),
-            include_path=split_list(arguments.include_path),
+            tasks,
+            task_manager=task_manager,
             num_fewshot=arguments.num_fewshot,
             limit=int(arguments.limit) if arguments.limit and arguments.limit >= 1 else arguments.limit,
             batch_size=arguments.batch_size,

@@ -44,6 +44,7 @@ class EvalTarget:
     recorded_loss: float | None = None
     recorded_loss_kind: str | None = None
     mixture: str | None = None
+    checkpoint: str | None = None  # the training checkpoint an on-the-fly export was made from
 
     def model_args(self, dtype: str) -> str:
         """The `--model_args` string of the `lm_eval` CLI that loads this model the same way."""
@@ -94,7 +95,12 @@ def _run_metadata(target: EvalTarget, folder: Path) -> EvalTarget:
 def _hub_metadata(target: EvalTarget, workdir: Path) -> EvalTarget:
     """Step, tokens seen and loss from the `genesis_checkpoint.json` a genesis_hf upload carries, when it has one."""
     from huggingface_hub import hf_hub_download
-    from huggingface_hub.errors import EntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError
+    from huggingface_hub.errors import (
+        EntryNotFoundError,
+        LocalEntryNotFoundError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
 
     try:
         path = hf_hub_download(target.pretrained, CHECKPOINT_METADATA_FILE, revision=target.revision)
@@ -107,6 +113,11 @@ def _hub_metadata(target: EvalTarget, workdir: Path) -> EvalTarget:
         raise EvalError(
             f"Hub repo {target.pretrained!r} does not exist or is private (log in with `hf auth login` or set "
             "HF_TOKEN); for a local folder, check the path."
+        ) from None
+    except LocalEntryNotFoundError:
+        raise EvalError(
+            f"Cannot reach the Hub for {target.pretrained!r} and it is not in the local cache (HF_HUB_OFFLINE, or no "
+            "network). Download it while online (`hf download REPO --revision REV`), or pass a local folder."
         ) from None
     except EntryNotFoundError:
         return target  # not uploaded by genesis_hf: evaluated all the same, without training metadata
@@ -136,13 +147,13 @@ def is_training_checkpoint(path: Path) -> bool:
     )
 
 
-def resolve_target(model: str, workdir: Path, *, export_dtype: str, log: Callable[[str], None]) -> EvalTarget:
-    """Find out what `model` is and how to load it (exporting a training checkpoint into `workdir`).
+def resolve_target(model: str, workdir: Path, *, log: Callable[[str], None]) -> EvalTarget:
+    """Find out what `model` is and how to load it (cheap: a training checkpoint is exported later, by
+    `export_for_evaluation`).
 
     Args:
         model: a checkpoint, run folder, model folder, GGUF file or `owner/name[@revision]`.
-        workdir: a temporary folder for an on-the-fly export.
-        export_dtype: `fp32` or `bf16`, for an on-the-fly export.
+        workdir: a temporary folder (a Hub repo's `genesis_checkpoint.json`).
         log: called with progress lines.
     """
     path = Path(model)
@@ -162,10 +173,8 @@ def resolve_target(model: str, workdir: Path, *, export_dtype: str, log: Callabl
             log(f"{model}: evaluating its newest checkpoint, {checkpoints[-1].path.name}.")
             path = checkpoints[-1].path
         if is_training_checkpoint(path):
-            folder = _export_training_checkpoint(path, workdir, export_dtype, log)
-            target = EvalTarget(model, "training-checkpoint", str(folder), trust_remote_code=True)
-            target = _run_metadata(target, folder)
-            return _run_metadata(target, path) if target.mixture is None else target
+            target = EvalTarget(model, "training-checkpoint", str(path.resolve()), trust_remote_code=True)
+            return _run_metadata(target, path)  # exported by `export_for_evaluation`, once the tasks are checked
         if (path / "config.json").is_file():
             config = _read_json(path / "config.json")
             kind = "llama" if config.get("model_type") == "llama" else "hf"
@@ -173,12 +182,18 @@ def resolve_target(model: str, workdir: Path, *, export_dtype: str, log: Callabl
             return _run_metadata(target, path)
         ggufs = sorted(path.glob("*.gguf"))
         if len(ggufs) == 1:
-            return resolve_target(str(ggufs[0]), workdir, export_dtype=export_dtype, log=log)
+            return resolve_target(str(ggufs[0]), workdir, log=log)
         raise EvalError(
             f"{model!r} is a folder but not a model: no config.json, no checkpoints/ and not exactly one .gguf file. "
             "Pass a training checkpoint (<output_dir>/checkpoints/step-XXXXXXX), an exported folder or a GGUF file."
         )
     repo_id, _, revision = model.partition("@")
+    if Path(repo_id.split("/")[0]).is_dir() or model.startswith((".", "~")):
+        # "outputs/step-200" looks like owner/name, but outputs/ is here: a mistyped local path, not a Hub repo.
+        raise EvalError(
+            f"{model!r} does not exist (checked as a local path since {repo_id.split('/')[0]!r} is a local folder). "
+            "Check the path; `genesis-hf checkpoints RUN_DIR` lists a run's checkpoints."
+        )
     if re.fullmatch(r"[\w.-]+/[\w.-]+", repo_id):
         target = EvalTarget(model, "hub", repo_id, revision=revision or None, trust_remote_code=True)
         return _hub_metadata(target, workdir)
@@ -186,6 +201,21 @@ def resolve_target(model: str, workdir: Path, *, export_dtype: str, log: Callabl
         f"MODEL {model!r} does not exist locally and is not a Hub repo id (owner/name or owner/name@revision). Pass "
         "a training checkpoint, a run or model folder, a .gguf file, or a Hub repo."
     )
+
+
+def export_for_evaluation(target: EvalTarget, workdir: Path, *, export_dtype: str, log: Callable[[str], None]):
+    """Point a training checkpoint's target at its verified hf export in `workdir`; other targets are left as they are.
+
+    Args:
+        target: from `resolve_target`.
+        workdir: a temporary folder for the export.
+        export_dtype: `fp32` (CPU) or `bf16` (GPU).
+        log: called with progress lines.
+    """
+    if target.kind == "training-checkpoint" and target.checkpoint is None:
+        target.checkpoint = target.pretrained
+        target.pretrained = str(_export_training_checkpoint(Path(target.pretrained), workdir, export_dtype, log))
+    return target
 
 
 def load_for_gate(target: EvalTarget, device: str):
@@ -279,7 +309,8 @@ def _merge(total: dict | None, part: dict) -> dict:
 
 
 def load_task_manager(tasks: list[str], include_path: list[str]):
-    """lm-eval's `TaskManager` over the include path, plus lm-eval's own tasks only when a task needs them.
+    """lm-eval's `TaskManager` over the include path, plus lm-eval's own tasks only when a task needs them; raises
+    `EvalError` for task names neither knows (before any model is loaded).
 
     Indexing lm-eval's ~15,000 task YAMLs takes 10-20 s; offline task folders `include` their definitions by path,
     so a run over local tasks skips it.
@@ -287,17 +318,26 @@ def load_task_manager(tasks: list[str], include_path: list[str]):
     from lm_eval.tasks import TaskManager
 
     paths = [str(PACKAGED_TASKS_DIR), *include_path]
-    local = TaskManager(include_path=paths, include_defaults=False)
-    if all(leaf in local.task_index for name in tasks for leaf in task_leaves(local.task_index, name)):
-        return local
-    return TaskManager(include_path=paths)
+    task_manager = TaskManager(include_path=paths, include_defaults=False)
+    if not all(
+        leaf in task_manager.task_index for name in tasks for leaf in task_leaves(task_manager.task_index, name)
+    ):
+        task_manager = TaskManager(include_path=paths)
+    unknown = [name for name in tasks if name not in task_manager.task_index]
+    if unknown:
+        raise EvalError(
+            f"Unknown task(s) {', '.join(unknown)}: not in lm-eval nor in --include_path "
+            f"{', '.join(include_path) or '(none)'}. `lm_eval ls tasks` lists lm-eval's; write local copies with "
+            "`genesis-hf eval_tasks`."
+        )
+    return task_manager
 
 
 def evaluate_target(
     target: EvalTarget,
     tasks: list[str],
     *,
-    include_path: list[str],
+    task_manager,
     num_fewshot: int | None,
     limit: float | None,
     batch_size: str,
@@ -312,14 +352,6 @@ def evaluate_target(
     """
     import lm_eval
 
-    task_manager = load_task_manager(tasks, include_path)
-    unknown = [name for name in tasks if name not in task_manager.task_index]
-    if unknown:
-        raise EvalError(
-            f"Unknown task(s) {', '.join(unknown)}: not in lm-eval nor in --include_path "
-            f"{', '.join(include_path) or '(none)'}. `lm_eval ls tasks` lists lm-eval's; write local copies with "
-            "`genesis-hf eval_tasks`."
-        )
     model_args = target.model_args(dtype)
     max_batch_size = 64 if device.startswith("cuda") else 8
     lm = lm_eval.api.registry.get_model("hf").create_from_arg_string(
@@ -351,7 +383,9 @@ __all__ = [
     "EvalError",
     "EvalTarget",
     "evaluate_target",
+    "export_for_evaluation",
     "load_for_gate",
+    "load_task_manager",
     "resolve_target",
     "sanity_check",
     "split_by_output_type",
