@@ -220,11 +220,24 @@ def test_batched_generation_matches_one_prompt_at_a_time(chat_model):
     assert all(batched), "the fixture model should reply with text, not an immediate end of turn"
 
 
-def test_pipeline_end_to_end_in_process(chat_model, prompts_file, tmp_path):
-    output_dir = tmp_path / "cai"
-    argv = ["--prompts", str(prompts_file), "--model", str(chat_model), "--output_dir", str(output_dir)]
-    argv += FAST + ["--num_samples", "2", "--rounds", "2", "--batch_size", "8", "--seed", "7"]
+ARGV_TWO_ROUNDS = ["--num_samples", "2", "--rounds", "2", "--batch_size", "8", "--seed", "7"]
+
+
+@pytest.fixture(scope="module")
+def cai_run(chat_model, tmp_path_factory) -> tuple[Path, list[str]]:
+    """The pipeline run once in process on the four-category prompts: 2 samples each, 2 rounds, one few-shot example."""
+    folder = tmp_path_factory.mktemp("cai-run")
+    prompts = folder / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps(row) + "\n" for row in PROMPTS))
+    output_dir = folder / "cai"
+    argv = ["--prompts", str(prompts), "--model", str(chat_model), "--output_dir", str(output_dir)]
+    argv += FAST + ARGV_TWO_ROUNDS
     assert generate_main(argv) == 0
+    return output_dir, argv
+
+
+def test_pipeline_end_to_end_in_process(cai_run, chat_model):
+    output_dir, argv = cai_run
     rows = read_jsonl(output_dir / "rows.jsonl")
     constitution = load_constitution()
     assert sorted(row["id"] for row in rows) == [f"{index:06d}-{sample}" for index in range(4) for sample in range(2)]
@@ -515,3 +528,36 @@ def test_packaged_prompt_sets_and_constitution():
     # Every category has at least one principle to draw, and harmful prompts get the specific-refusal one.
     assert "refuse_specifically" in [p.name for p in constitution.principles_for("harmful")]
     assert all(p.name != "refuse_specifically" for p in constitution.principles_for("everyday"))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The generated files go straight into recipes/sft.py and recipes/dpo.py
+
+
+def _run_recipe(name: str, argv: list[str]) -> int:
+    import importlib.util
+
+    from accelerate.state import AcceleratorState
+
+    spec = importlib.util.spec_from_file_location(f"{name}_recipe", REPO / "recipes" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    try:
+        return module.main(argv)
+    finally:
+        AcceleratorState._reset_state(reset_partial_state=True)
+
+
+@pytest.mark.parametrize("recipe", ["sft", "dpo"])
+def test_recipes_accept_the_generated_files(recipe, cai_run, chat_model, tmp_path):
+    output_dir, _ = cai_run
+    dataset = output_dir / f"{recipe}.jsonl"
+    assert read_jsonl(dataset), f"the pipeline run made no {recipe} example"
+    out = tmp_path / recipe
+    argv = ["--model_name_or_path", str(chat_model), "--dataset_name", str(dataset), "--output_dir", str(out)]
+    argv += ["--max_steps", "1", "--max_length", "64", "--per_device_train_batch_size", "2", "--disable_tqdm", "true"]
+    argv += ["--on_bad_example", "error", "--logging_steps", "1"]
+    assert _run_recipe(recipe, argv) == 0
+    steps = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert any(step.get("loss") is not None for step in steps)
+    assert (out / "final" / "model.safetensors").is_file()

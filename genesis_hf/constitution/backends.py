@@ -31,6 +31,8 @@ class GenerationSettings:
     max_new_tokens: int = 256
     temperature: float = 0.7
     top_p: float = 0.95
+    # In-process only: the benchmark sets it to max_new_tokens so that batched and one-by-one runs make equal work.
+    min_new_tokens: int = 0
 
 
 class TransformersBackend:
@@ -121,6 +123,7 @@ class TransformersBackend:
             output = self.model.generate(
                 **batch,
                 max_new_tokens=self.settings.max_new_tokens,
+                min_new_tokens=self.settings.min_new_tokens or None,
                 do_sample=sampling,
                 temperature=self.settings.temperature if sampling else None,
                 top_p=self.settings.top_p if sampling else None,
