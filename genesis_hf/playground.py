@@ -118,6 +118,11 @@ METRICS_FILE = "metrics.jsonl"
 _PATH_LIKE = re.compile(r"[/\\]|\.\.|^~|^[A-Za-z][A-Za-z0-9+.-]*:")
 
 
+# The first screen's prompt: one press of Generate shows what the newest checkpoint writes. A bare word, not "The "
+# with a space: byte-level BPE puts the space in front of the next word, so a trailing space is a rare token.
+DEFAULT_PROMPT = "The"
+
+
 class PlaygroundError(ValueError):
     """A request the playground refuses or cannot serve; the message is shown to the user as is."""
 
@@ -1096,6 +1101,7 @@ def build_app(playground: Playground, title: str = "Genesis playground") -> "gr.
         with gr.Tabs():
             with gr.Tab("Generate"):
                 prompt = gr.Textbox(
+                    DEFAULT_PROMPT,
                     label="Prompt",
                     lines=3,
                     max_length=MAX_PROMPT_CHARS,

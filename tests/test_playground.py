@@ -23,6 +23,7 @@ import torch
 
 from genesis_hf import GenesisConfig, GenesisForCausalLM
 from genesis_hf.playground import (
+    DEFAULT_PROMPT,
     MAX_NEW_TOKENS,
     MAX_PROMPT_CHARS,
     CheckpointSource,
@@ -482,6 +483,12 @@ def test_page_in_headless_chromium_generates_and_saves_screenshot(app_url):
             expect(chatbot).to_contain_text("Hello there!", timeout=60_000)
             expect(chatbot).to_contain_text("Thinking")
             expect(chatbot.get_by_text("a greeting")).to_be_hidden()
+
+            # A fresh first screen: the newest checkpoint and a prompt are preset, so one click shows text.
+            page.goto(app_url, wait_until="domcontentloaded", timeout=60_000)
+            expect(page.locator("#genesis-prompt textarea")).to_have_value(DEFAULT_PROMPT, timeout=60_000)
+            page.locator("#genesis-generate").click()
+            expect(page.locator("#genesis-output textarea")).not_to_have_value("", timeout=60_000)
         finally:
             browser.close()
     assert SCREENSHOT.stat().st_size > 10_000
