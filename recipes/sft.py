@@ -95,8 +95,14 @@ def main(argv: list[str] | None = None) -> int:
     trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
     model = final_model(trainer, training_args.output_dir)
     if trainer.accelerator.is_main_process:
-        final_dir = write_final(model, tokenizer, training_args.output_dir, step=trainer.state.global_step,
-                                loss=last_loss(trainer), dtype="bf16" if training_args.bf16 else "fp32")
+        final_dir = write_final(
+            model,
+            tokenizer,
+            training_args.output_dir,
+            step=trainer.state.global_step,
+            loss=last_loss(trainer),
+            dtype="bf16" if training_args.bf16 else "fp32",
+        )
         logger.info("Chat model in %s.", final_dir)
         if pusher is not None:
             pusher.submit(final_dir, trainer.state.global_step)

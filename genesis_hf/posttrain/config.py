@@ -21,7 +21,9 @@ class SFTDataArguments:
     )
     dataset_name: str | None = dataclasses.field(
         default=None,
-        metadata={"help": "One dataset instead of the mixture: local .jsonl/.parquet file or folder, or hub:ORG/NAME."},
+        metadata={
+            "help": "One dataset instead of the mixture: local .jsonl/.parquet file or folder, or hub:ORG/NAME."
+        },
     )
     dataset_config: str | None = None
     dataset_train_split: str = "train"
@@ -45,8 +47,10 @@ class DPODataArguments:
 
     dataset_name: str = dataclasses.field(
         default="embedded:dpo",
-        metadata={"help": "embedded:dpo, a local .jsonl/.parquet file or folder (e.g. the constitution's dpo.jsonl), "
-                  "or hub:ORG/NAME."},
+        metadata={
+            "help": "embedded:dpo, a local .jsonl/.parquet file or folder (e.g. the constitution's dpo.jsonl), "
+            "or hub:ORG/NAME."
+        },
     )
     dataset_config: str | None = None
     dataset_train_split: str = "train"

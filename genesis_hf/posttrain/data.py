@@ -63,7 +63,9 @@ class SFTSource:
     revision: str | None = None
 
     def __post_init__(self) -> None:
-        if self.count is not None and (isinstance(self.count, bool) or not isinstance(self.count, int) or self.count < 1):
+        if self.count is not None and (
+            isinstance(self.count, bool) or not isinstance(self.count, int) or self.count < 1
+        ):
             raise ConfigError(f"SFT source {self.name!r} has count {self.count!r}; use a positive integer or null.")
         if self.schema is not None and self.schema not in SCHEMAS:
             raise ConfigError(f"SFT source {self.name!r} has schema {self.schema!r}; use one of {', '.join(SCHEMAS)}.")
@@ -270,7 +272,9 @@ def _pair_problem(row: dict[str, Any]) -> str | None:
     return None
 
 
-def build_preference_dataset(location: str, *, on_bad_example: str = "error", **open_kwargs) -> tuple[Any, SkipCounter]:
+def build_preference_dataset(
+    location: str, *, on_bad_example: str = "error", **open_kwargs
+) -> tuple[Any, SkipCounter]:
     """Preference pairs in TRL's `prompt`/`chosen`/`rejected` form (plain strings or message lists) from a location.
 
     The constitution pipeline's `dpo.jsonl` has this form (chosen = the revision, rejected = the original).

@@ -34,7 +34,9 @@ def last_loss(trainer) -> float | None:
     return None
 
 
-def write_final(model, tokenizer, output_dir: str | Path, *, step: int, loss: float | None, dtype: str = "fp32") -> Path:
+def write_final(
+    model, tokenizer, output_dir: str | Path, *, step: int, loss: float | None, dtype: str = "fp32"
+) -> Path:
     """Export `model` and `tokenizer` to `<output_dir>/final` with genesis_hf's verified exporter (reloaded with
     `trust_remote_code` and its logits compared) and a model card built from `metrics.jsonl`.
 
