@@ -84,6 +84,15 @@ def write_local_benchmarks(data_dir: Path) -> None:
         for a in range(1, 8)
     ]
     _write_jsonl(data_dir / "gsm8k" / "test.jsonl", gsm8k[:2])
+    truthfulqa = [
+        {"question": f"What does {context.lower()}?", "mc1_targets": {"choices": [good, bad], "labels": [1, 0]},
+         "mc2_targets": {"choices": [good, good.upper(), bad], "labels": [1, 1, 0]}}
+        for context, good, bad in sentences
+    ]  # fmt: skip
+    _write_jsonl(data_dir / "truthfulqa_mc2" / "validation.jsonl", truthfulqa)
+    ifeval = [{"key": 1, "prompt": "Write one sentence without commas.", "instruction_id_list": ["punctuation:no_comma"],
+               "kwargs": [{}]}]  # fmt: skip
+    _write_jsonl(data_dir / "ifeval" / "train.jsonl", ifeval)
     _write_jsonl(data_dir / "gsm8k" / "train.jsonl", gsm8k[2:])
 
 
@@ -199,6 +208,11 @@ def test_checkpoint_hf_llama_gguf_give_equal_loglikelihoods(run, tmp_path, capsy
     assert scores["hf"]["genesis"]["sanity_gate"]["held_out_source"].startswith("held-out documents of the embedded")
     assert reference["versions"]["hellaswag"] == 1.0 and reference["versions"]["lambada_openai"] == 1.0
     assert scores["gguf"]["genesis"]["gguf_file"] == run["gguf"].name
+    # The file is what `genesis-hf export --eval-results` puts in the model card's model-index.
+    from genesis_hf.publish.card import read_eval_results
+
+    card_results = {(r.dataset_type, r.metric_type): r.metric_value for r in read_eval_results(tmp_path / "hf.json")}
+    assert card_results[("piqa", "acc")] == round(scores["hf"]["results"]["piqa"]["acc,none"], 4)
     # Nothing is overwritten: the same output path again is refused before any work.
     assert genesis_eval(run["hf"], tmp_path / "hf.json", "piqa", run["tasks"])[0] == 2
     assert "already exists" in capsys.readouterr().err
@@ -435,11 +449,27 @@ def test_bad_eval_input_fails_early_with_the_value_and_the_fix(tmp_path, capsys)
 
 
 def test_eval_reads_a_config_file_and_flags_override_it(run, tmp_path, capsys):
-    config = {"model": str(run["llama"]), "tasks": "piqa,arc_easy", "include_path": str(run["tasks"]), "limit": 2}
+    config = {
+        "model": str(run["llama"]),
+        "tasks": "piqa,truthfulqa_mc2",
+        "include_path": str(run["tasks"]),
+        "limit": 2,
+    }
     (tmp_path / "eval.yaml").write_text(json.dumps({**config, "output_path": str(tmp_path / "unused.json")}))
     argv = ["eval", "--config", str(tmp_path / "eval.yaml"), "--output_path", str(tmp_path / "llama.json")]
     assert cli.main(argv + ["--batch_size", "1"]) == 0, capsys.readouterr()
     results = json.loads((tmp_path / "llama.json").read_text())
     assert not (tmp_path / "unused.json").exists()
-    assert set(results["results"]) == {"piqa", "arc_easy"} and results["n-samples"]["piqa"]["effective"] == 2
+    assert set(results["results"]) == {"piqa", "truthfulqa_mc2"} and results["n-samples"]["piqa"]["effective"] == 2
+    assert 0.0 <= results["results"]["truthfulqa_mc2"]["acc,none"] <= 1.0
     assert results["genesis"]["kind"] == "llama" and "trust_remote_code" not in results["config"]["model_args"]
+
+
+def test_the_aligned_group_splits_into_raw_text_and_chat_template_tasks(run):
+    from genesis_hf.evaluate.harness import load_task_manager, split_by_output_type
+
+    task_manager = load_task_manager(["aligned", "hellaswag"], [str(run["tasks"])])
+    assert split_by_output_type(task_manager, ["hellaswag", "aligned", "gsm8k"]) == (
+        ["hellaswag", "truthfulqa_mc2"],
+        ["ifeval", "gsm8k"],
+    )
