@@ -32,9 +32,14 @@ COVERED_ELSEWHERE = {
     "lm_eval --model hf": "test_evaluate.py::test_the_seeds_lm_eval_command_gives_the_same_numbers (fp32 on CPU)",
     ".venv/bin/accelerate launch recipes/sft.py": "test_posttrain.py (README SFT then DPO)",
     ".venv/bin/accelerate launch recipes/dpo.py": "test_posttrain.py (README SFT then DPO)",
+    ".venv/bin/python benchmarks/sft.py": "test_posttrain.py (test_readme_sft_benchmark_shortened)",
     ".venv/bin/accelerate launch --config_file accelerate_configs/fsdp2-2x4090-pcie.yaml recipes/sft.py": (
         "test_posttrain.py (the seed's SFT config: every key valid, the seed's values)"
     ),
+    ".venv/bin/genesis-hf constitution generate": "test_constitution.py::test_readme_constitution_commands",
+    ".venv/bin/transformers serve": "test_constitution.py (served_model: this command on a local model folder)",
+    ".venv/bin/genesis-hf engagement": "test_constitution.py::test_readme_constitution_commands",
+    ".venv/bin/python benchmarks/constitution.py": "test_constitution.py::test_readme_constitution_benchmark_shortened",
 }
 RUN_HERE = (
     ".venv/bin/genesis-hf tokenizer train",
