@@ -205,6 +205,7 @@ def test_checkpoint_hf_llama_gguf_give_equal_loglikelihoods(run, tmp_path, capsy
     assert genesis["lm_eval_version"] == __import__("lm_eval").__version__
     assert genesis["sanity_gate"]["ok"] and not genesis["sanity_gate"]["problems"]
     assert genesis["sanity_gate"]["held_out_source"].startswith("the run's validation split")
+    assert genesis["scores_at_chance"] is None  # 3 documents per task: too few to call anything chance
     assert scores["hf"]["genesis"]["sanity_gate"]["held_out_source"].startswith("held-out documents of the embedded")
     assert reference["versions"]["hellaswag"] == 1.0 and reference["versions"]["lambada_openai"] == 1.0
     assert scores["gguf"]["genesis"]["gguf_file"] == run["gguf"].name
@@ -473,3 +474,25 @@ def test_the_aligned_group_splits_into_raw_text_and_chat_template_tasks(run):
         ["hellaswag", "truthfulqa_mc2"],
         ["ifeval", "gsm8k"],
     )
+
+
+def test_scores_at_chance_with_perplexity_in_the_thousands_are_named():
+    from genesis_hf.evaluate.tasks import RANDOM_BASELINES
+
+    def results(hellaswag: float, piqa: float, perplexity: float, documents: int = 10_042) -> dict:
+        return {
+            "results": {
+                "hellaswag": {"acc_norm,none": hellaswag, "acc_norm_stderr,none": 0.0044},
+                "piqa": {"acc,none": piqa, "acc_stderr,none": 0.0116},
+                "lambada_openai": {"acc,none": 0.0, "perplexity,none": perplexity, "perplexity_stderr,none": 1.0},
+            },
+            "n-samples": {task: {"effective": documents} for task in ("hellaswag", "piqa", "lambada_openai")},
+        }
+
+    seed = sanity.scores_at_chance(results(0.2604, 0.5359, 3_360_048.0), RANDOM_BASELINES)
+    assert seed.startswith("This model does not match its tokenizer or its export: every multiple-choice score")
+    assert "hellaswag acc_norm 0.2604 (chance 0.25)" in seed and "lambada_openai perplexity 3,360,048" in seed
+    assert sanity.scores_at_chance(results(0.41, 0.66, 25.0), RANDOM_BASELINES) is None
+    assert sanity.scores_at_chance(results(0.2604, 0.5359, 25.0), RANDOM_BASELINES) is None  # undertrained, not broken
+    # A --limit smoke run cannot tell chance from skill: no verdict (the tiny run here has LAMBADA perplexity ~1e5).
+    assert sanity.scores_at_chance(results(0.2604, 0.5359, 3_360_048.0, documents=3), RANDOM_BASELINES) is None

@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 from genesis_hf.args import ConfigError, check_keys, load_yaml
-from genesis_hf.evaluate.tasks import SEED_TASKS
+from genesis_hf.evaluate.tasks import RANDOM_BASELINES, SEED_TASKS
 
 DEFAULT_OUTPUT_DIR = "outputs/eval"
 
@@ -120,11 +120,20 @@ def summary_record(target, arguments: EvalArguments, sanity) -> dict:
 
 
 def run_eval(arguments: EvalArguments, log=print) -> tuple[int, dict | None]:
-    """Resolve, gate, evaluate and save; returns `(exit code, results)`."""
+    """Resolve, gate, evaluate and save; returns `(exit code, results)`: 0 evaluated, 1 stopped by the gate.
+
+    Args:
+        arguments: from `parse_eval_arguments`.
+        log: called with progress lines and the results table.
+
+    Raises:
+        ConfigError, EvalError: bad input, found before the model is exported or loaded.
+    """
     import torch
     from lm_eval.utils import handle_non_serializable, make_table
 
     from genesis_hf.evaluate import harness
+    from genesis_hf.evaluate.sanity import scores_at_chance
 
     output = results_path(arguments)
     tasks = split_list(arguments.tasks)
@@ -154,10 +163,15 @@ def run_eval(arguments: EvalArguments, log=print) -> tuple[int, dict | None]:
         )
     results["genesis"] = summary_record(target, arguments, sanity)
     results["genesis"]["seconds"] = round(time.perf_counter() - started, 2)
+    verdict = scores_at_chance(results, RANDOM_BASELINES)
+    results["genesis"]["scores_at_chance"] = verdict
     output.parent.mkdir(parents=True, exist_ok=True)
     output.write_text(json.dumps(results, indent=2, default=handle_non_serializable) + "\n", encoding="utf-8")
     log(make_table(results))
     log(f"Wrote {output}")
+    if verdict and not arguments.no_sanity_gate:
+        log(verdict + " (The results are saved; --no_sanity_gate accepts them.)")
+        return 1, results
     return 0, results
 
 

@@ -234,6 +234,13 @@ def load_for_gate(target: EvalTarget, device: str):
 
 
 def sanity_check(target: EvalTarget, device: str, log: Callable[[str], None]) -> SanityReport:
+    """Run the sanity gate on `target` as lm-eval will load it, against the run's recorded loss and mixture.
+
+    Args:
+        target: from `resolve_target` (and `export_for_evaluation`).
+        device: where the gate's forward passes run.
+        log: called with progress lines.
+    """
     model, tokenizer = load_for_gate(target, device)
     try:
         return run_sanity_gate(
@@ -349,6 +356,17 @@ def evaluate_target(
 
     Log-likelihood tasks are scored on raw text; generative ones with the tokenizer's chat template when it has one
     (stopping at `<|im_end|>`: the export's `generation_config` lists it as an end-of-sequence token).
+
+    Args:
+        target: from `resolve_target` (and `export_for_evaluation`).
+        tasks: lm-eval task, group or tag names.
+        task_manager: from `load_task_manager(tasks, ...)`.
+        num_fewshot: overrides the tasks' few-shot count when given.
+        limit: documents per task (or a fraction below 1); `None` for all.
+        batch_size: a number, `auto` or `auto:N`.
+        device: `cuda`, `cuda:N` or `cpu`.
+        dtype: `bfloat16` or `float32` (HFLM's `dtype`).
+        log_samples: keep every document's requests and responses under `samples`.
     """
     import lm_eval
 

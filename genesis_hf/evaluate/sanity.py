@@ -30,6 +30,10 @@ ROPE_PROBE_MARGIN = 0.01
 CHANCE_FRACTION = 0.9
 # Held-out perplexity in the thousands means a broken model whatever its size (healthy small models sit in the tens).
 PERPLEXITY_LIMIT = 1000.0
+# After the suite, "at chance" is within 2 standard errors or 5 points of it (the seed's PIQA was 53.6 against 50).
+CHANCE_SCORE_TOLERANCE = 0.05
+# Below this many documents a task's score says nothing about chance (a --limit smoke run).
+MIN_DOCUMENTS_FOR_CHANCE = 100
 HOLDOUT_EVERY = 20  # the default mixture's: documents 19, 39, ... of each embedded source never reach training
 # The embedded sample stops reading prose at half the tokens wanted; code fills the rest.
 EMBEDDED_SOURCE_SHARE = {"stdlib-docs": 0.5, "stdlib-code": 1.0}
@@ -217,6 +221,44 @@ def _judge_tokenizer(report: SanityReport) -> SanityReport:
     return report
 
 
+def scores_at_chance(results: dict, baselines: dict[str, float]) -> str | None:
+    """After the suite: the plain-words verdict when every multiple-choice score (of tasks with at least 100
+    documents) is within two standard errors, or 5 points, of chance and some perplexity is in the thousands (the
+    seed's published table), else `None`.
+
+    Args:
+        results: lm-eval's results dictionary (`{"results": {task: {"acc,none": ..., "acc_stderr,none": ...}}}`).
+        baselines: chance accuracy per task.
+    """
+
+    def documents(task: str) -> int:
+        return (results.get("n-samples") or {}).get(task, {}).get("effective", 0)
+
+    scores, chance_scores, high_perplexities = 0, [], []
+    for task, metrics in results.get("results", {}).items():
+        for key, value in metrics.items():
+            name, _, metric_filter = key.partition(",")
+            if not isinstance(value, (int, float)):
+                continue
+            if name.endswith("perplexity") and value >= PERPLEXITY_LIMIT:
+                high_perplexities.append(f"{task} {name} {value:,.0f}")
+            elif name in ("acc", "acc_norm") and baselines.get(task) and documents(task) >= MIN_DOCUMENTS_FOR_CHANCE:
+                scores += 1
+                stderr = metrics.get(f"{name}_stderr,{metric_filter}")
+                stderr = stderr if isinstance(stderr, (int, float)) and math.isfinite(stderr) else 0.0
+                if abs(value - baselines[task]) <= max(2 * stderr, CHANCE_SCORE_TOLERANCE):
+                    chance_scores.append(f"{task} {name} {value:.4f} (chance {baselines[task]:.2f})")
+    if scores and len(chance_scores) == scores and high_perplexities:
+        return (
+            "This model does not match its tokenizer or its export: every multiple-choice score sits at chance ("
+            + "; ".join(chance_scores)
+            + ") with perplexity in the thousands ("
+            + "; ".join(high_perplexities)
+            + ")."
+        )
+    return None
+
+
 def run_sanity_gate(
     model: torch.nn.Module,
     tokenizer,
@@ -271,6 +313,7 @@ def run_sanity_gate(
 
 __all__ = [
     "ROPE_VARIANTS",
+    "scores_at_chance",
     "SanityReport",
     "embedded_sample_rows",
     "judge",
