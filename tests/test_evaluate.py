@@ -496,3 +496,12 @@ def test_scores_at_chance_with_perplexity_in_the_thousands_are_named():
     assert sanity.scores_at_chance(results(0.2604, 0.5359, 25.0), RANDOM_BASELINES) is None  # undertrained, not broken
     # A --limit smoke run cannot tell chance from skill: no verdict (the tiny run here has LAMBADA perplexity ~1e5).
     assert sanity.scores_at_chance(results(0.2604, 0.5359, 3_360_048.0, documents=3), RANDOM_BASELINES) is None
+
+
+def test_eval_tasks_never_overwrites_a_task_file_it_did_not_write(run, tmp_path, capsys):
+    argv = ["eval_tasks", "--data_dir", str(run["root"] / "data"), "--output_dir", str(tmp_path)]
+    (tmp_path / "piqa.yaml").write_text("task: piqa\n# the user's own\n")
+    assert cli.main(argv) == 2 and "piqa.yaml already exist" in capsys.readouterr().err
+    assert (tmp_path / "piqa.yaml").read_text() == "task: piqa\n# the user's own\n"
+    (tmp_path / "piqa.yaml").unlink()
+    assert cli.main(argv) == 0 and cli.main(argv) == 0  # its own files are rewritten

@@ -45,6 +45,7 @@ TASK_DEFINITIONS = {
 }
 _SPLIT_KEYS = ("training_split", "validation_split", "test_split", "fewshot_split")
 _FORMATS = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}
+_HEADER_START = "# Written by `genesis-hf eval_tasks`"
 
 
 class TaskFolderError(ValueError):
@@ -129,11 +130,22 @@ def write_offline_tasks(data_dir: str | Path, output_dir: str | Path) -> dict[st
             f"Known: {', '.join(TASK_DEFINITIONS)}."
         )
     configs = {path.name: offline_task_config(path.name, path) for path in task_dirs}
+    # Only YAMLs this command wrote may be replaced: a task file of the user's is never overwritten.
+    foreign = [
+        str(output_dir / f"{task}.yaml")
+        for task in configs
+        if (output_dir / f"{task}.yaml").exists()
+        and not (output_dir / f"{task}.yaml").read_text(encoding="utf-8").startswith(_HEADER_START)
+    ]
+    if foreign:
+        raise TaskFolderError(
+            f"{', '.join(foreign)} already exist and were not written by eval_tasks; pass another --output_dir."
+        )
     output_dir.mkdir(parents=True, exist_ok=True)
     written = {}
     for task, config in configs.items():
         path = output_dir / f"{task}.yaml"
-        header = f"# Written by `genesis-hf eval_tasks` from {data_dir / task}: lm-eval's own task, local files.\n"
+        header = f"{_HEADER_START} from {data_dir / task}: lm-eval's own task, local files.\n"
         path.write_text(header + yaml.safe_dump(config, sort_keys=False), encoding="utf-8")
         written[task] = path
     return written
