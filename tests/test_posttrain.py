@@ -619,3 +619,16 @@ def test_sft_push_to_hub_publishes_one_branch_per_checkpoint(base_dir, tmp_path)
         assert server.write_token not in result.stdout + result.stderr
     finally:
         server.stop()
+
+
+def test_dpo_with_lora_uses_the_disabled_adapter_as_reference(base_dir, tmp_path):
+    out = tmp_path / "dpo-lora"
+    argv = ["--model_name_or_path", str(base_dir), "--output_dir", str(out), "--use_peft", "true", "--lora_r", "4",
+            "--max_steps", "3", "--max_length", "64", "--learning_rate", "1e-3", "--logging_steps", "1",
+            "--disable_tqdm", "true"]  # fmt: skip
+    assert run_recipe_in_process("dpo", argv) == 0
+    records = [record for record in metrics(out / "metrics.jsonl") if "rewards/margins" in record]
+    # Step 1: the policy is the reference (LoRA's B starts at zero), so every reward is exactly 0.
+    assert records[0]["rewards/chosen"] == records[0]["rewards/rejected"] == 0.0
+    assert records[-1]["rewards/margins"] != 0.0
+    assert (out / "adapter" / "adapter_model.safetensors").is_file() and (out / "final" / "config.json").is_file()
