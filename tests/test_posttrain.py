@@ -632,3 +632,31 @@ def test_dpo_with_lora_uses_the_disabled_adapter_as_reference(base_dir, tmp_path
     assert records[0]["rewards/chosen"] == records[0]["rewards/rejected"] == 0.0
     assert records[-1]["rewards/margins"] != 0.0
     assert (out / "adapter" / "adapter_model.safetensors").is_file() and (out / "final" / "config.json").is_file()
+
+
+def test_starting_point_from_a_hub_repo_and_revision(base_dir, tmp_path):
+    import os
+
+    from huggingface_hub import HfApi
+
+    from genesis_hf.testing import HubServer
+
+    server = HubServer().start()
+    try:
+        api = HfApi(endpoint=server.endpoint, token=server.write_token)
+        api.create_repo("alice/genesis-base")
+        api.create_branch("alice/genesis-base", branch="step-0000004")
+        api.upload_folder(repo_id="alice/genesis-base", folder_path=base_dir, revision="step-0000004")
+        script = (
+            "from genesis_hf.posttrain.model import chat_model\n"
+            "model, tokenizer, setup, source = chat_model('alice/genesis-base', revision='step-0000004')\n"
+            "print(source, setup.new_vocab_size, tokenizer.eos_token)\n"
+        )
+        env = {**os.environ, **server.client_env(), "HF_TOKEN": server.read_token, "HF_HOME": str(tmp_path / "hf")}
+        result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=120)
+        assert result.returncode == 0, result.stderr[-3000:]
+        assert result.stdout.split() == ["alice/genesis-base", "304", IM_END]
+        # main has no model: the revision is what was loaded.
+        assert "config.json" not in server.branch_files("alice/genesis-base", "main")
+    finally:
+        server.stop()
