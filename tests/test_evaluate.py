@@ -163,6 +163,8 @@ def run(tmp_path_factory, env):
     for export_format in ("hf", "llama", "gguf"):
         result = export_checkpoint(checkpoint, root / export_format, export_format=export_format, dtype="fp32")
         exports[export_format] = root / export_format / (result.gguf_file or "")
+    result = export_checkpoint(checkpoint, root / "gguf-bf16", export_format="gguf", dtype="bf16")
+    exports["gguf_bf16"] = root / "gguf-bf16" / result.gguf_file
     write_local_benchmarks(root / "data")
     assert cli.main(["eval_tasks", "--data_dir", str(root / "data"), "--output_dir", str(root / "tasks")]) == 0
     return {"checkpoint": checkpoint, **exports, "tasks": root / "tasks", "root": root}
@@ -183,7 +185,7 @@ def _loglikelihoods(results: dict) -> dict[str, list[float]]:
 
 def test_checkpoint_hf_llama_gguf_give_equal_loglikelihoods(run, tmp_path, capsys):
     scores = {}
-    for kind in ("checkpoint", "hf", "llama", "gguf"):
+    for kind in ("checkpoint", "hf", "llama", "gguf", "gguf_bf16"):
         rc, results = genesis_eval(run[kind], tmp_path / f"{kind}.json", ",".join(LOGLIKELIHOOD_TASKS), run["tasks"])
         assert rc == 0, capsys.readouterr()
         scores[kind] = results
@@ -198,6 +200,14 @@ def test_checkpoint_hf_llama_gguf_give_equal_loglikelihoods(run, tmp_path, capsy
             assert max(abs(a - b) for a, b in zip(values, expected, strict=True)) < 1e-3, (kind, task)
         for task in LOGLIKELIHOOD_TASKS:
             assert scores[kind]["results"][task]["acc,none"] == reference["results"][task]["acc,none"], (kind, task)
+
+    # A BF16 GGUF differs by its rounding only: measurably, and by far less than a mismatched export would.
+    bf16_diff = max(
+        abs(a - b)
+        for task, values in _loglikelihoods(scores["gguf_bf16"]).items()
+        for a, b in zip(values, _loglikelihoods(reference)[task], strict=True)
+    )
+    assert 1e-6 < bf16_diff < 0.1, bf16_diff
 
     genesis = reference["genesis"]
     assert genesis["kind"] == "training-checkpoint" and genesis["model_path"] == str(run["checkpoint"].resolve())
