@@ -660,3 +660,33 @@ def test_starting_point_from_a_hub_repo_and_revision(base_dir, tmp_path):
         assert "config.json" not in server.branch_files("alice/genesis-base", "main")
     finally:
         server.stop()
+
+
+def test_starting_points_pretraining_output_and_training_checkpoint(tmp_path, run_env, test_mixture):
+    from genesis_hf.posttrain.model import chat_model
+
+    config = {
+        "model_preset": "debug", "model_overrides": {"vocab_size": 512}, "mixture": test_mixture, "seq_len": 32,
+        "per_device_train_batch_size": 2, "tokens_per_step": 64, "max_steps": 2, "warmup_steps": 1, "save_steps": 1,
+        "eval_steps": 0, "eval_batches": 1, "per_device_eval_batch_size": 2, "logging_steps": 1, "report_to": "none",
+        "disable_tqdm": True, "output_dir": str(tmp_path / "pretrain"),
+    }  # fmt: skip
+    (tmp_path / "run.yaml").write_text(yaml.safe_dump(config))
+    result = subprocess.run(
+        [sys.executable, str(REPO / "recipes" / "pretrain.py"), "--config", str(tmp_path / "run.yaml")],
+        env=run_env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    ids = torch.tensor([[512, 5, 17, 513, 9, 40, 513]])
+    logits = {}
+    for name, start in (
+        ("run", tmp_path / "pretrain"),  # a pretraining output folder: its final/
+        ("checkpoint", tmp_path / "pretrain" / "checkpoints" / "step-0000002"),  # DCP shards, no process group
+    ):
+        model, tokenizer, setup, source = chat_model(str(start))
+        assert setup.added_tokens[IM_START] == 512 and len(tokenizer) == 516
+        assert Path(source).name == ("final" if name == "run" else "step-0000002")
+        with torch.no_grad():
+            logits[name] = model.eval()(input_ids=ids).logits
+    # final/ is exported from the last checkpoint: the same model either way.
+    torch.testing.assert_close(logits["run"], logits["checkpoint"])
