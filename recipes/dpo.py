@@ -28,7 +28,7 @@ from genesis_hf.posttrain.callbacks import CheckpointEventsCallback, MetricsJson
 from genesis_hf.posttrain.config import DPODataArguments, hub_push_settings, parse_recipe_args
 from genesis_hf.posttrain.data import build_preference_dataset
 from genesis_hf.posttrain.model import chat_model, lora_config
-from genesis_hf.posttrain.outputs import final_model, last_loss, write_final
+from genesis_hf.posttrain.outputs import check_lora_topology, final_model, last_loss, write_final
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent / "configs" / "dpo" / "genesis-tiny.yaml"
 logger = logging.getLogger("genesis_hf.dpo")
@@ -54,6 +54,8 @@ def main(argv: list[str] | None = None) -> int:
             dtype=model_args.dtype,
             attn_implementation=model_args.attn_implementation,
         )
+        peft_config = lora_config(model_args, setup, tied_embeddings=model.config.tie_word_embeddings)
+        check_lora_topology(peft_config)
         pusher = _pusher(push, training_args)
     # ConfigError and ConversationError are ValueErrors, as are TRL's own argument checks.
     except ValueError as error:
@@ -62,7 +64,6 @@ def main(argv: list[str] | None = None) -> int:
     logger.info("Starting from %s. %s", source, setup.describe())
     logger.info("%d preference pairs; skipped: %s.", len(dataset), skipped.describe())
 
-    peft_config = lora_config(model_args, setup, tied_embeddings=model.config.tie_word_embeddings)
     # TRL would reload the reference from model_name_or_path, without the chat tokens just added (an IndexError);
     # the reference is this model as it starts. With LoRA the adapter's disabled base is the reference.
     ref_model = None if peft_config is not None else copy.deepcopy(model).eval()

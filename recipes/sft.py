@@ -35,7 +35,7 @@ from genesis_hf.posttrain.data import (
     mixture_statistics,
 )
 from genesis_hf.posttrain.model import chat_model, lora_config
-from genesis_hf.posttrain.outputs import final_model, last_loss, write_final
+from genesis_hf.posttrain.outputs import check_lora_topology, final_model, last_loss, write_final
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent / "configs" / "sft" / "genesis-tiny.yaml"
 logger = logging.getLogger("genesis_hf.sft")
@@ -69,6 +69,8 @@ def main(argv: list[str] | None = None) -> int:
             attn_implementation=model_args.attn_implementation,
         )
         check_generation_markers(tokenizer.chat_template, training_args.assistant_only_loss)
+        peft_config = lora_config(model_args, setup, tied_embeddings=model.config.tie_word_embeddings)
+        check_lora_topology(peft_config)
         pusher = _pusher(push, training_args)
     # ConfigError, ConversationError and ChatSetupError are ValueErrors, as are TRL's own argument checks.
     except ValueError as error:
@@ -81,7 +83,6 @@ def main(argv: list[str] | None = None) -> int:
     logger.info("Skipped rows: %s. Longer than max_length: %d (%s).", skipped.describe(), overlong, data_args.overlong)
 
     callbacks = [MetricsJsonlCallback()]
-    peft_config = lora_config(model_args, setup, tied_embeddings=model.config.tie_word_embeddings)
     if pusher is not None and peft_config is None:
         callbacks.append(CheckpointEventsCallback([pusher.submit]))
     trainer = SFTTrainer(

@@ -690,3 +690,20 @@ def test_starting_points_pretraining_output_and_training_checkpoint(tmp_path, ru
             logits[name] = model.eval()(input_ids=ids).logits
     # final/ is exported from the last checkpoint: the same model either way.
     torch.testing.assert_close(logits["run"], logits["checkpoint"])
+
+
+def test_sft_on_two_cpu_processes_trains_one_model_together(base_dir, tmp_path, run_env):
+    out = tmp_path / "ddp"
+    command = [
+        str(VENV_BIN / "accelerate"), "launch", "--config_file", str(REPO / "accelerate_configs" / "ddp-cpu.yaml"),
+        "--main_process_port", "0", str(REPO / "recipes" / "sft.py"), "--model_name_or_path", str(base_dir),
+        "--output_dir", str(out), "--max_steps", "2", "--max_length", "64", "--per_device_train_batch_size", "2",
+        "--logging_steps", "1", "--disable_tqdm", "true",
+    ]  # fmt: skip
+    result = subprocess.run(command, cwd=tmp_path, env=run_env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    first = metrics(out / "metrics.jsonl")[0]
+    # Two packed rows of at most 64 tokens per process: more than 128 tokens in step 1 means both processes counted
+    # (without gloo each would train alone and write its own final/).
+    assert first["step"] == 1 and first["num_tokens"] > 128
+    assert result.stderr.count("Chat model in") == 1 and (out / "final" / "model.safetensors").is_file()

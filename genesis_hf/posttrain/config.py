@@ -73,7 +73,19 @@ def parse_recipe_args(dataclass_types: tuple[type, ...], argv: list[str] | None,
     argv = list(sys.argv[1:] if argv is None else argv)
     if not any(item == "--config" or item.startswith("--config=") for item in argv):
         argv = ["--config", str(default_config), *argv]
+    if _multi_process_without_cuda() and not any(item.startswith("--use_cpu") for item in argv):
+        # transformers' TrainingArguments sets up gloo across CPU processes only with use_cpu; without it each
+        # process of `accelerate launch` would train alone on its own copy and write its own final/.
+        argv += ["--use_cpu", "true"]
     return parse_args(dataclass_types, argv)
+
+
+def _multi_process_without_cuda() -> bool:
+    import os
+
+    import torch
+
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
 
 
 def hub_push_settings(training_args) -> dict:

@@ -15,16 +15,51 @@ ADAPTER_DIR = "adapter"
 
 
 def final_model(trainer, output_dir: str | Path):
-    """The trained model as a plain fp32 model; a LoRA adapter is saved to `<output_dir>/adapter` and merged in."""
+    """The trained model as a plain fp32 model on the main process (`None` on the others).
+
+    A LoRA adapter is saved to `<output_dir>/adapter` and merged in. Under FSDP the parameters are shards spread over
+    the ranks: every rank takes part in gathering a full copy, which only the main process keeps. Call it on every rank.
+    """
     from peft import PeftModel
 
+    accelerator = trainer.accelerator
+    if getattr(trainer, "is_fsdp_enabled", False):
+        return _gathered_model(trainer)
     # keep_fp32_wrapper=False: Accelerate patches `forward` on the instance, and a copy would keep calling the original.
-    model = trainer.accelerator.unwrap_model(trainer.model, keep_fp32_wrapper=False)
+    model = accelerator.unwrap_model(trainer.model, keep_fp32_wrapper=False)
     if isinstance(model, PeftModel):
-        if trainer.accelerator.is_main_process:
+        if accelerator.is_main_process:
             model.save_pretrained(Path(output_dir) / ADAPTER_DIR)
         model = merge_lora(model)
-    return model.to(torch.float32).eval()
+    return model.to(torch.float32).eval() if accelerator.is_main_process else None
+
+
+def _gathered_model(trainer):
+    from transformers import AutoModelForCausalLM
+
+    accelerator = trainer.accelerator
+    # A collective: the full state dict lands on the main process (on CPU), the other ranks get nothing.
+    state_dict = accelerator.get_state_dict(trainer.model)
+    if not accelerator.is_main_process:
+        return None
+    config = accelerator.unwrap_model(trainer.model).config
+    with torch.device("cpu"):
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.load_state_dict({key: value.to(torch.float32) for key, value in state_dict.items()}, strict=True)
+    model.generation_config = accelerator.unwrap_model(trainer.model).generation_config
+    return model.eval()
+
+
+def check_lora_topology(peft_config) -> None:
+    """LoRA runs merge their adapter in one process; under FSDP the adapter is sharded, which this does not gather."""
+    import os
+
+    if peft_config is not None and os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true":
+        raise ValueError(
+            "use_peft=true under an FSDP accelerate config is not supported (the adapter would stay sharded). LoRA "
+            "needs little memory: launch with a DDP config (accelerate_configs/ddp-cpu.yaml or plain "
+            "`accelerate launch --multi_gpu`), or train all weights with FSDP (--use_peft false)."
+        )
 
 
 def last_loss(trainer) -> float | None:
