@@ -4,7 +4,7 @@ Same model (a randomly initialised genesis-tiny, context raised to 2,048 for the
 prompts, same settings; every reply is exactly `--new-tokens` long (`min_new_tokens`), so both runs do the same work.
 The two runs alternate `--repeats` times in one process; prints JSON with the median rows/s and their ratio.
 
-    .venv/bin/python benchmarks/constitution.py [--prompts 16] [--batch-size 16] [--new-tokens 32] [--preset genesis-tiny]
+    .venv/bin/python benchmarks/constitution.py [--prompts 16] [--batch-size 16] [--new-tokens 32] [--threads 1]
 """
 
 import argparse
@@ -55,7 +55,12 @@ def main() -> None:
     parser.add_argument("--num-few-shot", type=int, default=0)
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    # One intra-op thread by default: on a small shared CPU, OpenMP threads waiting for each other made every tiny
+    # matmul ~40x slower (2 cores at load 8), which drowns what batching changes. Both runs use the same setting.
+    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads; 0 keeps torch's default")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     with tempfile.TemporaryDirectory() as work:
         work_dir = Path(work)

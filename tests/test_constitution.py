@@ -44,6 +44,16 @@ PROMPTS = [
 FAST = ["--max_new_tokens", "8", "--num_few_shot", "1", "--temperature", "1.0"]
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread():
+    """Tiny models on a shared 2-core machine: one intra-op thread (OpenMP threads waiting on each other under load
+    made each tiny generate() call ~40x slower)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def _fixture_text() -> list[str]:
     constitution = yaml.safe_load(DEFAULT_CONSTITUTION.read_text())
     return [json.dumps(constitution)] * 2 + [row["prompt"] for row in PROMPTS]
@@ -287,36 +297,39 @@ def test_dpo_pair_guard_keeps_specific_refusals():
 
 
 def test_kill_at_a_random_moment_then_relaunch_gives_no_duplicates_and_no_gaps(chat_model, tmp_path):
+    total = 40
     prompts = tmp_path / "prompts.txt"
-    prompts.write_text("".join(f"Question number {index}: what is {index} plus {index}?\n" for index in range(12)))
+    prompts.write_text("".join(f"Question number {index}: what is {index} plus {index}?\n" for index in range(total)))
     output_dir = tmp_path / "cai"
     command = [GENESIS_HF, "constitution", "generate", "--prompts", str(prompts), "--model", str(chat_model)]
     command += ["--output_dir", str(output_dir), "--batch_size", "1", "--max_new_tokens", "4", "--num_few_shot", "0"]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "CUDA_VISIBLE_DEVICES": ""}
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
     process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     rows_path = output_dir / "rows.jsonl"
+    # A random moment: after a random number of rows, plus a random fraction of a row's time.
+    kill_after = random.randint(1, total - 10)
     deadline = time.monotonic() + 120
-    while not (rows_path.is_file() and rows_path.stat().st_size) and process.poll() is None:
-        assert time.monotonic() < deadline, "no row was written in two minutes"
-        time.sleep(0.05)
-    time.sleep(random.uniform(0.0, 1.0))
+    while not (rows_path.is_file() and rows_path.read_bytes().count(b"\n") >= kill_after):
+        assert process.poll() is None and time.monotonic() < deadline, process.stderr.read().decode()[-3000:]
+        time.sleep(0.005)
+    time.sleep(random.uniform(0.0, 0.05))
     process.send_signal(signal.SIGKILL)
     process.wait(timeout=30)
     written_before = rows_path.read_bytes()
     assert written_before.endswith(b"\n"), "a kill left half a row"
     done_before = len(written_before.splitlines())
-    assert 1 <= done_before <= 12
+    assert kill_after <= done_before < total, "the kill landed after the run had finished"
     # A torn tail (what a full disk could leave) is dropped on relaunch rather than kept as a broken row.
     with rows_path.open("ab") as handle:
-        handle.write(b'{"id": "000011-0", "prompt": "Quest')
+        handle.write(b'{"id": "000039-0", "prompt": "Quest')
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert json.loads(result.stdout)["generated_now"] == 12 - done_before
+    assert json.loads(result.stdout)["generated_now"] == total - done_before
     after = rows_path.read_bytes()
     assert after.startswith(written_before), "rows written before the kill changed"
     ids = [row["id"] for row in read_jsonl(rows_path)]
-    assert sorted(ids) == [f"{index:06d}-0" for index in range(12)]
-    assert len(read_jsonl(output_dir / "sft.jsonl")) == 12
+    assert sorted(ids) == [f"{index:06d}-0" for index in range(total)]
+    assert len(read_jsonl(output_dir / "sft.jsonl")) == total
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -334,8 +347,13 @@ def served_model(llama_chat_model):
     """`transformers serve` (the real OpenAI-compatible server) on loopback, serving the tiny Llama; yields its /v1."""
     port = free_port()
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "CUDA_VISIBLE_DEVICES": "", "TOKENIZERS_PARALLELISM": "false"}
-    command = [str(Path(sys.executable).parent / "transformers"), "serve", str(llama_chat_model)]
-    command += ["--host", "127.0.0.1", "--port", str(port), "--device", "cpu"]
+    env["OMP_NUM_THREADS"] = "1"
+    # The README's command, on the local model folder and a free port.
+    command = readme_command(".venv/bin/transformers serve")
+    command[0] = str(Path(sys.executable).parent / "transformers")
+    command[command.index("Qwen/Qwen2.5-1.5B-Instruct")] = str(llama_chat_model)
+    command[command.index("8000")] = str(port)
+    command += ["--host", "127.0.0.1", "--device", "cpu"]
     server = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 120
     while True:
@@ -503,12 +521,7 @@ def test_bad_prompts_and_flags(tmp_path, capsys):
 
 
 def test_model_without_chat_template_is_refused_before_loading_weights(chat_model, prompts_file, tmp_path, capsys):
-    plain = tmp_path / "plain-model"
-    shutil.copytree(chat_model, plain)
-    (plain / "chat_template.jinja").unlink(missing_ok=True)
-    config = json.loads((plain / "tokenizer_config.json").read_text())
-    config.pop("chat_template", None)
-    (plain / "tokenizer_config.json").write_text(json.dumps(config))
+    plain = _without_chat_template(chat_model, tmp_path / "plain-model")
     (plain / "model.safetensors").unlink()  # loading the weights would fail differently
     argv = ["--prompts", str(prompts_file), "--model", str(plain), "--output_dir", str(tmp_path / "out")]
     assert "has no chat template" in _one_line_error(argv, capsys)
@@ -561,3 +574,107 @@ def test_recipes_accept_the_generated_files(recipe, cai_run, chat_model, tmp_pat
     steps = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert any(step.get("loss") is not None for step in steps)
     assert (out / "final" / "model.safetensors").is_file()
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The README's commands, with local models where the README names a Hub id
+
+
+def readme_command(prefix: str, index: int = 0) -> list[str]:
+    import shlex
+
+    from test_readme import readme_commands
+
+    matches = [command for command in readme_commands() if command.startswith(prefix)]
+    return shlex.split(matches[index])
+
+
+def run_cli(words: list[str], cwd: Path) -> None:
+    from genesis_hf.cli import main
+
+    previous = Path.cwd()
+    os.chdir(cwd)
+    try:
+        assert main(words[1:]) == 0
+    finally:
+        os.chdir(previous)
+
+
+def test_readme_constitution_commands(chat_model, llama_chat_model, served_model, tmp_path):
+    local = tmp_path / "local"
+    local.mkdir()
+    command = readme_command(".venv/bin/genesis-hf constitution generate", 0)
+    command[command.index("Qwen/Qwen2.5-1.5B-Instruct")] = str(chat_model)
+    run_cli(command + ["--max_prompts", "2", *FAST], local)
+    assert len(read_jsonl(local / "outputs" / "cai" / "sft.jsonl")) == 2
+
+    # The served command: `transformers serve MODEL` answers requests that name its model.
+    served = tmp_path / "served"
+    served.mkdir()
+    (served / "my.jsonl").write_text("".join(json.dumps(row) + "\n" for row in PROMPTS[:2]))
+    command = readme_command(".venv/bin/genesis-hf constitution generate", 1)
+    command[command.index("http://127.0.0.1:8000/v1")] = served_model
+    command[command.index("Qwen/Qwen2.5-1.5B-Instruct")] = str(llama_chat_model)
+    run_cli(command + FAST, served)
+    rows = read_jsonl(served / "outputs" / "cai" / "rows.jsonl")
+    assert [row["prompt"] for row in sorted(rows, key=lambda row: row["id"])] == [row["prompt"] for row in PROMPTS[:2]]
+
+    shutil.copytree(chat_model, local / "outputs" / "dpo-tiny" / "final")
+    run_cli(readme_command(".venv/bin/genesis-hf engagement outputs/") + ["--max_prompts", "3", *FAST[:2]], local)
+    summary = json.loads((local / "outputs" / "engagement" / "engagement.json").read_text())
+    assert summary["responses"] == 3 and summary["model"] == "outputs/dpo-tiny/final"
+    assert len(read_jsonl(local / "outputs" / "engagement" / "scores.jsonl")) == 3
+
+    answers = [{"prompt": "p", "response": text, "category": "everyday"} for text, _ in HAND_WRITTEN.values()]
+    (local / "answers.jsonl").write_text("".join(json.dumps(row) + "\n" for row in answers))
+    run_cli(readme_command(".venv/bin/genesis-hf engagement --responses"), local)
+    scores = read_jsonl(local / "outputs" / "engagement" / "scores.jsonl")
+    assert [score["hedging"] for score in scores] == [expected["hedging"] for _, expected in HAND_WRITTEN.values()]
+
+
+def test_readme_constitution_benchmark_shortened(tmp_path):
+    command = readme_command(".venv/bin/python benchmarks/constitution.py")
+    command = [sys.executable, str(REPO / command[1])]
+    command += ["--preset", "debug", "--vocab-size", "300", "--prompts", "4", "--batch-size", "4", "--new-tokens", "4"]
+    env = {**os.environ, "GENESIS_HF_CACHE": str(tmp_path / "cache"), "CUDA_VISIBLE_DEVICES": ""}
+    result = subprocess.run(command + ["--repeats", "1"], capture_output=True, text=True, timeout=300, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(result.stdout)
+    assert report["rows_per_second_batched"] > 0 and report["rows_per_second_one_at_a_time"] > 0
+    assert report["ratio_batched_over_one_at_a_time"] == pytest.approx(
+        report["rows_per_second_batched"] / report["rows_per_second_one_at_a_time"], rel=0.01
+    )
+
+
+def _without_chat_template(model: Path, folder: Path) -> Path:
+    shutil.copytree(model, folder)
+    (folder / "chat_template.jinja").unlink(missing_ok=True)
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    config.pop("chat_template", None)
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    return folder
+
+
+def test_engagement_of_a_base_model_compare_and_report(chat_model, tmp_path, capsys):
+    from genesis_hf.constitution.engagement import main as engagement_main
+    from genesis_hf.evaluate.report import read_scores
+
+    base = _without_chat_template(chat_model, tmp_path / "base")
+    tiny = ["--max_prompts", "4", "--max_new_tokens", "4"]
+    assert engagement_main([str(base), "--output_dir", str(tmp_path / "e-base"), *tiny]) == 2
+    assert "--chat_template chatml" in capsys.readouterr().err
+    assert (
+        engagement_main([str(base), "--output_dir", str(tmp_path / "e-base"), "--chat_template", "chatml", *tiny]) == 0
+    )
+    assert engagement_main([str(chat_model), "--output_dir", str(tmp_path / "e-chat"), *tiny]) == 0
+    capsys.readouterr()
+    # The results block is lm-eval's shape, which `genesis-hf report` reads.
+    scores = {score.metric: score.value for score in read_scores(tmp_path / "e-chat" / "engagement.json")}
+    headline = json.loads((tmp_path / "e-chat" / "engagement.json").read_text())["headline"]
+    assert scores == {key: value for key, value in headline.items() if value is not None}
+    compare = f"base={tmp_path / 'e-base'},chat={tmp_path / 'e-chat'}"
+    assert engagement_main(["--compare", compare, "--output_dir", str(tmp_path / "table")]) == 0
+    table = (tmp_path / "table" / "engagement.md").read_text()
+    assert table.startswith("| metric | base | chat |") and "| over_refusal_rate |" in table
+    assert engagement_main(["--compare", f"base={tmp_path / 'nowhere'}", "--output_dir", str(tmp_path)]) == 2
+    assert "is not NAME=DIR with DIR/engagement.json" in capsys.readouterr().err

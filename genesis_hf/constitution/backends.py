@@ -16,6 +16,8 @@ import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 
+from genesis_hf.tokenizer import CHATML_TEMPLATE
+
 Conversation = list[dict[str, str]]
 # Tokens that close an assistant turn in common chat templates (ChatML, Llama 3, Gemma); generation stops at any of
 # them that the tokenizer knows, besides its eos.
@@ -45,6 +47,8 @@ class TransformersBackend:
         dtype: torch dtype name for the weights (`float32`, `bfloat16`, `auto`).
         device: `cpu`, `cuda`, ...; the first GPU when `None` and one is present.
         trust_remote_code: passed to `from_pretrained`.
+        chat_template: `chatml` formats conversations as ChatML text for a model without a template (a pretrained
+            base, as the baseline of the engagement benchmark); its markers are then plain text to that model.
     """
 
     def __init__(
@@ -56,6 +60,7 @@ class TransformersBackend:
         dtype: str = "auto",
         device: str | None = None,
         trust_remote_code: bool = False,
+        chat_template: str | None = None,
     ):
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -74,11 +79,13 @@ class TransformersBackend:
                 f"could not load --model {model!r} ({first_line}); pass a local model folder or a Hub id you can "
                 "download, or --base_url for a served model."
             ) from None
+        if not self.tokenizer.chat_template and chat_template == "chatml":
+            self.tokenizer.chat_template = CHATML_TEMPLATE
         if not self.tokenizer.chat_template:
             raise BackendError(
                 f"--model {model!r} has no chat template, so its prompts cannot be formatted as a conversation; use "
-                "an instruct/chat model, or add ChatML to a Genesis model (genesis_hf.tokenizer.add_chat_tokens) "
-                "and fine-tune it first."
+                "an instruct/chat model (recipes/sft.py makes one from a Genesis base), or pass --chat_template "
+                "chatml to prompt a base model in ChatML text."
             )
         self.tokenizer.padding_side = "left"
         if self.tokenizer.pad_token is None:
@@ -242,6 +249,9 @@ class BackendArguments:
     dtype: str = dataclasses.field(default="auto", metadata={"help": "Weights dtype: auto, float32, bfloat16."})
     device: str | None = dataclasses.field(default=None, metadata={"help": "cpu, cuda, ...; the GPU if present."})
     trust_remote_code: bool = dataclasses.field(default=False, metadata={"help": "Allow the model's own code."})
+    chat_template: str | None = dataclasses.field(
+        default=None, metadata={"help": "chatml: ChatML text for a model without a chat template (a base model)."}
+    )
 
 
 def check_backend_arguments(args: BackendArguments) -> None:
@@ -260,6 +270,8 @@ def check_backend_arguments(args: BackendArguments) -> None:
     for failed, message in problems:
         if failed:
             raise BackendError(message + ".")
+    if args.chat_template not in (None, "chatml"):
+        raise BackendError(f"--chat_template {args.chat_template!r} is not supported; use chatml or leave it unset.")
     if args.base_url is not None and not args.base_url.startswith(("http://", "https://")):
         raise BackendError(
             f"--base_url {args.base_url!r} must start with http:// or https://, e.g. http://127.0.0.1:8000/v1."
@@ -285,4 +297,5 @@ def build_backend(args: BackendArguments):
         dtype=args.dtype,
         device=args.device,
         trust_remote_code=args.trust_remote_code,
+        chat_template=args.chat_template,
     )

@@ -54,6 +54,12 @@ class EngagementArguments:
         default=None, metadata={"help": "The judge's OpenAI-compatible endpoint, if it is served."}
     )
     constitution: str | None = dataclasses.field(default=None, metadata={"help": "Principles the judge scores."})
+    compare: str | None = dataclasses.field(
+        default=None,
+        metadata={
+            "help": "Instead of scoring: NAME=DIR,... of earlier runs, side by side in <output_dir>/engagement.md."
+        },
+    )
 
 
 def load_responses(path: str) -> list[dict]:
@@ -168,6 +174,10 @@ def run_engagement(args: EngagementArguments, backend_args: BackendArguments) ->
     scores = [{**row, **engagement_flags(row["response"])} for row in responses]
     summary = summarize(scores)
     summary["model"] = args.responses or backend_args.model
+    # lm-eval's results shape, so `genesis-hf report` puts the headline numbers next to the harness's scores.
+    summary["results"] = {
+        "engagement": {key: value for key, value in summary["headline"].items() if value is not None}
+    }
     if constitution is not None:
         judge_args = dataclasses.replace(
             backend_args,
@@ -186,12 +196,46 @@ def run_engagement(args: EngagementArguments, backend_args: BackendArguments) ->
     return summary
 
 
+def compare_table(runs: dict[str, dict]) -> str:
+    """The headline numbers of several runs (`name -> engagement.json` content), one column per run."""
+    names = list(runs)
+    lines = ["| metric | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
+    for metric in next(iter(runs.values()))["headline"]:
+        cells = [runs[name]["headline"].get(metric) for name in names]
+        lines.append(f"| {metric} | " + " | ".join("-" if cell is None else f"{cell:.3f}" for cell in cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def run_compare(args: EngagementArguments) -> str:
+    """Read `engagement.json` of each `NAME=DIR` in `--compare` and write their headline table."""
+    runs = {}
+    for item in args.compare.split(","):
+        name, separator, folder = item.partition("=")
+        path = Path(folder) / "engagement.json"
+        if not separator or not path.is_file():
+            raise ConfigError(
+                f"--compare item {item!r} is not NAME=DIR with DIR/engagement.json; run `genesis-hf engagement` "
+                "into DIR first, e.g. --compare base=outputs/engagement/base,dpo=outputs/engagement/dpo."
+            )
+        runs[name] = json.loads(path.read_text())
+    output_dir = Path(args.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    table = compare_table(runs)
+    (output_dir / "engagement.md").write_text(table)
+    return table
+
+
 def main(argv: list[str]) -> int:
     # `genesis-hf engagement MODEL ...`: a leading positional is the model to generate with.
     if argv and not argv[0].startswith("-"):
         argv = ["--model", argv[0], *argv[1:]]
     try:
         args, backend_args = parse_args((EngagementArguments, BackendArguments), argv)
+        if args.compare:
+            if not args.output_dir:
+                raise ConfigError("--output_dir is required, e.g. --output_dir outputs/engagement.")
+            print(run_compare(args))
+            return 0
         summary = run_engagement(args, backend_args)
     except (ConfigError, ConstitutionError, PromptsError, BackendError) as error:
         print(f"genesis-hf engagement: error: {error}", file=sys.stderr)
