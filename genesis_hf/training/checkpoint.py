@@ -346,9 +346,14 @@ def write_checksums(path: Path) -> None:
     _write_json(path / CHECKSUMS_FILE, {"crc32": _checksums(path, files)})
 
 
-def checksum_problem(path: str | Path) -> str | None:
+def checksum_problem(path: str | Path, parts: tuple[str, ...] = (MODEL_DIR, OPTIMIZER_DIR)) -> str | None:
     """Which shard's bytes differ from the checksum recorded at save, or `None` (also for checkpoints written before
-    checksums were recorded, which have no `checksums.json`)."""
+    checksums were recorded, which have no `checksums.json`).
+
+    Args:
+        path: a `step-XXXXXXX` folder.
+        parts: the DCP folders to check (`("model",)` when only the weights will be read: a third of the bytes).
+    """
     path = Path(path)
     if not (path / CHECKSUMS_FILE).exists():
         return None
@@ -357,7 +362,9 @@ def checksum_problem(path: str | Path) -> str | None:
     if problem or not isinstance(sums, dict):
         return problem or f"{CHECKSUMS_FILE} has no crc32 mapping of shard file to checksum"
     # A removed optimizer/ as a whole is the resume policy's business (load_training_checkpoint), not corruption.
-    sums = {name: value for name, value in sums.items() if (path / name.split("/")[0]).is_dir()}
+    sums = {
+        name: value for name, value in sums.items() if name.split("/")[0] in parts and (path / name).parent.is_dir()
+    }
     for relative_path in sorted(sums):
         file = path / relative_path
         if not file.resolve().is_relative_to(path.resolve()) or not file.is_file():
@@ -878,7 +885,7 @@ def load_model_from_checkpoint(path: str | Path, dtype: torch.dtype = torch.floa
     from genesis_hf import GenesisConfig, GenesisForCausalLM
 
     path = Path(path)
-    problem = validate_checkpoint(path, checksums=True)
+    problem = validate_checkpoint(path) or checksum_problem(path, parts=(MODEL_DIR,))  # the weights are all it reads
     if problem is not None:
         raise CheckpointError(f"Checkpoint {path} is not intact: {problem}.")
     config = GenesisConfig.from_json_file(path / MODEL_CONFIG_FILE)

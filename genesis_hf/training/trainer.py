@@ -689,13 +689,21 @@ def step_record(run: Run, elapsed: float) -> dict[str, Any]:
 
 def nonfinite_report(run: Run) -> str:
     state, args = run.state, run.args
-    good = [info for info in ckpt.list_checkpoints(args.output_dir) if ckpt.checksum_problem(info.path) is None]
+    # The newest checkpoint whose shards still match their checksums (checked newest first, stopping at the first).
+    good = next(
+        (
+            info
+            for info in reversed(ckpt.list_checkpoints(args.output_dir))
+            if ckpt.checksum_problem(info.path) is None
+        ),
+        None,
+    )
     return (
         f"Stopping: {state.consecutive_nonfinite} consecutive steps (up to step {state.step}) had a non-finite loss "
         f"or gradient norm (max_consecutive_nonfinite={args.max_consecutive_nonfinite}); each was skipped without "
         f"updating the weights ({state.skipped_steps} skipped in total). Last loss {state.loss!r}, grad norm "
         f"{state.grad_norm!r}, lr {state.lr:.3e}. No checkpoint was written after a skipped step; the last good one is "
-        f"{good[-1].path if good else 'none'}. Lower learning_rate or max_grad_norm, or check the data, then relaunch "
+        f"{good.path if good else 'none'}. Lower learning_rate or max_grad_norm, or check the data, then relaunch "
         "the same command to resume from it."
     )
 
