@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 
 from .backends import Conversation
 from .flags import engagement_flags
-from .pairs import parse_judgement, sft_example
+from .pairs import parse_judgement
 from .principles import Constitution, Principle
 from .prompts import Prompt
 from .rows import RowsError, append_rows, read_rows
@@ -219,6 +219,5 @@ __all__ = [
     "principle_summary",
     "process_items",
     "prompts_fingerprint",
-    "sft_example",
     "work_items",
 ]
