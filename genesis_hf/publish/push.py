@@ -451,8 +451,12 @@ class CheckpointPusher:
                 continue
             self.journal.update(step, state="done", confirmed_at=_now(), last_error=None)
             logger.info("Checkpoint %s is on the Hub: %s (branch %s).", step, self.repo_id, branch_name(step))
-            if not self.keep_exports:
-                shutil.rmtree(self.output_dir / EXPORTS_DIR / branch_name(step), ignore_errors=True)
+            from genesis_hf.publish.export import EXPORT_MARKER_FILE
+
+            export_dir = self.output_dir / EXPORTS_DIR / branch_name(step)
+            # Only an export proves it is one (its marker); a folder a custom export_fn or the user left is kept.
+            if not self.keep_exports and (export_dir / EXPORT_MARKER_FILE).is_file():
+                shutil.rmtree(export_dir, ignore_errors=True)
             return
 
     def _default_export(self, checkpoint_dir: Path, out_dir: Path, step: int, branch: str) -> None:
