@@ -49,6 +49,7 @@ class TransformersBackend:
         trust_remote_code: passed to `from_pretrained`.
         chat_template: `chatml` formats conversations as ChatML text for a model without a template (a pretrained
             base, as the baseline of the engagement benchmark); its markers are then plain text to that model.
+            `none` accepts a model without a template for `complete()` on raw text only.
     """
 
     def __init__(
@@ -81,7 +82,7 @@ class TransformersBackend:
             ) from None
         if not self.tokenizer.chat_template and chat_template == "chatml":
             self.tokenizer.chat_template = CHATML_TEMPLATE
-        if not self.tokenizer.chat_template:
+        if not self.tokenizer.chat_template and chat_template != "none":
             raise BackendError(
                 f"--model {model!r} has no chat template, so its prompts cannot be formatted as a conversation; use "
                 "an instruct/chat model (recipes/sft.py makes one from a Genesis base), or pass --chat_template "
@@ -103,20 +104,25 @@ class TransformersBackend:
 
     def chat(self, conversations: list[Conversation], *, seed: int) -> list[str]:
         """One reply per conversation, generated `batch_size` at a time; `seed` seeds the sampling."""
-        replies = []
-        for start in range(0, len(conversations), self.batch_size):
-            replies.extend(self._generate(conversations[start : start + self.batch_size], seed + start))
-        return replies
-
-    def _generate(self, conversations: list[Conversation], seed: int) -> list[str]:
-        import torch
-
         texts = [
             self.tokenizer.apply_chat_template(conversation, add_generation_prompt=True, tokenize=False)
             for conversation in conversations
         ]
         # The chat template already holds any special tokens the model expects.
-        batch = self.tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(self.device)
+        return self.complete(texts, seed=seed, add_special_tokens=False)
+
+    def complete(self, texts: list[str], *, seed: int = 0, add_special_tokens: bool = True) -> list[str]:
+        """One continuation per raw text (no chat template: classifiers, base models), `batch_size` at a time."""
+        replies = []
+        for start in range(0, len(texts), self.batch_size):
+            replies.extend(self._generate(texts[start : start + self.batch_size], seed + start, add_special_tokens))
+        return replies
+
+    def _generate(self, texts: list[str], seed: int, add_special_tokens: bool) -> list[str]:
+        import torch
+
+        batch = self.tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=add_special_tokens)
+        batch = batch.to(self.device)
         prompt_length = batch["input_ids"].shape[1]
         if self.max_positions and prompt_length + self.settings.max_new_tokens > self.max_positions:
             raise BackendError(

@@ -172,7 +172,7 @@ def forward_to(main_function):
 
 
 def register_cli(subparsers: argparse._SubParsersAction) -> None:
-    """Add `genesis-hf constitution generate`.
+    """Add `genesis-hf constitution generate` and `genesis-hf constitution harmbench`.
 
     Args:
         subparsers: the `add_subparsers()` object of the top-level `genesis-hf` parser.
@@ -190,3 +190,17 @@ def register_cli(subparsers: argparse._SubParsersAction) -> None:
     )
     generate.add_argument("argv", nargs="*")
     generate.set_defaults(func=forward_to(main))
+    harmbench = commands.add_parser(
+        "harmbench",
+        help="HarmBench-style attack success rate from local behaviours and a local classifier.",
+        add_help=False,
+        prefix_chars="+",
+    )
+    harmbench.add_argument("argv", nargs="*")
+    harmbench.set_defaults(func=lambda namespace: _harmbench_main(namespace.argv))
+
+
+def _harmbench_main(argv: list[str]) -> int:
+    from .harmbench import main as harmbench_main
+
+    return harmbench_main(argv)
