@@ -411,3 +411,37 @@ def test_extending_in_the_middle_of_the_decay_stretches_it(tmp_path, run_env, de
     assert decay == sorted(decay, reverse=True) and decay[-1] > DEBUG_CONFIG["min_learning_rate"]
     steps = [after[step] - after[step + 1] for step in range(3, 8)]
     assert max(steps) < before[3] - before[4]  # a slower decay than the original one
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The unigram reference
+
+
+def test_unigram_entropy_equals_an_independent_count():
+    import math
+    from collections import Counter
+
+    from genesis_hf.training.reference import unigram_entropy
+
+    batches = [
+        {"labels": torch.tensor([[1, 2, 2, 3], [4, -100, 4, 4]])},
+        {"labels": torch.tensor([[9, 5, 5, 700]])},
+    ]
+    # The shifted loss predicts each row's tokens after the first; -100 is not predicted.
+    targets = Counter([2, 2, 3, 4, 4, 5, 5, 700])
+    total = sum(targets.values())
+    expected = -sum(count / total * math.log(count / total) for count in targets.values())
+    assert unigram_entropy(batches) == pytest.approx(expected, abs=1e-12)
+
+
+def test_the_run_logs_the_unigram_reference_once(debug_run, test_mixture):
+    from transformers import AutoTokenizer
+
+    from genesis_hf.training.reference import held_out_unigram_entropy
+
+    records = [json.loads(line) for line in (debug_run / "metrics.jsonl").read_text().splitlines()]
+    references = [record for record in records if record.get("event") == "reference"]
+    assert len(references) == 1 and records[0] == references[0]
+    tokenizer = AutoTokenizer.from_pretrained(debug_run / "final")
+    expected = held_out_unigram_entropy(test_mixture, tokenizer, seq_len=DEBUG_CONFIG["seq_len"])
+    assert references[0]["unigram_entropy"] == pytest.approx(expected, rel=1e-12)

@@ -228,6 +228,10 @@ def test_readme_command_trains_genesis_tiny_and_the_result_loads(tmp_path, run_e
     assert first > 8.0 and last < 6.4, (first, last)
     assert records[-1]["eval_loss"] < 6.6
     assert "pretrain: 100%" in result.stderr  # the progress bar
+    # The end of the run says how far below word frequencies the held-out loss went, samples, and the playground.
+    assert "nats/token vs" in result.stdout and "for word frequencies alone" in result.stdout
+    assert "Sample (greedy) 'def' ->" in result.stdout
+    assert f"playground --runs {Path('outputs') / 'genesis-tiny'}" in result.stdout
     assert any((output_dir / "tensorboard").rglob("events.out.tfevents.*"))
     model = AutoModelForCausalLM.from_pretrained(output_dir / "final")
     tokenizer = AutoTokenizer.from_pretrained(output_dir / "final")

@@ -34,6 +34,7 @@ from genesis_hf.args import ConfigError
 from . import checkpoint as ckpt
 from . import distributed
 from .config import PretrainArguments, resolve_gradient_accumulation
+from .reference import end_of_run_report, greedy_samples, held_out_unigram_entropy
 
 logger = logging.getLogger(__name__)
 
@@ -92,6 +93,8 @@ class Run:
     flops_per_token: float
     peak_flops: float | None
     fresh_optimizer: bool = False
+    # Entropy of the held-out text's word frequencies (nats/token), on the main process; see reference.py.
+    unigram_entropy: float | None = None
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -257,6 +260,11 @@ class MetricsLogger:
     def _append(self, record: dict[str, Any]) -> None:
         with open(self.path, "a") as handle:
             handle.write(json.dumps(json_safe_record(record), allow_nan=False) + "\n")
+
+    def log_record(self, record: dict[str, Any]) -> None:
+        """Append a record that is not a step (an event, a reference value) on the main process."""
+        if self.is_main:
+            self._append(record)
 
     def log_step(self, record: dict[str, Any]) -> None:
         step = record["step"]
@@ -427,6 +435,16 @@ def setup_run(
         resumed_from=resume_from.path if resume_from is not None else None,
     )
     _log_summary(run, config, fsdp, resume_from)
+    if accelerator.is_main_process:
+        # What a model that learned only word frequencies would score on the held-out text: the line that the held-out
+        # loss has to go below. Logged once, at the start of the run.
+        run.unigram_entropy = held_out_unigram_entropy(
+            args.mixture, tokenizer, seq_len=args.seq_len, tokenized_dir=args.tokenized_dir
+        )
+        if resume_from is None:
+            run.metrics.log_record(
+                {"event": "reference", "step": run.state.step, "unigram_entropy": run.unigram_entropy}
+            )
     return run
 
 
@@ -778,6 +796,17 @@ def export_final(output_dir: Path, checkpoint_path: Path) -> Path:
     return final_dir
 
 
+def _final_report(run: Run, final_dir: Path) -> str:
+    """Held-out loss against the unigram reference, greedy samples from `final/`, and how to watch the run."""
+    from transformers import AutoTokenizer
+
+    from genesis_hf.modeling_genesis import GenesisForCausalLM
+
+    model = GenesisForCausalLM.from_pretrained(final_dir).to(run.accelerator.device).eval()
+    samples = greedy_samples(model, AutoTokenizer.from_pretrained(final_dir))
+    return end_of_run_report(run.state.eval_loss, run.unigram_entropy, samples, run.args.output_dir)
+
+
 def run_pretraining(
     args: PretrainArguments, checkpoint_callbacks: Sequence[Callable[[Path, int], None]] = ()
 ) -> Path | None:
@@ -829,6 +858,7 @@ def run_pretraining(
             logger.warning(warning)
         final_dir = export_final(Path(args.output_dir), newest.path)
         logger.info("Done at step %d (loss %s); model and tokenizer in %s.", run.state.step, run.state.loss, final_dir)
+        print(_final_report(run, final_dir), flush=True)
         # With push_to_hub, the pusher has put every checkpoint on its branch and the newest (this one) on main.
     distributed.barrier()
     accelerator.end_training()
