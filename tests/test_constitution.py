@@ -400,6 +400,7 @@ class _FlakyEndpoint(BaseHTTPRequestHandler):
 
     good_replies = 0
     mode = "garbage"
+    content = "A reply."
     requests = 0
     lock = threading.Lock()
 
@@ -410,7 +411,7 @@ class _FlakyEndpoint(BaseHTTPRequestHandler):
             good = type(self).requests <= self.good_replies
         if not good and self.mode == "slow":
             time.sleep(2.0)
-        reply = {"choices": [{"message": {"role": "assistant", "content": "A reply."}}]}
+        reply = {"choices": [{"message": {"role": "assistant", "content": self.content}}]}
         body = json.dumps(reply).encode() if good or self.mode == "slow" else b"<html>upstream error</html>"
         self.send_response(200)
         self.send_header("Content-Type", "application/json")
@@ -447,6 +448,7 @@ def _endpoint_argv(base_url: str, prompts_file: Path, output_dir: Path) -> list[
 
 def test_endpoint_answering_garbage_fails_clearly_and_keeps_rows(flaky_endpoint, prompts_file, tmp_path, capsys):
     _FlakyEndpoint.good_replies, _FlakyEndpoint.mode, _FlakyEndpoint.requests = 6, "garbage", 0
+    _FlakyEndpoint.content = "A reply."
     base_url = f"http://127.0.0.1:{flaky_endpoint.server_port}/v1"
     argv = _endpoint_argv(base_url, prompts_file, tmp_path / "cai")
     assert generate_main(argv) == 2
@@ -462,6 +464,7 @@ def test_endpoint_answering_garbage_fails_clearly_and_keeps_rows(flaky_endpoint,
 
 def test_slow_and_down_endpoints_fail_after_bounded_retries(flaky_endpoint, prompts_file, tmp_path, capsys):
     _FlakyEndpoint.good_replies, _FlakyEndpoint.mode, _FlakyEndpoint.requests = 0, "slow", 0
+    _FlakyEndpoint.content = "A reply."
     slow = f"http://127.0.0.1:{flaky_endpoint.server_port}/v1"
     started = time.monotonic()
     assert generate_main(_endpoint_argv(slow, prompts_file, tmp_path / "slow")) == 2
@@ -745,3 +748,21 @@ def test_harmbench_run_from_local_files(chat_model, chat_tokenizer, tmp_path, ca
     assert harmbench_main([str(chat_model), "--behaviors", str(behaviors), "--classifier", "org/cls-model",
                            "--output_dir", str(output_dir)]) == 2  # fmt: skip
     assert "is not a local model folder" in capsys.readouterr().err
+
+
+def test_engagement_judge_scores_per_principle(flaky_endpoint, tmp_path):
+    """The judge path end to end; the endpoint stands in for a judge model that always answers "4"."""
+    from genesis_hf.constitution.engagement import main as engagement_main
+
+    _FlakyEndpoint.good_replies, _FlakyEndpoint.requests, _FlakyEndpoint.content = 10**6, 0, "4 - it mostly does"
+    responses = tmp_path / "answers.jsonl"
+    rows = [{"prompt": "p", "response": text, "category": "everyday"} for text, _ in list(HAND_WRITTEN.values())[:3]]
+    responses.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    judge = f"http://127.0.0.1:{flaky_endpoint.server_port}/v1"
+    argv = ["--responses", str(responses), "--output_dir", str(tmp_path / "e"), "--judge_model", "judge"]
+    assert engagement_main(argv + ["--judge_base_url", judge]) == 0
+    summary = json.loads((tmp_path / "e" / "engagement.json").read_text())
+    names = [principle.name for principle in load_constitution().principles]
+    assert summary["judge"] == {name: {"mean": 4.0, "scored": 3} for name in names}
+    assert _FlakyEndpoint.requests == 3 * len(names)
+    assert all(score["judge"] == dict.fromkeys(names, 4) for score in read_jsonl(tmp_path / "e" / "scores.jsonl"))
