@@ -8,6 +8,7 @@ uses the model and tokenizer stages (to load a model) and nothing later.
 - `backends`: a transformers model in this process (batched) or an OpenAI-compatible endpoint (`--base_url`).
 - `pipeline`: answer, critique, revise; resumable rows. `pairs`: SFT examples and guarded DPO pairs.
 - `flags` and `engagement`: the engagement benchmark.
+- `harmbench`: a HarmBench-style attack success rate from local behaviours and a local classifier.
 """
 
 from .backends import BackendError, GenerationSettings, OpenAIBackend, TransformersBackend

@@ -14,6 +14,7 @@ on batch composition or on where a previous run stopped.
 import dataclasses
 import hashlib
 import json
+import os
 import random
 import zlib
 from collections import Counter, defaultdict
@@ -62,7 +63,12 @@ def check_run_file(output_dir: Path, settings: dict) -> None:
     """Record the settings that shape the rows; refuse to resume a run made with different ones."""
     path = output_dir / RUN_FILE
     if path.is_file():
-        saved = json.loads(path.read_text())
+        try:
+            saved = json.loads(path.read_text())
+        except json.JSONDecodeError:
+            raise RowsError(
+                f"{path} is not valid JSON (edited by hand?); restore it or use a new --output_dir."
+            ) from None
         changed = sorted(key for key in set(saved) | set(settings) if saved.get(key) != settings.get(key))
         if changed:
             details = ", ".join(f"{key}: {saved.get(key)!r} -> {settings.get(key)!r}" for key in changed)
@@ -72,7 +78,10 @@ def check_run_file(output_dir: Path, settings: dict) -> None:
             )
         return
     output_dir.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(settings, indent=2) + "\n")
+    # Written whole and renamed into place: a kill here must not leave a half file that blocks every relaunch.
+    temporary = path.with_name(f".{path.name}.tmp")
+    temporary.write_text(json.dumps(settings, indent=2) + "\n")
+    os.replace(temporary, path)
 
 
 def pending_items(rows_path: Path, items: list[WorkItem]) -> list[WorkItem]:
