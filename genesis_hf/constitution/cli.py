@@ -1,7 +1,8 @@
 """`genesis-hf constitution generate`: critique-and-revise data for SFT and DPO from a model you run yourself.
 
     genesis-hf constitution generate --prompts genesis_hf:prompts --model Qwen/Qwen2.5-1.5B-Instruct --output_dir outputs/cai
-    genesis-hf constitution generate --prompts my.jsonl --base_url http://127.0.0.1:8000/v1 --model local --output_dir outputs/cai
+    genesis-hf constitution generate --prompts my.jsonl --base_url http://127.0.0.1:8000/v1 --model Qwen/Qwen2.5-1.5B-Instruct --output_dir outputs/cai
+    genesis-hf constitution harmbench MODEL --behaviors behaviors.csv --classifier CLS_DIR --output_dir outputs/hb
 
 Writes `<output_dir>/rows.jsonl` (everything), `sft.jsonl` (`messages`), `dpo.jsonl` (`prompt`/`chosen`/`rejected`)
 and `summary.json` (per principle). Relaunching the same command resumes. Flags are snake_case; `--config file.yaml`
@@ -178,7 +179,10 @@ def register_cli(subparsers: argparse._SubParsersAction) -> None:
         subparsers: the `add_subparsers()` object of the top-level `genesis-hf` parser.
     """
     parser = subparsers.add_parser(
-        "constitution", help="Critique-and-revise data for SFT and DPO.", description=__doc__
+        "constitution",
+        help="Critique-and-revise data for SFT and DPO.",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     commands = parser.add_subparsers(dest="constitution_command", required=True, metavar="SUBCOMMAND")
     # `+` as the only prefix: every `--flag` reaches `main`, whose dataclass parser knows them (and prints --help).
