@@ -765,15 +765,20 @@ def check_output_folder(out_dir: Path, source: Path, overwrite: bool) -> None:
     if out_dir.is_symlink() or not out_dir.is_dir():
         what = "a symlink" if out_dir.is_symlink() else "a file"
         raise ExportError(f"OUT {str(out_dir)!r} is {what}; export writes and replaces only folders it created. {fix}")
-    for directory, _, _ in os.walk(out_dir):
-        kind = _folder_kind(Path(directory))
-        if kind:
-            what = f"is {kind}" if Path(directory) == out_dir else f"contains {kind} ({directory})"
-            raise ExportError(f"OUT {str(out_dir)!r} {what}; export never replaces training output. {fix}")
+    if _folder_kind(out_dir):
+        raise ExportError(
+            f"OUT {str(out_dir)!r} is {_folder_kind(out_dir)}; export never replaces training output. {fix}"
+        )
     if not any(out_dir.iterdir()):
         return
     if not overwrite:
         raise ExportError(f"Output {str(out_dir)!r} already exists and is not empty; pass --overwrite or a new path.")
+    for directory, _, _ in os.walk(out_dir):  # only with --overwrite: a big folder is not walked for nothing
+        kind = _folder_kind(Path(directory))
+        if kind:
+            raise ExportError(
+                f"OUT {str(out_dir)!r} contains {kind} ({directory}); export never replaces training output. {fix}"
+            )
     foreign = _foreign_files(out_dir)
     if foreign:
         shown = ", ".join(foreign[:6]) + (f" and {len(foreign) - 6} more" if len(foreign) > 6 else "")
