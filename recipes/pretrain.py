@@ -12,7 +12,8 @@ Genesis 1B on 2x RTX 4090 over PCIe (the seed project's Run 2):
 Plain torchrun works too (`torchrun --nproc_per_node 2 recipes/pretrain.py ...`). Relaunching the same command resumes
 from the newest complete checkpoint in `--output_dir`; launching it with a larger `--max_steps` extends the run (the
 LR schedule continues its decay over the new horizon). `--config file.yaml` gives defaults, flags override, and every
-key is a field of `genesis_hf.training.config.PretrainArguments`. See docs/pretraining.md.
+key is a field of `genesis_hf.training.config.PretrainArguments`. `--eval_tasks piqa,arc_easy --eval_limit 100` scores
+every checkpoint on a few lm-eval documents (logged to metrics.jsonl and the trackers). See docs/pretraining.md.
 """
 
 import logging
@@ -20,6 +21,7 @@ import os
 import sys
 
 from genesis_hf.args import ConfigError, parse_args
+from genesis_hf.evaluate.during_training import EvalError, checkpoint_evaluator
 from genesis_hf.training.checkpoint import CheckpointError
 from genesis_hf.training.config import PretrainArguments
 from genesis_hf.training.distributed import configure_consumer_gpu_env
@@ -41,8 +43,12 @@ def main(argv: list[str] | None = None) -> int:
         applied = configure_consumer_gpu_env(args.consumer_gpu_env)
         if applied:
             logger.info("Consumer GPUs without NVLink: set %s", " ".join(f"{k}={v}" for k, v in applied.items()))
-        run_pretraining(args)
-    except (ConfigError, CheckpointError, NonFiniteLossError) as error:
+        # Optional small lm-eval runs at every checkpoint (--eval_tasks); the task names are checked here, before training.
+        evaluator = checkpoint_evaluator(
+            args.eval_tasks, eval_limit=args.eval_limit, eval_include_path=args.eval_include_path
+        )
+        run_pretraining(args, checkpoint_callbacks=[evaluator] if evaluator else [])
+    except (ConfigError, EvalError, CheckpointError, NonFiniteLossError) as error:
         print(f"[rank {rank}] {type(error).__name__}: {error}", file=sys.stderr, flush=True)
         return 1
     return 0

@@ -11,7 +11,8 @@ The seed project's SFT run on 2x RTX 4090:
         --config recipes/configs/sft/genesis-1b.yaml
 
 LoRA on every linear projection: add `--use_peft true`. Every key is a field of TRL's `SFTConfig` or `ModelConfig`
-or of `genesis_hf.posttrain.config.SFTDataArguments`; unknown keys are an error. Outputs: `<output_dir>/final` (HF
+or of `genesis_hf.posttrain.config.SFTDataArguments`/`TrainingEvalArguments` (`--eval_tasks piqa --eval_limit 100`
+scores every saved checkpoint with lm-eval); unknown keys are an error. Outputs: `<output_dir>/final` (HF
 folder, loads with `trust_remote_code`), `<output_dir>/metrics.jsonl`, `<output_dir>/adapter` with LoRA, and with
 `--push_to_hub true --hub_model_id you/name` one Hub branch per checkpoint (`main` = newest).
 """
@@ -22,9 +23,10 @@ from pathlib import Path
 
 from trl import ModelConfig, SFTConfig, SFTTrainer
 
+from genesis_hf.evaluate.during_training import CheckpointEvalCallback, checkpoint_evaluator
 from genesis_hf.posttrain.callbacks import CheckpointEventsCallback, MetricsJsonlCallback
 from genesis_hf.posttrain.chat import check_generation_markers
-from genesis_hf.posttrain.config import SFTDataArguments, hub_push_settings, parse_recipe_args
+from genesis_hf.posttrain.config import SFTDataArguments, TrainingEvalArguments, hub_push_settings, parse_recipe_args
 from genesis_hf.posttrain.data import (
     SFTMixture,
     SFTSource,
@@ -56,10 +58,19 @@ def load_mixture(data_args: SFTDataArguments) -> SFTMixture:
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%X")
     try:
-        data_args, training_args, model_args = parse_recipe_args(
-            (SFTDataArguments, SFTConfig, ModelConfig), argv, DEFAULT_CONFIG
+        data_args, eval_args, training_args, model_args = parse_recipe_args(
+            (SFTDataArguments, TrainingEvalArguments, SFTConfig, ModelConfig), argv, DEFAULT_CONFIG
         )
         push = hub_push_settings(training_args)
+        if eval_args.eval_tasks and model_args.use_peft:
+            raise ValueError(
+                f"--eval_tasks {eval_args.eval_tasks} with --use_peft true: LoRA checkpoints hold only the adapter, "
+                "which lm-eval cannot load; drop --eval_tasks (and run `genesis-hf eval OUTPUT_DIR/final`)."
+            )
+        # Optional small lm-eval runs at every checkpoint; the task names are checked here, before anything loads.
+        evaluator = checkpoint_evaluator(
+            eval_args.eval_tasks, eval_limit=eval_args.eval_limit, eval_include_path=eval_args.eval_include_path
+        )
         # Data first: a bad row or schema stops the run before any model is loaded.
         dataset, skipped = build_sft_dataset(load_mixture(data_args), on_bad_example=data_args.on_bad_example)
         model, tokenizer, setup, source = chat_model(
@@ -93,6 +104,8 @@ def main(argv: list[str] | None = None) -> int:
         peft_config=peft_config,
         callbacks=callbacks,
     )
+    if evaluator is not None:
+        trainer.add_callback(CheckpointEvalCallback(evaluator, trainer))
     trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
     model = final_model(trainer, training_args.output_dir)
     if trainer.accelerator.is_main_process:

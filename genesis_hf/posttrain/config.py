@@ -63,6 +63,24 @@ class DPODataArguments:
             raise ConfigError(f"on_bad_example={self.on_bad_example!r}; use one of {', '.join(BAD_EXAMPLE_POLICIES)}.")
 
 
+@dataclasses.dataclass
+class TrainingEvalArguments:
+    """Optional small lm-eval runs on every saved checkpoint, logged with the training metrics."""
+
+    eval_tasks: str | None = dataclasses.field(
+        default=None,
+        metadata={"help": "lm-eval tasks (comma-separated) to evaluate at every checkpoint, eval_limit docs each."},
+    )
+    eval_limit: int = dataclasses.field(default=100, metadata={"help": "Documents per task in those evaluations."})
+    eval_include_path: str | None = dataclasses.field(
+        default=None, metadata={"help": "Extra lm-eval task folder(s) for eval_tasks, comma-separated."}
+    )
+
+    def __post_init__(self) -> None:
+        if isinstance(self.eval_limit, bool) or not isinstance(self.eval_limit, int) or self.eval_limit < 1:
+            raise ConfigError(f"eval_limit={self.eval_limit!r}; pass a positive number of documents, e.g. 100.")
+
+
 def parse_recipe_args(dataclass_types: tuple[type, ...], argv: list[str] | None, default_config: str | Path):
     """`parse_args` with `default_config` as the `--config` when the command line names none.
 
@@ -103,4 +121,4 @@ def hub_push_settings(training_args) -> dict:
     return settings
 
 
-__all__ = ["DPODataArguments", "SFTDataArguments", "hub_push_settings", "parse_recipe_args"]
+__all__ = ["DPODataArguments", "SFTDataArguments", "TrainingEvalArguments", "hub_push_settings", "parse_recipe_args"]

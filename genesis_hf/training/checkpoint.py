@@ -554,7 +554,8 @@ class CheckpointManager:
         async_save: copy the state to CPU memory and write it in a background thread.
         callbacks: called on rank 0 as `callback(checkpoint_dir, step)` once a checkpoint is visible. A callback
             with a `may_delete(checkpoint_dir) -> bool` method can veto the rotation of a checkpoint it still needs
-            (the Hub pusher, until the upload is confirmed).
+            (the Hub pusher, until the upload is confirmed). A callback may return a dict of metrics about the
+            checkpoint (an evaluation's scores); they go to `metrics_sink(step, metrics)`, set by the trainer.
         run_config: the resolved arguments, written to `run_config.yaml`.
         model_config: the `GenesisConfig`, written to `config.json`.
         tokenizer: saved to `tokenizer/`.
@@ -577,6 +578,7 @@ class CheckpointManager:
         self.milestone_steps = milestone_steps
         self.async_save = async_save
         self.callbacks = list(callbacks)
+        self.metrics_sink: Callable[[int, dict[str, Any]], None] | None = None
         self.run_config = run_config
         self.model_config = model_config
         self.tokenizer = tokenizer
@@ -692,7 +694,9 @@ class CheckpointManager:
         _fsync_dir(self.root)
         logger.info("Checkpoint %s is complete.", final_dir)
         for callback in self.callbacks:
-            callback(final_dir, step)
+            metrics = callback(final_dir, step)
+            if isinstance(metrics, dict) and metrics and self.metrics_sink is not None:
+                self.metrics_sink(step, metrics)
         self.rotate()
 
     def is_milestone(self, step: int) -> bool:

@@ -134,6 +134,16 @@ class PretrainArguments:
         default=10,
         metadata=_help("Tracker logging and per-source token counts every N steps (metrics.jsonl: every step)."),
     )
+    eval_tasks: str | None = dataclasses.field(
+        default=None,
+        metadata=_help(
+            "lm-eval tasks (comma-separated) to evaluate at every checkpoint with eval_limit documents each."
+        ),
+    )
+    eval_limit: int = dataclasses.field(default=100, metadata=_help("Documents per task in those evaluations."))
+    eval_include_path: str | None = dataclasses.field(
+        default=None, metadata=_help("Extra lm-eval task folder(s) for eval_tasks, comma-separated.")
+    )
     report_to: str = dataclasses.field(
         default="tensorboard", metadata=_help("tensorboard, wandb, trackio or none; comma-separated.")
     )
@@ -165,6 +175,7 @@ class PretrainArguments:
             "per_device_eval_batch_size",
             "logging_steps",
             "max_consecutive_nonfinite",
+            "eval_limit",
         ]
         optional_positive = [
             "tokens_per_step",

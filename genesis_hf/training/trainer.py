@@ -266,6 +266,12 @@ class MetricsLogger:
         if self.is_main:
             self._append(record)
 
+    def log_checkpoint_metrics(self, step: int, metrics: dict[str, Any]) -> None:
+        """Log what a checkpoint callback measured (e.g. `eval/<task>/<metric>` scores): an `"event": "eval"` record
+        in `metrics.jsonl` and the trackers, at `step`. Called on the main process."""
+        self.log_record({"event": "eval", "step": step, **metrics})
+        self.accelerator.log({key: value for key, value in metrics.items() if _is_scalar(value)}, step=step)
+
     def log_step(self, record: dict[str, Any]) -> None:
         step = record["step"]
         if self.is_main:
@@ -434,6 +440,7 @@ def setup_run(
         disable_tqdm=args.disable_tqdm,
         resumed_from=resume_from.path if resume_from is not None else None,
     )
+    checkpoints.metrics_sink = run.metrics.log_checkpoint_metrics  # what checkpoint callbacks measure (evals)
     _log_summary(run, config, fsdp, resume_from)
     if accelerator.is_main_process:
         # What a model that learned only word frequencies would score on the held-out text: the line that the held-out
@@ -541,7 +548,7 @@ def resume(run: Run, info: ckpt.CheckpointInfo) -> None:
 _LAUNCH_ONLY_ARGUMENTS = {
     "output_dir", "resume_from_checkpoint", "allow_fresh_optimizer", "overwrite_output_dir", "max_steps", "disable_tqdm", "report_to",
     "run_name", "save_steps", "save_minutes", "save_total_limit", "milestone_steps", "async_save", "logging_steps",
-    "push_to_hub", "hub_model_id", "consumer_gpu_env", "eval_steps",
+    "push_to_hub", "hub_model_id", "consumer_gpu_env", "eval_steps", "eval_tasks", "eval_limit", "eval_include_path",
 }  # fmt: skip
 
 
@@ -814,7 +821,9 @@ def run_pretraining(
 
     Args:
         args: the parsed arguments.
-        checkpoint_callbacks: called on rank 0 as `callback(checkpoint_dir, step)` once each checkpoint is visible.
+        checkpoint_callbacks: called on rank 0 as `callback(checkpoint_dir, step)` once each checkpoint is visible;
+            a dict a callback returns (e.g. `genesis_hf.evaluate.during_training.CheckpointEvaluator`'s scores) is
+            logged to `metrics.jsonl` and the trackers at that step.
 
     Raises:
         ConfigError: bad arguments, tokenizer or output directory (before anything trains).
