@@ -13,7 +13,8 @@ On the constitution pipeline's pairs (chosen = the revision, rejected = the orig
 
 The reference model is the starting model after the chat setup (same resized vocabulary), or with `--use_peft true`
 the LoRA adapter's disabled base. Every key is a field of TRL's `DPOConfig` or `ModelConfig` or of
-`genesis_hf.posttrain.config.DPODataArguments`. Outputs as `recipes/sft.py`: `final/`, `metrics.jsonl` (with
+`genesis_hf.posttrain.config.DPODataArguments`/`TrainingEvalArguments` (`--eval_tasks piqa --eval_limit 100` scores
+every saved checkpoint with lm-eval). Outputs as `recipes/sft.py`: `final/`, `metrics.jsonl` (with
 `rewards/margins` and `rewards/accuracies`), `adapter/` with LoRA, per-checkpoint Hub branches with `--push_to_hub`.
 """
 
@@ -24,8 +25,9 @@ from pathlib import Path
 
 from trl import DPOConfig, DPOTrainer, ModelConfig
 
+from genesis_hf.evaluate.during_training import CheckpointEvalCallback, checkpoint_evaluator
 from genesis_hf.posttrain.callbacks import CheckpointEventsCallback, MetricsJsonlCallback
-from genesis_hf.posttrain.config import DPODataArguments, hub_push_settings, parse_recipe_args
+from genesis_hf.posttrain.config import DPODataArguments, TrainingEvalArguments, hub_push_settings, parse_recipe_args
 from genesis_hf.posttrain.data import build_preference_dataset
 from genesis_hf.posttrain.model import chat_model, lora_config
 from genesis_hf.posttrain.outputs import check_lora_topology, final_model, last_loss, write_final
@@ -37,10 +39,19 @@ logger = logging.getLogger("genesis_hf.dpo")
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%X")
     try:
-        data_args, training_args, model_args = parse_recipe_args(
-            (DPODataArguments, DPOConfig, ModelConfig), argv, DEFAULT_CONFIG
+        data_args, eval_args, training_args, model_args = parse_recipe_args(
+            (DPODataArguments, TrainingEvalArguments, DPOConfig, ModelConfig), argv, DEFAULT_CONFIG
         )
         push = hub_push_settings(training_args)
+        if eval_args.eval_tasks and model_args.use_peft:
+            raise ValueError(
+                f"--eval_tasks {eval_args.eval_tasks} with --use_peft true: LoRA checkpoints hold only the adapter, "
+                "which lm-eval cannot load; drop --eval_tasks (and run `genesis-hf eval OUTPUT_DIR/final`)."
+            )
+        # Optional small lm-eval runs at every checkpoint; the task names are checked here, before anything loads.
+        evaluator = checkpoint_evaluator(
+            eval_args.eval_tasks, eval_limit=eval_args.eval_limit, eval_include_path=eval_args.eval_include_path
+        )
         # Data first: a bad pair stops the run before any model is loaded.
         dataset, skipped = build_preference_dataset(
             data_args.dataset_name,
@@ -79,6 +90,8 @@ def main(argv: list[str] | None = None) -> int:
         peft_config=peft_config,
         callbacks=callbacks,
     )
+    if evaluator is not None:
+        trainer.add_callback(CheckpointEvalCallback(evaluator, trainer))
     trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
     model = final_model(trainer, training_args.output_dir)
     if trainer.accelerator.is_main_process:

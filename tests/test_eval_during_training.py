@@ -111,6 +111,40 @@ def test_sft_logs_each_checkpoints_scores_through_the_trainer(tmp_path, tasks_di
     assert "loss" not in evals[-1]  # the scores are their own record, not folded into a training log
 
 
+def test_dpo_logs_each_checkpoints_scores_through_the_trainer(tmp_path, tasks_dir):
+    from genesis_hf.testing import build_tiny_model_folder
+
+    build_tiny_model_folder(tmp_path / "base", chat_tokens=False, metrics=False)
+    out = tmp_path / "dpo"
+    argv = ["--model_name_or_path", str(tmp_path / "base"), "--output_dir", str(out), "--max_steps", "1",
+            "--max_length", "64", "--save_strategy", "steps", "--save_steps", "1", "--logging_steps", "1",
+            "--report_to", "none", "--disable_tqdm", "true",
+            "--eval_tasks", "piqa", "--eval_limit", str(LIMIT), "--eval_include_path", str(tasks_dir)]  # fmt: skip
+    assert run_recipe_in_process("dpo", argv) == 0
+    evals = eval_records_of_trainer(out / "metrics.jsonl")
+    assert [record["step"] for record in evals] == [1]
+    output = tmp_path / "eval.json"
+    argv = [
+        "eval",
+        str(out / "checkpoint-1"),
+        "--tasks",
+        "piqa",
+        "--include_path",
+        str(tasks_dir),
+        "--limit",
+        str(LIMIT),
+    ]
+    assert cli.main(argv + ["--output_path", str(output), "--no_sanity_gate"]) in (0, 1)
+    expected = flatten_results(json.loads(output.read_text()))
+    assert "eval/piqa/acc" in expected
+    assert {key: value for key, value in evals[0].items() if key.startswith("eval/")} == expected
+
+
+def eval_records_of_trainer(metrics_path: Path) -> list[dict]:
+    records = [json.loads(line) for line in metrics_path.read_text().splitlines()]
+    return [record for record in records if "eval/piqa/acc" in record]
+
+
 def test_an_evaluation_leaves_the_random_generators_as_it_found_them(tmp_path, tasks_dir):
     import random
 
@@ -130,10 +164,11 @@ def test_an_evaluation_leaves_the_random_generators_as_it_found_them(tmp_path, t
     assert draws[0] == draws[1]
 
 
-def test_sft_refuses_eval_tasks_with_lora_before_loading_anything(tmp_path, capsys):
-    argv = ["--model_name_or_path", str(tmp_path / "never-loaded"), "--output_dir", str(tmp_path / "sft"),
+@pytest.mark.parametrize("recipe", ["sft", "dpo"])
+def test_refuses_eval_tasks_with_lora_before_loading_anything(recipe, tmp_path, capsys):
+    argv = ["--model_name_or_path", str(tmp_path / "never-loaded"), "--output_dir", str(tmp_path / recipe),
             "--use_peft", "true", "--eval_tasks", "piqa"]  # fmt: skip
-    assert run_recipe_in_process("sft", argv) == 1
+    assert run_recipe_in_process(recipe, argv) == 1
     error = capsys.readouterr().err.strip().splitlines()[-1]
     assert "--eval_tasks piqa with --use_peft true" in error and "genesis-hf eval" in error
-    assert not (tmp_path / "sft").exists()
+    assert not (tmp_path / recipe).exists()
