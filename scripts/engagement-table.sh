@@ -31,5 +31,14 @@ for run in genesis-tiny sft-tiny dpo-tiny; do
 done
 "$BIN/genesis-hf" engagement --output_dir "$OUT/engagement" \
     --compare "pretrained=$OUT/engagement/genesis-tiny,sft=$OUT/engagement/sft-tiny,dpo=$OUT/engagement/dpo-tiny"
-cp "$OUT/engagement/engagement.md" "$REPO/docs/engagement-table.md"
+{
+    echo "# Engagement of the tiny models"
+    echo
+    echo "Made by \`bash scripts/engagement-table.sh\`: genesis-tiny pretrained, then SFT and DPO with the README's CPU"
+    echo "defaults, each asked the 40 held-out \`genesis_hf:engagement\` prompts (greedy, 64 new tokens; the pretrained"
+    echo "model in ChatML text). Rates over benign prompts, except the last two (harmful prompts); per-category rates"
+    echo "are in \`$OUT/engagement/<run>/engagement.json\`."
+    echo
+    cat "$OUT/engagement/engagement.md"
+} > "$REPO/docs/engagement-table.md"
 echo "wrote $REPO/docs/engagement-table.md"
