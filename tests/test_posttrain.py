@@ -221,6 +221,84 @@ def test_sft_learns_to_answer_and_generation_stops_at_im_end(base_dir, tmp_path)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
+# An SFT run's outputs: listed by `genesis-hf checkpoints` and the playground, and chatted with in the playground
+
+
+@pytest.fixture(scope="module")
+def sft_run(base_dir, tmp_path_factory) -> Path:
+    """`recipes/sft.py` trained on one short conversation ("Say hi." -> "hi"): TRL's checkpoint-15 and checkpoint-30,
+    then final/."""
+    root = tmp_path_factory.mktemp("sft-run")
+    data = write_jsonl(root / "hi.jsonl", [{"messages": SHORT_CONVERSATION}] * 16)
+    out = root / "run"
+    argv = ["--model_name_or_path", str(base_dir), "--dataset_name", str(data), "--output_dir", str(out),
+            "--max_steps", "30", "--learning_rate", "1e-2", "--lr_scheduler_type", "constant", "--warmup_steps", "0",
+            "--max_length", "64", "--save_strategy", "steps", "--save_steps", "15", "--logging_steps", "5",
+            "--disable_tqdm", "true"]  # fmt: skip
+    assert run_recipe_in_process("sft", argv) == 0
+    return out
+
+
+def test_checkpoints_lists_an_sft_runs_trainer_checkpoints_and_final(sft_run, capsys):
+    from genesis_hf.cli import main as cli_main
+    from genesis_hf.playground import CheckpointSource
+
+    history = json.loads((sft_run / "checkpoint-30" / "trainer_state.json").read_text())["log_history"]
+    logged = {record["step"]: record for record in history if "loss" in record}
+    assert cli_main(["checkpoints", str(sft_run), "--json"]) == 0
+    listed = json.loads(capsys.readouterr().out)
+    assert [(entry["name"], entry["step"], entry["kind"]) for entry in listed] == [
+        ("checkpoint-15", 15, "hf"),
+        ("checkpoint-30", 30, "hf"),
+        ("final", 30, "hf"),
+    ]
+    assert [entry["loss"] for entry in listed] == [logged[15]["loss"], logged[30]["loss"], logged[30]["loss"]]
+    # TRL counts the tokens it trained on (`num_tokens`); the Trainer's own counter stays 0 unless asked for.
+    assert [entry["tokens_seen"] for entry in listed[:2]] == [logged[15]["num_tokens"], logged[30]["num_tokens"]]
+    source = CheckpointSource(runs=sft_run)
+    assert [(entry.name, entry.step) for entry in source.list_checkpoints()] == [
+        (entry["name"], entry["step"]) for entry in listed
+    ]
+
+
+def test_playground_chat_on_an_sft_run_answers_through_chatml_and_stops_at_im_end(sft_run):
+    import socket
+
+    from gradio_client import Client
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from genesis_hf.playground import CheckpointSource, Playground, build_app, launch_app
+
+    demo = build_app(Playground(CheckpointSource(runs=sft_run), cache_size=2, concurrency=1))
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    launch_app(demo, port=port, prevent_thread_lock=True, quiet=True)
+    try:
+        client = Client(f"http://127.0.0.1:{port}/", verbose=False)
+        # checkpoint, message, system prompt, history, max_new_tokens, temperature 0 (greedy), top_p, top_k, rep, seed
+        replies = {
+            name: client.predict(name, "Say hi.", "", [], 20, 0.0, 1.0, 0, 1.0, 0, api_name="/chat")
+            for name in ("final", "checkpoint-30")
+        }
+    finally:
+        demo.close()
+    model = AutoModelForCausalLM.from_pretrained(sft_run / "final", dtype=torch.float32).eval()
+    tokenizer = AutoTokenizer.from_pretrained(sft_run / "final")
+    prompt = tokenizer.apply_chat_template(
+        SHORT_CONVERSATION[:1], add_generation_prompt=True, return_dict=True, return_tensors="pt"
+    )["input_ids"]
+    assert tokenizer.decode(prompt[0]) == f"{IM_START}user\nSay hi.{IM_END}\n{IM_START}assistant\n"
+    with torch.no_grad():
+        output = model.generate(prompt, max_new_tokens=20, do_sample=False)
+    new_tokens = output[0, prompt.shape[1] :].tolist()
+    assert new_tokens[-1] == tokenizer.convert_tokens_to_ids(IM_END) and len(new_tokens) < 20
+    # The reply is what transformers' greedy generate() says up to <|im_end|> (no template text, no second turn).
+    assert replies["final"] == replies["checkpoint-30"] == tokenizer.decode(new_tokens[:-1])
+    assert replies["final"].strip() and IM_START not in replies["final"] and "user" not in replies["final"]
+
+
+# ---------------------------------------------------------------------------------------------------------------------
 # Data: conversion, mixtures and statistics, embedded data, bad input
 
 

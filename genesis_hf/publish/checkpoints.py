@@ -2,7 +2,8 @@
 
 A local run directory yields its training checkpoints (`checkpoints/step-XXXXXXX/`, read through
 `genesis_hf.training.checkpoint.list_checkpoints`) and every exported model folder in it (`final/`,
-`hub_exports/step-XXXXXXX/`, ...). A Hub repo id yields its `step-XXXXXXX` branches and `main`, with step, tokens seen
+`hub_exports/step-XXXXXXX/`, ...), including the `checkpoint-N/` folders of transformers' Trainer (SFT and DPO runs,
+step and loss from their `trainer_state.json`). A Hub repo id yields its `step-XXXXXXX` branches and `main`, with step, tokens seen
 and loss read from the `genesis_checkpoint.json` that every export carries. The playground lists checkpoints through
 `list_run_checkpoints`.
 """
@@ -17,6 +18,8 @@ from pathlib import Path
 
 CHECKPOINT_METADATA_FILE = "genesis_checkpoint.json"
 _STEP_NAME = re.compile(r"step-(\d+)$")
+# transformers' Trainer (and so TRL's SFT/DPO trainers) saves `<output_dir>/checkpoint-N/`.
+_TRAINER_CHECKPOINT_NAME = re.compile(r"^checkpoint-(\d+)$")
 _WEIGHT_FILES = (
     "model.safetensors",
     "model.safetensors.index.json",
@@ -75,8 +78,26 @@ def _float_or_none(value) -> float | None:
 
 
 def _step_from_name(name: str) -> int | None:
-    match = _STEP_NAME.search(name)
+    match = _STEP_NAME.search(name) or _TRAINER_CHECKPOINT_NAME.search(name)
     return int(match.group(1)) if match else None
+
+
+def _from_trainer_state(state: dict) -> dict:
+    """`step`, `tokens_seen` and `loss` of a transformers `trainer_state.json` (`global_step`, `log_history`).
+
+    The loss is the last one logged at or before the checkpoint's step; tokens are the Trainer's
+    `num_input_tokens_seen` when it counted them, else TRL's `num_tokens` (the tokens trained on, all processes).
+    """
+    step = _int_or_none(state.get("global_step"))
+    history = [record for record in state.get("log_history") or [] if isinstance(record, dict)]
+    if step is not None:
+        history = [record for record in history if (_int_or_none(record.get("step")) or 0) <= step]
+    losses = [record["loss"] for record in history if _float_or_none(record.get("loss")) is not None]
+    tokens = _int_or_none(state.get("num_input_tokens_seen")) or None
+    if tokens is None:
+        counted = [record["num_tokens"] for record in history if _int_or_none(record.get("num_tokens")) is not None]
+        tokens = int(counted[-1]) if counted else None
+    return {"step": step, "tokens_seen": tokens, "loss": losses[-1] if losses else None}
 
 
 def _is_model_folder(folder: Path) -> bool:
@@ -93,7 +114,8 @@ def _folder_metadata(folder: Path) -> dict:
     for name in (CHECKPOINT_METADATA_FILE, "trainer_state.json"):
         data = _read_json(folder / name)
         if data:
-            return data
+            # genesis_hf writes `step`; transformers' Trainer writes `global_step` and its `log_history`.
+            return _from_trainer_state(data) if "step" not in data and "global_step" in data else data
     pointer = _read_json(folder / "training_checkpoint.json").get("checkpoint")
     if pointer:
         return _read_json(Path(pointer) / "trainer_state.json")
