@@ -445,3 +445,27 @@ def test_the_run_logs_the_unigram_reference_once(debug_run, test_mixture):
     tokenizer = AutoTokenizer.from_pretrained(debug_run / "final")
     expected = held_out_unigram_entropy(test_mixture, tokenizer, seq_len=DEBUG_CONFIG["seq_len"])
     assert references[0]["unigram_entropy"] == pytest.approx(expected, rel=1e-12)
+
+
+def test_first_run_benchmark_reports_the_margin_and_plots_it(debug_run, tmp_path):
+    """benchmarks/first_run.py on a finished run (`--summarize_only`: the README run itself is timed by the benchmark,
+    not by a test): the margin below the unigram reference, samples, and the loss-curve PNG."""
+    from PIL import Image
+
+    png = tmp_path / "curve.png"
+    result = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "first_run.py"), "--summarize_only"]
+        + ["--output_dir", str(debug_run), "--plot", str(png)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(result.stdout)
+    records = [json.loads(line) for line in (debug_run / "metrics.jsonl").read_text().splitlines()]
+    evals = [record["eval_loss"] for record in records if record.get("eval_loss") is not None]
+    assert report["final_eval_loss"] == evals[-1] and report["steps"] == DEBUG_CONFIG["max_steps"]
+    assert report["nats_below_unigram"] == pytest.approx(report["unigram_entropy"] - evals[-1])
+    assert set(report["samples"]) == {"The", "def"}
+    with Image.open(png) as image:
+        assert image.format == "PNG" and image.width > 300
