@@ -80,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
     ref_model = None if peft_config is not None else copy.deepcopy(model).eval()
     callbacks = [MetricsJsonlCallback()]
     if pusher is not None and peft_config is None:
-        callbacks.append(CheckpointEventsCallback([pusher.submit]))
+        callbacks.append(CheckpointEventsCallback([pusher.submit_copy]))
     trainer = DPOTrainer(
         model=model,
         ref_model=ref_model,

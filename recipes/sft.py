@@ -95,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
 
     callbacks = [MetricsJsonlCallback()]
     if pusher is not None and peft_config is None:
-        callbacks.append(CheckpointEventsCallback([pusher.submit]))
+        callbacks.append(CheckpointEventsCallback([pusher.submit_copy]))
     trainer = SFTTrainer(
         model=model,
         args=training_args,

@@ -701,6 +701,56 @@ def test_sft_push_to_hub_publishes_one_branch_per_checkpoint(base_dir, tmp_path)
         server.stop()
 
 
+def test_checkpoints_the_trainer_rotates_away_before_their_upload_still_reach_the_hub(base_dir, tmp_path):
+    import threading
+
+    from datasets import Dataset
+    from safetensors.torch import load, load_file
+
+    from genesis_hf.posttrain.callbacks import CheckpointEventsCallback
+    from genesis_hf.publish.checkpoints import list_run_checkpoints
+    from genesis_hf.publish.export import export_checkpoint
+    from genesis_hf.publish.push import STAGING_DIR, CheckpointPusher
+    from genesis_hf.testing import HubServer
+
+    model, tokenizer, _ = chat_base(base_dir)
+    out = tmp_path / "trainer"
+    trained = threading.Event()
+
+    def upload_slower_than_training(checkpoint_dir: Path, out_dir: Path, step: int, branch: str) -> None:
+        trained.wait(timeout=120)  # by now the Trainer has deleted checkpoint-1 and checkpoint-2 (save_total_limit 1)
+        export_checkpoint(checkpoint_dir, out_dir, dtype="fp32", step=step, revision=branch, overwrite=True)
+
+    saved = {}
+    with HubServer() as server:
+        pusher = CheckpointPusher(
+            "alice/rotated", server.write_token, out, endpoint=server.endpoint, export_fn=upload_slower_than_training
+        )
+        trainer = sft_trainer(
+            model, tokenizer, Dataset.from_list([{"messages": SHORT_CONVERSATION}] * 16), tmp_path, max_steps=3,
+            learning_rate=1e-2, save_strategy="steps", save_steps=1, save_total_limit=1, disable_tqdm=True,
+        )  # fmt: skip
+        record = lambda folder, step: saved.__setitem__(step, load_file(folder / "model.safetensors"))  # noqa: E731
+        trainer.add_callback(CheckpointEventsCallback([record, pusher.submit_copy]))
+        trainer.train()
+        assert sorted(path.name for path in out.glob("checkpoint-*")) == ["checkpoint-3"]
+        # The pusher's copies wait in a hidden folder that `genesis-hf checkpoints` does not list.
+        assert len(list((out / STAGING_DIR).iterdir())) == 3
+        assert [entry.name for entry in list_run_checkpoints(out)] == ["checkpoint-3"]
+        trained.set()
+        pusher.close()
+        for step in (1, 2, 3):
+            files = server.branch_files("alice/rotated", f"step-{step:07d}")
+            assert json.loads(files["genesis_checkpoint.json"])["step"] == step
+            uploaded = load(files["model.safetensors"])
+            for name in uploaded.keys() & saved[step].keys():
+                assert torch.equal(uploaded[name], saved[step][name]), (step, name)
+        assert saved[1]["model.norm.weight"].ne(saved[3]["model.norm.weight"]).any()  # three different models
+    assert all(pusher.is_confirmed(step) for step in (1, 2, 3))
+    assert not any((out / STAGING_DIR).iterdir())  # the pusher's copies are gone once confirmed
+    assert (out / "checkpoint-3" / "optimizer.pt").is_file()  # the Trainer's own folder is untouched
+
+
 def test_dpo_with_lora_uses_the_disabled_adapter_as_reference(base_dir, tmp_path):
     out = tmp_path / "dpo-lora"
     argv = ["--model_name_or_path", str(base_dir), "--output_dir", str(out), "--use_peft", "true", "--lora_r", "4",

@@ -1,7 +1,8 @@
 """Events out of TRL's trainers: `metrics.jsonl` lines and checkpoint announcements, as `TrainerCallback`s.
 
 TRL's `SFTTrainer` and `DPOTrainer` call transformers' callbacks, so publishing subscribes to a saved checkpoint the
-same way for pretraining, SFT and DPO: `CheckpointEventsCallback([pusher.submit])`.
+same way for pretraining, SFT and DPO: `CheckpointEventsCallback([pusher.submit_copy])` (the Trainer deletes old
+`checkpoint-N` folders beyond `save_total_limit` on its own, so the pusher uploads from a copy it owns).
 """
 
 import json
@@ -43,7 +44,7 @@ class CheckpointEventsCallback(TrainerCallback):
     """Call each subscriber with `(checkpoint_dir, step)` once the trainer has saved a checkpoint (main process).
 
     Args:
-        subscribers: callables such as `CheckpointPusher.submit`.
+        subscribers: callables such as `CheckpointPusher.submit_copy`.
     """
 
     def __init__(self, subscribers: list[Callable[[Path, int], None]]) -> None:

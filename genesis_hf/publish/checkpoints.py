@@ -179,10 +179,12 @@ def list_local_checkpoints(run_dir: str | Path) -> list[CheckpointEntry]:
     seen = {entry.path for entry in entries}
     # Exported folders up to two levels down: final/, hub_exports/step-XXXXXXX/, exports/llama/, ...
     for folder in sorted([*run_dir.glob("*/"), *run_dir.glob("*/*/")]):
-        if folder in seen or folder.name.startswith(".") or "-partial-" in folder.name:
+        relative = folder.relative_to(run_dir)
+        # Hidden folders (the Hub pusher's `.hub_staging/` copies) and half-written exports are not checkpoints.
+        if folder in seen or any(part.startswith(".") for part in relative.parts) or "-partial-" in folder.name:
             continue
         if _is_model_folder(folder):
-            entries.append(_entry_from_folder(folder, folder.relative_to(run_dir).as_posix(), "hf"))
+            entries.append(_entry_from_folder(folder, relative.as_posix(), "hf"))
     return sorted(entries, key=lambda entry: (entry.step, entry.kind != "training", entry.name))
 
 

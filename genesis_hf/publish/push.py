@@ -10,7 +10,9 @@ Crashes lose nothing. The journal `<output_dir>/hub_uploads.json` holds one entr
 (`pending` -> `done`, or `failed` when the export itself is wrong) with the phases already finished; a new pusher on the
 same output directory (a resumed run) uploads whatever is still pending. A checkpoint's local copy must stay until its
 upload is confirmed: `may_delete(checkpoint_dir)` is the predicate for the trainer's retention policy
-(`save_total_limit`). Optionally the raw training state (the DCP checkpoint directory) also goes to a separate
+(`save_total_limit`). transformers' Trainer (TRL's SFT and DPO) rotates `checkpoint-N` folders on its own schedule, so
+for it `submit_copy` uploads from a hard-linked copy the pusher owns (`<output_dir>/.hub_staging/`), removed once
+the upload is confirmed. Optionally the raw training state (the DCP checkpoint directory) also goes to a separate
 private repo (`backup_repo_id`) as an off-site backup.
 
 The token is only ever handed to `huggingface_hub`: it is never logged, written to the journal, a config or a card,
@@ -41,6 +43,7 @@ logger = logging.getLogger(__name__)
 
 JOURNAL_FILE = "hub_uploads.json"
 EXPORTS_DIR = "hub_exports"
+STAGING_DIR = ".hub_staging"
 JOURNAL_VERSION = 1
 _STEP_DIR = re.compile(r"step-(\d+)$")
 _TOKEN_HELP = (
@@ -342,6 +345,32 @@ class CheckpointPusher:
 
     __call__ = submit  # a pusher is itself a `checkpoint_callbacks` entry: callback(checkpoint_dir, step)
 
+    def submit_copy(self, checkpoint_dir: str | Path, step: int) -> None:
+        """`submit` a copy of `checkpoint_dir` that the pusher owns, for trainers that delete old checkpoints while
+        their upload may still be running (transformers' `save_total_limit` rotation of `checkpoint-N` folders).
+
+        The files are hard-linked (copied across filesystems) into `<output_dir>/.hub_staging/<name>`: no bytes are
+        copied and deleting the trainer's folder leaves the copy whole. The copy is removed once the upload is
+        confirmed, and a resumed pusher uploads it if it was still pending.
+
+        Args:
+            checkpoint_dir: the trainer's checkpoint folder, complete (call from `on_save`).
+            step: its training step.
+        """
+        source = Path(checkpoint_dir)
+        staged = self.output_dir / STAGING_DIR / source.name
+        entry = self.journal.entry(step)
+        if entry is not None and entry["state"] == "done" and entry["checkpoint_dir"] == str(staged.resolve()):
+            return
+        partial = staged.with_name(f"{staged.name}.partial-{os.getpid()}")
+        shutil.rmtree(partial, ignore_errors=True)  # this process's own copy, left by an earlier failed attempt
+        shutil.copytree(source, partial, copy_function=_link_or_copy)
+        if staged.exists():
+            # The pusher's earlier copy of this folder (a rerun into the same output_dir): the new save replaces it.
+            shutil.rmtree(staged)
+        os.replace(partial, staged)
+        self.submit(staged, step)
+
     def is_confirmed(self, step: int) -> bool:
         """Whether the Hub has confirmed every upload of this step."""
         entry = self.journal.entry(step)
@@ -451,6 +480,10 @@ class CheckpointPusher:
                 continue
             self.journal.update(step, state="done", confirmed_at=_now(), last_error=None)
             logger.info("Checkpoint %s is on the Hub: %s (branch %s).", step, self.repo_id, branch_name(step))
+            staged = Path(entry["checkpoint_dir"])
+            # A copy `submit_copy` made is the pusher's own; the trainer's folders are never touched.
+            if staged.parent == (self.output_dir / STAGING_DIR).resolve():
+                shutil.rmtree(staged, ignore_errors=True)
             from genesis_hf.publish.export import EXPORT_MARKER_FILE
 
             export_dir = self.output_dir / EXPORTS_DIR / branch_name(step)
@@ -521,6 +554,13 @@ class CheckpointPusher:
             self.journal.set_phase(step, "backup", True)
 
 
+def _link_or_copy(source: str, target: str) -> None:
+    try:
+        os.link(source, target)
+    except OSError:  # another filesystem, or one without hard links
+        shutil.copy2(source, target)
+
+
 def pusher_for_run(args, *, is_main_process: bool = True, endpoint: str | None = None) -> CheckpointPusher | None:
     """The pusher of a training run, or `None` when `args.push_to_hub` is off; call it on every rank before training.
 
@@ -561,6 +601,7 @@ def pusher_for_run(args, *, is_main_process: bool = True, endpoint: str | None =
 
 __all__ = [
     "EXPORTS_DIR",
+    "STAGING_DIR",
     "JOURNAL_FILE",
     "CheckpointPusher",
     "PublishError",
