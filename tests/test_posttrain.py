@@ -677,6 +677,7 @@ def test_readme_sft_benchmark_shortened(tmp_path):
 def test_sft_push_to_hub_publishes_one_branch_per_checkpoint(base_dir, tmp_path):
     import os
 
+    from genesis_hf.publish.push import STAGING_DIR
     from genesis_hf.testing import HubServer
 
     server = HubServer().start()
@@ -697,6 +698,10 @@ def test_sft_push_to_hub_publishes_one_branch_per_checkpoint(base_dir, tmp_path)
             assert json.loads(files["genesis_checkpoint.json"])["step"] == step
         assert json.loads(server.branch_files("alice/genesis-sft", "main")["genesis_checkpoint.json"])["step"] == 4
         assert server.write_token not in result.stdout + result.stderr
+        # The pusher's copies of checkpoint-2 and checkpoint-4 are gone, checkpoint-4's too although final/ was then
+        # submitted for the same step; the Trainer's own folders are still there.
+        assert not any((tmp_path / "run" / STAGING_DIR).iterdir())
+        assert (tmp_path / "run" / "checkpoint-4" / "model.safetensors").is_file()
     finally:
         server.stop()
 

@@ -308,6 +308,7 @@ class CheckpointPusher:
         self._queue: queue.Queue[int | None] = queue.Queue()
         self._queued: set[int] = set()
         self._queued_lock = threading.Lock()
+        self._staging_lock = threading.Lock()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._work, name="checkpoint-pusher", daemon=True)
         self._thread.start()
@@ -365,11 +366,13 @@ class CheckpointPusher:
         partial = staged.with_name(f"{staged.name}.partial-{os.getpid()}")
         shutil.rmtree(partial, ignore_errors=True)  # this process's own copy, left by an earlier failed attempt
         shutil.copytree(source, partial, copy_function=_link_or_copy)
-        if staged.exists():
-            # The pusher's earlier copy of this folder (a rerun into the same output_dir): the new save replaces it.
-            shutil.rmtree(staged)
-        os.replace(partial, staged)
-        self.submit(staged, step)
+        # Held until the journal names the copy, so that the worker's clean-up never sees it unreferenced.
+        with self._staging_lock:
+            if staged.exists():
+                # The pusher's earlier copy of this folder (a rerun into the same output_dir): the new save replaces it.
+                shutil.rmtree(staged)
+            os.replace(partial, staged)
+            self.submit(staged, step)
 
     def is_confirmed(self, step: int) -> bool:
         """Whether the Hub has confirmed every upload of this step."""
@@ -480,10 +483,7 @@ class CheckpointPusher:
                 continue
             self.journal.update(step, state="done", confirmed_at=_now(), last_error=None)
             logger.info("Checkpoint %s is on the Hub: %s (branch %s).", step, self.repo_id, branch_name(step))
-            staged = Path(entry["checkpoint_dir"])
-            # A copy `submit_copy` made is the pusher's own; the trainer's folders are never touched.
-            if staged.parent == (self.output_dir / STAGING_DIR).resolve():
-                shutil.rmtree(staged, ignore_errors=True)
+            self._remove_unneeded_copies()
             from genesis_hf.publish.export import EXPORT_MARKER_FILE
 
             export_dir = self.output_dir / EXPORTS_DIR / branch_name(step)
@@ -491,6 +491,25 @@ class CheckpointPusher:
             if not self.keep_exports and (export_dir / EXPORT_MARKER_FILE).is_file():
                 shutil.rmtree(export_dir, ignore_errors=True)
             return
+
+    def _remove_unneeded_copies(self) -> None:
+        """Delete the `submit_copy` copies that no pending or failed upload names (also one whose step was then
+        submitted again from another folder, as the recipes do with `final/`). Only `.hub_staging/` is touched: the
+        pusher's own folder; the trainer's checkpoints never are."""
+        staging = self.output_dir / STAGING_DIR
+        with self._staging_lock:
+            if not staging.is_dir():
+                return
+            with self.journal._lock:
+                needed = {
+                    entry["checkpoint_dir"]
+                    for entry in self.journal.data["uploads"].values()
+                    if entry.get("state") != "done"
+                }
+            for copy in staging.iterdir():
+                # `.partial-` folders are copies still being made by `submit_copy`.
+                if ".partial-" not in copy.name and str(copy.resolve()) not in needed:
+                    shutil.rmtree(copy, ignore_errors=True)
 
     def _default_export(self, checkpoint_dir: Path, out_dir: Path, step: int, branch: str) -> None:
         from genesis_hf.publish.export import export_checkpoint
