@@ -29,9 +29,9 @@ GENESIS_PRESETS: dict[str, dict] = {
         dtype="bfloat16",
     ),
     "genesis-tiny": dict(
-        vocab_size=4096,
-        hidden_size=256,
-        intermediate_size=704,
+        vocab_size=1024,
+        hidden_size=128,
+        intermediate_size=352,
         num_hidden_layers=4,
         num_attention_heads=4,
         num_key_value_heads=2,

@@ -6,9 +6,11 @@ interrupted. FSDP2 runs the 2x RTX 4090 Accelerate config itself (`--mixed_preci
 processes use gloo), so the wrapping, activation checkpointing and sharded checkpoints tested here are the GPU run's.
 """
 
+import itertools
 import json
 import os
 import random
+import re
 import signal
 import socket
 import subprocess
@@ -19,7 +21,9 @@ from pathlib import Path
 import pytest
 import yaml
 
+from genesis_hf import corpus
 from genesis_hf.training import checkpoint as ckpt
+from genesis_hf.training.reference import greedy_samples
 
 REPO = Path(__file__).resolve().parent.parent
 RECIPE = REPO / "recipes" / "pretrain.py"
@@ -222,20 +226,26 @@ def test_readme_command_trains_genesis_tiny_and_the_result_loads(tmp_path, run_e
     assert result.returncode == 0, result.stderr[-4000:]
     output_dir = tmp_path / "outputs" / "genesis-tiny"
     records = read_metrics(output_dir)
-    assert len(records) == 200
-    # From ln(4096) = 8.3 to ~6 in 200 steps of 2,048 tokens (held-out ~6.3); the margins absorb CPU differences.
-    first, last = records[0]["loss"], sum(record["loss"] for record in records[-10:]) / 10
-    assert first > 8.0 and last < 6.4, (first, last)
-    assert records[-1]["eval_loss"] < 6.6
+    assert len(records) == 1000
+    first = records[0]["loss"]
+    assert first > 6.5, first  # ln(1024) = 6.93 at initialisation
+    # The issue's bar for the default run: the held-out loss ends at least 1 nat below the unigram entropy of the
+    # held-out text (what word frequencies alone reach), logged by the run itself.
+    all_records = [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines()]
+    (reference,) = [record["unigram_entropy"] for record in all_records if record.get("event") == "reference"]
+    last = records[-1]["eval_loss"]
+    assert reference - last >= 1.0, (reference, last)
     assert "pretrain: 100%" in result.stderr  # the progress bar
     # The end of the run says how far below word frequencies the held-out loss went, samples, and the playground.
-    assert "nats/token vs" in result.stdout and "for word frequencies alone" in result.stdout
-    assert "Sample (greedy) 'def' ->" in result.stdout
+    assert "nats/token vs" in result.stdout and "it learned from context" in result.stdout
+    assert "Sample (greedy) 'self.' ->" in result.stdout
     assert f"playground --runs {Path('outputs') / 'genesis-tiny'}" in result.stdout
     assert any((output_dir / "tensorboard").rglob("events.out.tfevents.*"))
     model = AutoModelForCausalLM.from_pretrained(output_dir / "final")
     tokenizer = AutoTokenizer.from_pretrained(output_dir / "final")
-    prompt = tokenizer("def ", return_tensors="pt")
-    output = model.generate(**prompt, max_new_tokens=8, do_sample=False)
-    assert output.shape[1] == prompt["input_ids"].shape[1] + 8
-    print(f"README run: {elapsed:.0f}s, loss {first:.2f} -> {last:.2f}")
+    # Greedy samples hold words and identifiers of the corpus, not only spaces or digits.
+    samples = greedy_samples(model, tokenizer)
+    words = {word for sample in samples.values() for word in re.findall(r"[A-Za-z_][A-Za-z_0-9]{3,}", sample)}
+    corpus_text = "\n".join(itertools.islice(corpus.default_corpus(), 3000))
+    assert any(word in corpus_text for word in words), samples
+    print(f"README run: {elapsed:.0f}s, loss {first:.2f}, held-out {last:.2f} vs unigram {reference:.2f}")

@@ -24,6 +24,10 @@ COVERED_ELSEWHERE = {
         "test_pretrain_distributed.py (the same config on two gloo processes)"
     ),
     ".venv/bin/genesis-hf export": "test_export.py (cli export of a training checkpoint)",
+    ".venv/bin/python benchmarks/first_run.py": (
+        "test_pretrain.py::test_first_run_benchmark_reports_the_margin_and_plots_it (on a finished run; the README run "
+        "itself is test_pretrain_distributed.py's)"
+    ),
     ".venv/bin/genesis-hf checkpoints": "test_hub_push.py (cli checkpoints)",
     ".venv/bin/genesis-hf eval outputs/": "test_evaluate.py (a training checkpoint, a run folder, exports, GGUF)",
     ".venv/bin/genesis-hf eval you/": "test_evaluate.py::test_a_hub_repo_at_a_revision (the local Hub server)",

@@ -52,10 +52,10 @@ class PretrainArguments:
         default="default", metadata=_help("Mixture name (default, genesis-1b) or YAML path.")
     )
     tokenized_dir: str | None = dataclasses.field(default=None, metadata=_help("Pre-tokenized shards, if any."))
-    seq_len: int = dataclasses.field(default=256, metadata=_help("Tokens per training sequence."))
+    seq_len: int = dataclasses.field(default=128, metadata=_help("Tokens per training sequence."))
     document_masking: bool = dataclasses.field(default=False, metadata=_help("Restart positions at each document."))
     per_device_train_batch_size: int = dataclasses.field(
-        default=8, metadata=_help("Micro-batch (sequences) per rank.")
+        default=16, metadata=_help("Micro-batch (sequences) per rank.")
     )
     tokens_per_step: int | None = dataclasses.field(
         default=2048,
@@ -66,11 +66,11 @@ class PretrainArguments:
     )
 
     # Optimisation
-    max_steps: int = dataclasses.field(default=200, metadata=_help("Optimizer steps; raise it on resume to extend."))
-    learning_rate: float = dataclasses.field(default=6e-3, metadata=_help("Peak LR after warmup."))
-    min_learning_rate: float = dataclasses.field(default=3e-4, metadata=_help("LR at max_steps."))
+    max_steps: int = dataclasses.field(default=1000, metadata=_help("Optimizer steps; raise it on resume to extend."))
+    learning_rate: float = dataclasses.field(default=1e-2, metadata=_help("Peak LR after warmup."))
+    min_learning_rate: float = dataclasses.field(default=5e-4, metadata=_help("LR at max_steps."))
     lr_scheduler_type: str = dataclasses.field(default="cosine", metadata=_help("cosine or wsd."))
-    warmup_steps: int = dataclasses.field(default=20, metadata=_help("Linear warmup from 0."))
+    warmup_steps: int = dataclasses.field(default=30, metadata=_help("Linear warmup from 0."))
     decay_steps: int | None = dataclasses.field(default=None, metadata=_help("wsd only: length of the final decay."))
     weight_decay: float = dataclasses.field(default=0.1, metadata=_help("AdamW decay of matrices (not norms)."))
     adam_beta1: float = 0.9
@@ -104,7 +104,7 @@ class PretrainArguments:
         default=10.0, metadata=_help("And every N minutes of wall clock (0: off).")
     )
     save_total_limit: int | None = dataclasses.field(
-        default=3, metadata=_help("Keep the newest N checkpoints (milestones are kept on top); null keeps all.")
+        default=10, metadata=_help("Keep the newest N checkpoints (milestones are kept on top); null keeps all.")
     )
     milestone_steps: int | None = dataclasses.field(
         default=None, metadata=_help("Checkpoints at multiples of N are saved and never deleted.")
@@ -128,7 +128,7 @@ class PretrainArguments:
     eval_steps: int = dataclasses.field(
         default=50, metadata=_help("Held-out loss every N steps (0: only at the end).")
     )
-    eval_batches: int = dataclasses.field(default=4, metadata=_help("Held-out batches per evaluation."))
+    eval_batches: int = dataclasses.field(default=8, metadata=_help("Held-out batches per evaluation."))
     per_device_eval_batch_size: int = 8
     logging_steps: int = dataclasses.field(
         default=10,

@@ -18,7 +18,7 @@ import torch
 # from it), by ~0.4 nats at 4,096 tokens under the default tokenizer and ~0.06 at 131,072.
 REFERENCE_TOKENS = 131_072
 # Greedy continuations printed at the end of a run: prose and code, like the default corpus.
-SAMPLE_PROMPTS = ("The", "def")
+SAMPLE_PROMPTS = ("The", "self.")
 SAMPLE_NEW_TOKENS = 24
 
 
