@@ -443,16 +443,19 @@ def setup_run(
     checkpoints.metrics_sink = run.metrics.log_checkpoint_metrics  # what checkpoint callbacks measure (evals)
     _log_summary(run, config, fsdp, resume_from)
     if accelerator.is_main_process:
-        # What a model that learned only word frequencies would score on the held-out text: the line that the held-out
-        # loss has to go below. Logged once, at the start of the run.
-        run.unigram_entropy = held_out_unigram_entropy(
-            args.mixture, tokenizer, seq_len=args.seq_len, tokenized_dir=args.tokenized_dir
-        )
-        if resume_from is None:
-            run.metrics.log_record(
-                {"event": "reference", "step": run.state.step, "unigram_entropy": run.unigram_entropy}
-            )
+        _unigram_reference(run, tokenizer, log=resume_from is None)
     return run
+
+
+def _unigram_reference(run: Run, tokenizer, log: bool) -> None:
+    """What a model that learned only word frequencies scores on the held-out text: the line the held-out loss has to
+    go below. Logged once, at the start of the run; a resumed run computes it again for its final report."""
+    args = run.args
+    run.unigram_entropy = held_out_unigram_entropy(
+        args.mixture, tokenizer, seq_len=args.seq_len, tokenized_dir=args.tokenized_dir
+    )
+    if log:
+        run.metrics.log_record({"event": "reference", "step": run.state.step, "unigram_entropy": run.unigram_entropy})
 
 
 def _choose_checkpoint(args: PretrainArguments, accelerator) -> ckpt.CheckpointInfo | None:
