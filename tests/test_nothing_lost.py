@@ -200,8 +200,10 @@ def test_a_fresh_start_over_results_is_refused_then_recorded(tmp_path, run_env, 
     result = run_recipe(run_env, config, "--overwrite_output_dir", "true", "--max_steps", "2")
     assert result.returncode == 0, result.stderr[-3000:]
     lines = [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines()]
-    assert [line.get("event") or line["step"] for line in lines] == [1, 2, 3, 4, "restart", 1, 2]
-    assert lines[4]["step"] == 0 and lines[4]["resumed_from"] is None
+    # Each fresh start logs its unigram reference after the restart line.
+    events = [line.get("event") or line["step"] for line in lines]
+    assert events == ["reference", 1, 2, 3, 4, "restart", "reference", 1, 2]
+    assert lines[5]["step"] == 0 and lines[5]["resumed_from"] is None
     pointer = json.loads((output_dir / "final" / "training_checkpoint.json").read_text())
     assert pointer["checkpoint"].endswith("step-0000002")
 
