@@ -515,3 +515,82 @@ def test_eval_tasks_never_overwrites_a_task_file_it_did_not_write(run, tmp_path,
     assert (tmp_path / "piqa.yaml").read_text() == "task: piqa\n# the user's own\n"
     (tmp_path / "piqa.yaml").unlink()
     assert cli.main(argv) == 0 and cli.main(argv) == 0  # its own files are rewritten
+
+
+MMLU_SUBJECTS = ("anatomy", "astronomy", "virology")
+
+
+def _mmlu_records(subject: str, count: int, offset: int = 0) -> list[dict]:
+    """cais/mmlu records: question, subject, choices (4 strings), answer (int 0-3)."""
+    words = ["the value of the argument", "a purple elephant", "read its lines", "a class for parsing", "nothing"]
+    return [
+        {"question": f"What does the {subject} module return, case {index}?", "subject": subject,
+         "choices": [words[(index + k) % 5] for k in range(4)], "answer": (index + offset) % 4}
+        for index in range(count)
+    ]  # fmt: skip
+
+
+def _mmlu_loglikelihoods(model, tokenizer, subject: str, doc: dict) -> list[float]:
+    """Independent of lm-eval: log P(" A".." D" | lm-eval's MMLU prompt), tokenized as whole string minus context."""
+    letters = "ABCD"
+    context = f"The following are multiple choice questions (with answers) about {subject}.\n\n{doc['question']}\n"
+    context += "".join(f"{letter}. {choice}\n" for letter, choice in zip(letters, doc["choices"])) + "Answer:"
+    context_ids = tokenizer(context, add_special_tokens=False)["input_ids"]
+    scores = []
+    for letter in letters:
+        ids = tokenizer(context + " " + letter, add_special_tokens=False)["input_ids"]
+        with torch.no_grad():
+            logits = model(torch.tensor([ids])).logits[0].log_softmax(-1)
+        scores.append(sum(logits[i - 1, ids[i]].item() for i in range(len(context_ids), len(ids))))
+    return scores
+
+
+def test_mmlu_offline_subjects_score_as_computed_independently(run, tmp_path, capsys):
+    data = tmp_path / "data" / "mmlu"
+    for offset, subject in enumerate(MMLU_SUBJECTS):
+        _write_jsonl(data / subject / "test.jsonl", _mmlu_records(subject, 3, offset))
+        _write_jsonl(data / subject / "dev.jsonl", _mmlu_records(subject, 2))
+    argv = ["eval_tasks", "--data_dir", str(tmp_path / "data"), "--output_dir", str(tmp_path / "tasks")]
+    assert cli.main(argv) == 2
+    assert "lacks 54 of the 57 MMLU subjects: abstract_algebra," in capsys.readouterr().err
+    assert cli.main([*argv, "--subjects", ",".join(MMLU_SUBJECTS)]) == 0
+    # A subset is not the mmlu group: no group YAML, and its tasks join none of the group's tags.
+    from lm_eval.tasks import TaskManager
+
+    index = TaskManager(include_path=str(tmp_path / "tasks"), include_defaults=False).task_index
+    assert set(index) == {f"mmlu_{subject}" for subject in MMLU_SUBJECTS}
+    tasks = ",".join(f"mmlu_{subject}" for subject in MMLU_SUBJECTS)
+    rc, results = genesis_eval(run["hf"], tmp_path / "mmlu.json", tasks, tmp_path / "tasks", "--no_sanity_gate")
+    assert rc == 0, capsys.readouterr()
+    model, tokenizer = _load(run["hf"])
+    for offset, subject in enumerate(MMLU_SUBJECTS):
+        docs = _mmlu_records(subject, 3, offset)
+        scores = [_mmlu_loglikelihoods(model, tokenizer, subject, doc) for doc in docs]
+        samples = sorted(results["samples"][f"mmlu_{subject}"], key=lambda sample: sample["doc_id"])
+        logged = [[response[0] for response in sample["filtered_resps"]] for sample in samples]
+        assert logged == [pytest.approx(values, abs=1e-4) for values in scores], subject
+        accuracy = sum(max(range(4), key=row.__getitem__) == doc["answer"] for row, doc in zip(scores, docs)) / 3
+        assert results["results"][f"mmlu_{subject}"]["acc,none"] == pytest.approx(accuracy), subject
+
+
+def test_mmlu_group_offline_from_one_file_per_split(run, tmp_path, capsys):
+    from datasets import Dataset
+
+    from genesis_hf.evaluate.mmlu import mmlu_subjects
+
+    subjects = list(mmlu_subjects())
+    assert len(subjects) == 57
+    records = [record for index, s in enumerate(subjects) for record in _mmlu_records(s, 1, index)]
+    # As in a Hub snapshot of cais/mmlu: its `all/` config, parquet shards.
+    (tmp_path / "data" / "mmlu" / "all").mkdir(parents=True)
+    Dataset.from_list(records).to_parquet(tmp_path / "data" / "mmlu" / "all" / "test-00000-of-00001.parquet")
+    argv = ["eval_tasks", "--data_dir", str(tmp_path / "data"), "--output_dir", str(tmp_path / "tasks")]
+    assert cli.main(argv) == 0
+    split = (tmp_path / "tasks" / "mmlu_data" / "virology" / "test.jsonl").read_text().splitlines()
+    assert [json.loads(line) for line in split] == [r for r in records if r["subject"] == "virology"]
+    rc, results = genesis_eval(run["hf"], tmp_path / "mmlu.json", "mmlu", tmp_path / "tasks", "--no_sanity_gate")
+    assert rc == 0, capsys.readouterr()
+    assert {f"mmlu_{s}" for s in subjects} <= set(results["results"])
+    assert {"mmlu", "mmlu_stem", "mmlu_humanities"} <= set(results["results"])
+    accuracies = [results["results"][f"mmlu_{s}"]["acc,none"] for s in subjects]
+    assert results["results"]["mmlu"]["acc,none"] == pytest.approx(sum(accuracies) / 57)

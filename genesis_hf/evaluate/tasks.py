@@ -9,6 +9,7 @@ prompts, metrics and version) and only swaps the Hub dataset for the local files
 
 import argparse
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -46,6 +47,8 @@ TASK_DEFINITIONS = {
 _SPLIT_KEYS = ("training_split", "validation_split", "test_split", "fewshot_split")
 _FORMATS = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}
 _HEADER_START = "# Written by `genesis-hf eval_tasks`"
+# A Hub parquet shard, `test-00000-of-00001.parquet`: its split is `test`.
+_SHARD_NAME = re.compile(r"^(\w+)-\d{5}-of-\d{5}$")
 
 
 class TaskFolderError(ValueError):
@@ -68,7 +71,14 @@ def _split_files(task_dir: Path) -> tuple[str, dict[str, str]]:
             f"{str(task_dir)!r} must hold the splits of one benchmark in one format, named <split>.jsonl (or .json, "
             f".parquet), e.g. validation.jsonl; found: {found}."
         )
-    return formats.pop(), {path.stem: str(path.resolve()) for path in files}
+    splits = {}
+    for path in files:
+        shard = _SHARD_NAME.match(path.stem)
+        split = shard.group(1) if shard else path.stem
+        if split in splits:
+            raise TaskFolderError(f"{str(task_dir)!r} holds two files of split {split!r}; keep one per split.")
+        splits[split] = str(path.resolve())
+    return formats.pop(), splits
 
 
 def offline_task_config(task: str, task_dir: Path) -> dict:
@@ -78,9 +88,13 @@ def offline_task_config(task: str, task_dir: Path) -> dict:
         task: an lm-eval task name from `TASK_DEFINITIONS`.
         task_dir: a folder of `<split>.jsonl` files in the benchmark's own record format.
     """
+    return task_config_from(lm_eval_tasks_dir() / TASK_DEFINITIONS[task], task, task_dir)
+
+
+def task_config_from(definition: Path, task: str, task_dir: Path) -> dict:
+    """`offline_task_config` for lm-eval's task YAML `definition` (task name `task`)."""
     from lm_eval.tasks._yaml_loader import load_yaml
 
-    definition = lm_eval_tasks_dir() / TASK_DEFINITIONS[task]
     upstream = load_yaml(definition, resolve_func=False)
     dataset_path, files = _split_files(task_dir)
     config = {
@@ -110,12 +124,16 @@ def offline_task_config(task: str, task_dir: Path) -> dict:
     return config
 
 
-def write_offline_tasks(data_dir: str | Path, output_dir: str | Path) -> dict[str, Path]:
+def write_offline_tasks(
+    data_dir: str | Path, output_dir: str | Path, mmlu_subjects: list[str] | None = None
+) -> dict[str, Path]:
     """Write one task YAML per benchmark folder in `data_dir`; returns `{task: yaml path}`.
 
     Args:
-        data_dir: holds `<task>/<split>.jsonl` for tasks of `TASK_DEFINITIONS` (other folders are an error).
+        data_dir: holds `<task>/<split>.jsonl` for tasks of `TASK_DEFINITIONS` and `mmlu/` (see
+            `genesis_hf.evaluate.mmlu`); other folders are an error.
         output_dir: the task folder to create; pass it to `--include_path`. Existing YAMLs of other names are kept.
+        mmlu_subjects: write only these MMLU subjects and no `mmlu` group; None: all 57 must be there.
     """
     data_dir, output_dir = Path(data_dir), Path(output_dir)
     if not data_dir.is_dir():
@@ -123,13 +141,19 @@ def write_offline_tasks(data_dir: str | Path, output_dir: str | Path) -> dict[st
             f"--data_dir {str(data_dir)!r} is not a folder; pass the folder holding <task>/<split>.jsonl."
         )
     task_dirs = sorted(path for path in data_dir.iterdir() if path.is_dir())
-    unknown = [path.name for path in task_dirs if path.name not in TASK_DEFINITIONS]
+    unknown = [path.name for path in task_dirs if path.name not in TASK_DEFINITIONS and path.name != "mmlu"]
     if unknown or not task_dirs:
         raise TaskFolderError(
             f"{str(data_dir)!r}: folders must be named after lm-eval tasks; unknown: {', '.join(unknown) or 'none found'}. "
-            f"Known: {', '.join(TASK_DEFINITIONS)}."
+            f"Known: {', '.join(TASK_DEFINITIONS)}, mmlu."
         )
-    configs = {path.name: offline_task_config(path.name, path) for path in task_dirs}
+    if mmlu_subjects is not None and not (data_dir / "mmlu").is_dir():
+        raise TaskFolderError(f"--subjects given, but {str(data_dir / 'mmlu')!r} is not a folder of MMLU files.")
+    configs = {path.name: offline_task_config(path.name, path) for path in task_dirs if path.name != "mmlu"}
+    if (data_dir / "mmlu").is_dir():
+        from genesis_hf.evaluate.mmlu import mmlu_task_configs
+
+        configs.update(mmlu_task_configs(data_dir / "mmlu", output_dir, mmlu_subjects))
     # Only YAMLs this command wrote may be replaced: a task file of the user's is never overwritten.
     foreign = [
         str(output_dir / f"{task}.yaml")
@@ -145,7 +169,8 @@ def write_offline_tasks(data_dir: str | Path, output_dir: str | Path) -> dict[st
     written = {}
     for task, config in configs.items():
         path = output_dir / f"{task}.yaml"
-        header = f"{_HEADER_START} from {data_dir / task}: lm-eval's own task, local files.\n"
+        source = data_dir / ("mmlu" if task.startswith("mmlu") else task)
+        header = f"{_HEADER_START} from {source}: lm-eval's own task, local files.\n"
         path.write_text(header + yaml.safe_dump(config, sort_keys=False), encoding="utf-8")
         written[task] = path
     return written
@@ -153,7 +178,10 @@ def write_offline_tasks(data_dir: str | Path, output_dir: str | Path) -> dict[st
 
 def _run_eval_tasks(args: argparse.Namespace) -> int:
     try:
-        written = write_offline_tasks(args.data_dir, args.output_dir)
+        subjects = (
+            [subject.strip() for subject in args.subjects.split(",") if subject.strip()] if args.subjects else None
+        )
+        written = write_offline_tasks(args.data_dir, args.output_dir, subjects)
     except TaskFolderError as error:
         print(f"genesis-hf eval_tasks: error: {error}", file=sys.stderr)
         return 2
@@ -175,6 +203,11 @@ def register_cli(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--data_dir", required=True, help="Folder of <task>/<split>.jsonl benchmark files.")
     parser.add_argument("--output_dir", required=True, help="Task folder to write; pass it as --include_path.")
+    parser.add_argument(
+        "--subjects",
+        help="MMLU only: write just these subjects (comma-separated, e.g. anatomy,astronomy) and no mmlu group; by "
+        "default all 57 subjects' files must be in DATA_DIR/mmlu.",
+    )
     parser.set_defaults(func=_run_eval_tasks)
 
 
@@ -187,5 +220,6 @@ __all__ = [
     "TaskFolderError",
     "offline_task_config",
     "register_cli",
+    "task_config_from",
     "write_offline_tasks",
 ]
