@@ -202,26 +202,22 @@ def _write_corpus(path: Path, copies: int) -> None:
                 handle.write(json.dumps({"text": document}) + "\n")
 
 
-def _rss_mib() -> float:
-    with open("/proc/self/statm") as handle:
-        return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
-
-
 def _memory_probe(corpus: str, vocab_size: int, seq_len: int, batch_size: int) -> None:
     """Runs in a fresh process: stream one epoch of `corpus`; print the RSS growth (sampled after every batch) and
     the tracemalloc peak (Python objects and numpy buffers), in MiB."""
     from genesis_hf.data import MixtureConfig, SourceConfig, build_pretrain_loader
+    from genesis_hf.testing.memory import rss_mib
 
     tokenizer = _tokenizer(vocab_size)
     mixture = MixtureConfig(name="probe", sources=[SourceConfig(name="corpus", location=corpus, weight=1.0)])
-    baseline = peak_rss = _rss_mib()
+    baseline = peak_rss = rss_mib()
     tracemalloc.start()
     loader = build_pretrain_loader(mixture, tokenizer, seq_len=seq_len, batch_size=batch_size)
     batches = 0
     while loader.epochs_per_source["corpus"] == 0:
         loader.next_batch()
         batches += 1
-        peak_rss = max(peak_rss, _rss_mib())
+        peak_rss = max(peak_rss, rss_mib())
     _, peak = tracemalloc.get_traced_memory()
     result = {
         "tokens": batches * batch_size * seq_len,
@@ -234,33 +230,21 @@ def _memory_probe(corpus: str, vocab_size: int, seq_len: int, batch_size: int) -
 def _long_document_probe(megabytes: float, vocab_size: int, whole: bool) -> None:
     """Runs in a fresh process: encode one `megabytes` MB document without a newline, in pieces (`TokenEncoder`) or
     whole; print its tokens, seconds and peak RSS growth in MiB (RSS sampled every 5 ms by a thread, minus before)."""
-    import threading
-
     from genesis_hf.data.tokens import TokenEncoder
+    from genesis_hf.testing.memory import PeakRss
 
     encoder = TokenEncoder(_tokenizer(vocab_size))
     text = " ".join(document.replace("\n", " ") for document in _documents()[:300])
     size = int(megabytes * 1e6)
     text = (text * (size // len(text) + 1))[:size]
-    before = peak = _rss_mib()
-    done = threading.Event()
-
-    def sample() -> None:
-        nonlocal peak
-        while not done.wait(0.005):
-            peak = max(peak, _rss_mib())
-
-    sampler = threading.Thread(target=sample, daemon=True)
-    sampler.start()
-    started = time.perf_counter()
-    if whole:
-        tokens = len(encoder.backend.encode_batch_fast([text], add_special_tokens=False)[0].ids)
-    else:
-        tokens = len(encoder.encode([text])[0]) - 1
-    seconds = time.perf_counter() - started
-    done.set()
-    sampler.join()
-    growth = max(peak, _rss_mib()) - before
+    with PeakRss() as memory:
+        started = time.perf_counter()
+        if whole:
+            tokens = len(encoder.backend.encode_batch_fast([text], add_special_tokens=False)[0].ids)
+        else:
+            tokens = len(encoder.encode([text])[0]) - 1
+        seconds = time.perf_counter() - started
+    growth = memory.growth_mib
     print(
         json.dumps(
             {"mb": megabytes, "tokens": tokens, "seconds": round(seconds, 2), "peak_rss_growth_mib": round(growth)}

@@ -15,7 +15,6 @@ import os
 import pickle
 import shutil
 import socket
-import threading
 from pathlib import Path
 
 import pytest
@@ -27,6 +26,7 @@ from genesis_hf import cli
 from genesis_hf.args import ConfigError
 from genesis_hf.publish import export
 from genesis_hf.testing import build_tiny_model_folder
+from genesis_hf.testing.memory import PeakRss
 from genesis_hf.training import checkpoint as ckpt
 
 
@@ -423,11 +423,6 @@ def test_a_non_utf8_text_file_is_named(tmp_path):
 # 6. A document without newlines: pieces, same ids, bounded memory
 
 
-def _rss_mib() -> float:
-    with open("/proc/self/statm") as handle:
-        return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
-
-
 def test_a_long_one_line_document_is_cut_safely_with_bounded_memory():
     from genesis_hf import corpus
     from genesis_hf.data.tokens import MAX_PIECE_CHARACTERS, TokenEncoder, _pieces
@@ -451,18 +446,7 @@ def test_a_long_one_line_document_is_cut_safely_with_bounded_memory():
 
     # 8 MB in one line: encoded whole, the encoder's alignment data alone would take ~0.9 GB.
     big = (line * 14)[:8_000_000]
-    before = peak = _rss_mib()
-    done = threading.Event()
-
-    def sample() -> None:
-        nonlocal peak
-        while not done.wait(0.005):
-            peak = max(peak, _rss_mib())
-
-    sampler = threading.Thread(target=sample, daemon=True)
-    sampler.start()
-    tokens, lengths = encoder.encode([big])
-    done.set()
-    sampler.join()
+    with PeakRss() as memory:
+        tokens, lengths = encoder.encode([big])
     assert lengths.tolist() == [len(tokens)] and tokens[-1] == encoder.eos_token_id
-    assert max(peak, _rss_mib()) - before < 400, f"{max(peak, _rss_mib()) - before:.0f} MiB"
+    assert memory.growth_mib < 400, f"{memory.growth_mib:.0f} MiB"
