@@ -26,11 +26,10 @@ from pathlib import Path
 from trl import DPOConfig, DPOTrainer, ModelConfig
 
 from genesis_hf.evaluate.during_training import CheckpointEvalCallback, checkpoint_evaluator
-from genesis_hf.posttrain.callbacks import CheckpointEventsCallback, MetricsJsonlCallback
 from genesis_hf.posttrain.config import DPODataArguments, TrainingEvalArguments, hub_push_settings, parse_recipe_args
 from genesis_hf.posttrain.data import build_preference_dataset
 from genesis_hf.posttrain.model import chat_model, lora_config
-from genesis_hf.posttrain.outputs import check_lora_topology, final_model, last_loss, write_final
+from genesis_hf.posttrain.outputs import check_lora_topology, run_callbacks, train_and_write_final
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent / "configs" / "dpo" / "genesis-tiny.yaml"
 logger = logging.getLogger("genesis_hf.dpo")
@@ -78,9 +77,6 @@ def main(argv: list[str] | None = None) -> int:
     # TRL would reload the reference from model_name_or_path, without the chat tokens just added (an IndexError);
     # the reference is this model as it starts. With LoRA the adapter's disabled base is the reference.
     ref_model = None if peft_config is not None else copy.deepcopy(model).eval()
-    callbacks = [MetricsJsonlCallback()]
-    if pusher is not None and peft_config is None:
-        callbacks.append(CheckpointEventsCallback([pusher.submit_copy]))
     trainer = DPOTrainer(
         model=model,
         ref_model=ref_model,
@@ -88,27 +84,11 @@ def main(argv: list[str] | None = None) -> int:
         train_dataset=dataset,
         processing_class=tokenizer,
         peft_config=peft_config,
-        callbacks=callbacks,
+        callbacks=run_callbacks(pusher, peft_config),
     )
     if evaluator is not None:
         trainer.add_callback(CheckpointEvalCallback(evaluator, trainer))
-    trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
-    model = final_model(trainer, training_args.output_dir)
-    if trainer.accelerator.is_main_process:
-        final_dir = write_final(
-            model,
-            tokenizer,
-            training_args.output_dir,
-            step=trainer.state.global_step,
-            loss=last_loss(trainer),
-            dtype="bf16" if training_args.bf16 else "fp32",
-        )
-        logger.info("Aligned model in %s.", final_dir)
-        if pusher is not None:
-            pusher.submit(final_dir, trainer.state.global_step)
-            pusher.close()
-    trainer.accelerator.wait_for_everyone()
-    trainer.accelerator.end_training()
+    train_and_write_final(trainer, tokenizer, training_args, pusher, "Aligned model", logger)
     return 0
 
 

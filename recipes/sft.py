@@ -24,7 +24,6 @@ from pathlib import Path
 from trl import ModelConfig, SFTConfig, SFTTrainer
 
 from genesis_hf.evaluate.during_training import CheckpointEvalCallback, checkpoint_evaluator
-from genesis_hf.posttrain.callbacks import CheckpointEventsCallback, MetricsJsonlCallback
 from genesis_hf.posttrain.chat import check_generation_markers
 from genesis_hf.posttrain.config import SFTDataArguments, TrainingEvalArguments, hub_push_settings, parse_recipe_args
 from genesis_hf.posttrain.data import (
@@ -37,7 +36,7 @@ from genesis_hf.posttrain.data import (
     mixture_statistics,
 )
 from genesis_hf.posttrain.model import chat_model, lora_config
-from genesis_hf.posttrain.outputs import check_lora_topology, final_model, last_loss, write_final
+from genesis_hf.posttrain.outputs import check_lora_topology, run_callbacks, train_and_write_final
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent / "configs" / "sft" / "genesis-tiny.yaml"
 logger = logging.getLogger("genesis_hf.sft")
@@ -93,36 +92,17 @@ def main(argv: list[str] | None = None) -> int:
     logger.info("SFT data (assistant tokens are trainable):\n%s", format_statistics(stats))
     logger.info("Skipped rows: %s. Longer than max_length: %d (%s).", skipped.describe(), overlong, data_args.overlong)
 
-    callbacks = [MetricsJsonlCallback()]
-    if pusher is not None and peft_config is None:
-        callbacks.append(CheckpointEventsCallback([pusher.submit_copy]))
     trainer = SFTTrainer(
         model=model,
         args=training_args,
         train_dataset=dataset.remove_columns("source"),
         processing_class=tokenizer,
         peft_config=peft_config,
-        callbacks=callbacks,
+        callbacks=run_callbacks(pusher, peft_config),
     )
     if evaluator is not None:
         trainer.add_callback(CheckpointEvalCallback(evaluator, trainer))
-    trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
-    model = final_model(trainer, training_args.output_dir)
-    if trainer.accelerator.is_main_process:
-        final_dir = write_final(
-            model,
-            tokenizer,
-            training_args.output_dir,
-            step=trainer.state.global_step,
-            loss=last_loss(trainer),
-            dtype="bf16" if training_args.bf16 else "fp32",
-        )
-        logger.info("Chat model in %s.", final_dir)
-        if pusher is not None:
-            pusher.submit(final_dir, trainer.state.global_step)
-            pusher.close()
-    trainer.accelerator.wait_for_everyone()
-    trainer.accelerator.end_training()
+    train_and_write_final(trainer, tokenizer, training_args, pusher, "Chat model", logger)
     return 0
 
 
