@@ -1,10 +1,11 @@
-"""Fixtures shared by the pretraining test modules (test_pretrain.py, test_pretrain_distributed.py)."""
+"""Fixtures shared by the test modules: the pretraining ones' mixture and environment, one torch thread."""
 
 import json
 import os
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
@@ -51,3 +52,14 @@ def run_env(tmp_path_factory) -> dict[str, str]:
     )
     env.pop("GENESIS_HF_FAULT", None)
     return env
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One intra-op thread for a module of tiny models (`pytestmark = pytest.mark.usefixtures("one_torch_thread")`):
+    their matmuls are too small to share, and on a busy 2-core machine OpenMP threads waiting for each other made tiny
+    forward and generate() calls tens of times slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -44,14 +44,7 @@ PROMPTS = [
 FAST = ["--max_new_tokens", "8", "--num_few_shot", "1", "--temperature", "1.0"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """Tiny models on a shared 2-core machine: one intra-op thread (OpenMP threads waiting on each other under load
-    made each tiny generate() call ~40x slower)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _fixture_text() -> list[str]:

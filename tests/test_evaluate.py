@@ -23,13 +23,7 @@ TRAIN_STEPS = 160
 VENV_BIN = Path(sys.executable).parent
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    # Tiny matmuls: on a busy 2-core machine, torch's thread pool costs more than the work itself.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _write_jsonl(path: Path, records: list[dict]) -> None:

@@ -25,13 +25,7 @@ from genesis_hf.testing import build_tiny_model_folder
 BLOCK_GENESIS_HF = "import sys\nsys.modules['genesis_hf'] = None\n"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    # Tiny matmuls: on a busy 2-core machine, torch's thread pool costs 100x the work itself.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
