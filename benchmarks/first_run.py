@@ -39,7 +39,7 @@ def summarize(output_dir: Path, wall_seconds: float | None) -> dict:
     """The benchmark's JSON from a finished run folder."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from genesis_hf.training.reference import greedy_samples
+    from genesis_hf.pretrain.reference import greedy_samples
 
     records = read_metrics(output_dir)
     unigram = next(record["unigram_entropy"] for record in records if "unigram_entropy" in record)

@@ -14,7 +14,7 @@ import time
 import torch
 
 from genesis_hf import GenesisConfig, GenesisForCausalLM
-from genesis_hf.convert import to_llama
+from genesis_hf.model.convert import to_llama
 
 
 def synchronize(device: torch.device) -> None:

@@ -23,10 +23,10 @@ from pathlib import Path
 import torch
 
 from genesis_hf import GenesisConfig, GenesisForCausalLM
-from genesis_hf.convert import to_llama
-from genesis_hf.training.checkpoint import CheckpointManager, capture_rng_state
-from genesis_hf.training.distributed import clip_grad_norm_
-from genesis_hf.training.flops import detect_peak_flops, flops_per_token, mfu
+from genesis_hf.model.convert import to_llama
+from genesis_hf.pretrain.checkpoint import CheckpointManager, capture_rng_state
+from genesis_hf.pretrain.distributed import clip_grad_norm_
+from genesis_hf.pretrain.flops import detect_peak_flops, flops_per_token, mfu
 
 
 def synchronize(device: torch.device) -> None:

@@ -7,8 +7,8 @@ the weights: `AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=Tru
 
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
-from .configuration_genesis import GENESIS_PRESETS, GenesisConfig
-from .modeling_genesis import GenesisForCausalLM, GenesisModel, GenesisPreTrainedModel
+from .model.configuration_genesis import GENESIS_PRESETS, GenesisConfig
+from .model.modeling_genesis import GenesisForCausalLM, GenesisModel, GenesisPreTrainedModel
 
 __version__ = "0.1.0"
 

@@ -13,9 +13,9 @@ import sys
 SUBCOMMANDS: dict[str, str] = {
     "tokenizer": "genesis_hf.tokenizer",
     "data": "genesis_hf.data.cli",
-    "plan": "genesis_hf.training.plan",
+    "plan": "genesis_hf.pretrain.plan",
     "export": "genesis_hf.publish.export",
-    "checkpoints": "genesis_hf.publish.checkpoints",
+    "checkpoints": "genesis_hf.publish.listing",
     "eval": "genesis_hf.evaluate.cli",
     "eval_tasks": "genesis_hf.evaluate.tasks",
     "report": "genesis_hf.evaluate.report",

@@ -62,7 +62,7 @@ from transformers import (
 )
 
 import genesis_hf  # noqa: F401 - registers GenesisConfig/GenesisForCausalLM with the Auto classes
-from genesis_hf.publish.checkpoints import CheckpointEntry, CheckpointsError, list_run_checkpoints
+from genesis_hf.publish.listing import CheckpointEntry, CheckpointsError, list_run_checkpoints
 
 if TYPE_CHECKING:
     # Imported where used: `genesis-hf --help` imports every subcommand's module and should not pay for Gradio.
@@ -180,8 +180,8 @@ def _thin(points: list[dict], max_points: int) -> list[dict]:
 class CheckpointSource:
     """The one run directory or Hub repo the playground may load checkpoints from.
 
-    Listing is `genesis_hf.publish.checkpoints.list_run_checkpoints`: a local run's training checkpoints
-    (`checkpoints/step-XXXXXXX/`, DCP shards, loaded with `genesis_hf.training.checkpoint.load_model_from_checkpoint`)
+    Listing is `genesis_hf.publish.listing.list_run_checkpoints`: a local run's training checkpoints
+    (`checkpoints/step-XXXXXXX/`, DCP shards, loaded with `genesis_hf.pretrain.checkpoint.load_model_from_checkpoint`)
     and exported model folders (`final/`, `hub_exports/step-XXXXXXX/`), or a repo's `step-XXXXXXX` branches and `main`
     (loaded with `from_pretrained(repo, revision=branch)`). `trust_remote_code` stays off: importing genesis_hf
     registers the model classes, so no code from a checkpoint ever runs.
@@ -282,7 +282,7 @@ class CheckpointSource:
         """The model (eval mode, on `device` in `dtype`) and tokenizer of `checkpoint`."""
         if checkpoint.kind == "training":
             # Imported here: only training checkpoints need the trainer's loader (and torch.distributed.checkpoint).
-            from genesis_hf.training.checkpoint import load_model_from_checkpoint
+            from genesis_hf.pretrain.checkpoint import load_model_from_checkpoint
 
             model, tokenizer, _ = load_model_from_checkpoint(checkpoint.path, dtype=dtype)
         else:
@@ -300,7 +300,7 @@ class CheckpointSource:
         return list(self._metrics)
 
     def _read_metrics(self) -> list[dict]:
-        from genesis_hf.publish.card import loss_points, read_metrics
+        from genesis_hf.model.card import loss_points, read_metrics
 
         metrics_path = None
         if self.run_dir is not None:

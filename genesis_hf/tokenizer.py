@@ -28,9 +28,8 @@ from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, 
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
 from genesis_hf import corpus
+from genesis_hf.layout import CHATML_TOKENS, EOS_TOKEN
 
-EOS_TOKEN = "<|endoftext|>"
-CHATML_TOKENS = ("<|im_start|>", "<|im_end|>", "<think>", "</think>")
 # `<|im_start|>`/`<|im_end|>` are special: they frame messages and vanish with `skip_special_tokens=True`.
 # `<think>`/`</think>` are plain added tokens: one id each, but they stay in decoded text, because the reasoning
 # trace is part of the answer a user reads (and a chat UI folds it), not a control token.

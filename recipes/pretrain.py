@@ -12,7 +12,7 @@ Genesis 1B on 2x RTX 4090 over PCIe (the seed project's Run 2):
 Plain torchrun works too (`torchrun --nproc_per_node 2 recipes/pretrain.py ...`). Relaunching the same command resumes
 from the newest complete checkpoint in `--output_dir`; launching it with a larger `--max_steps` extends the run (the
 LR schedule continues its decay over the new horizon). `--config file.yaml` gives defaults, flags override, and every
-key is a field of `genesis_hf.training.config.PretrainArguments`. `--eval_tasks piqa,arc_easy --eval_limit 100` scores
+key is a field of `genesis_hf.pretrain.config.PretrainArguments`. `--eval_tasks piqa,arc_easy --eval_limit 100` scores
 every checkpoint on a few lm-eval documents (logged to metrics.jsonl and the trackers). See docs/pretraining.md.
 """
 
@@ -22,10 +22,10 @@ import sys
 
 from genesis_hf.args import ConfigError, parse_args
 from genesis_hf.evaluate.during_training import EvalError, checkpoint_evaluator
-from genesis_hf.training.checkpoint import CheckpointError
-from genesis_hf.training.config import PretrainArguments
-from genesis_hf.training.distributed import configure_consumer_gpu_env
-from genesis_hf.training.trainer import NonFiniteLossError, run_pretraining
+from genesis_hf.pretrain.checkpoint import CheckpointError
+from genesis_hf.pretrain.config import PretrainArguments
+from genesis_hf.pretrain.distributed import configure_consumer_gpu_env
+from genesis_hf.pretrain.trainer import NonFiniteLossError, run_pretraining
 
 logger = logging.getLogger("genesis_hf.pretrain")
 

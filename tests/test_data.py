@@ -14,7 +14,8 @@ import numpy as np
 import pytest
 import torch
 
-from genesis_hf import cli, corpus
+from genesis_hf import cli
+from genesis_hf import corpus
 from genesis_hf.args import ConfigError
 from genesis_hf.data import (
     MixtureConfig,

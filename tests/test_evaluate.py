@@ -13,7 +13,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from genesis_hf import GenesisConfig, GenesisForCausalLM, cli, corpus
+from genesis_hf import GenesisConfig, GenesisForCausalLM, cli
+from genesis_hf import corpus
 from genesis_hf.evaluate import sanity
 from genesis_hf.tokenizer import add_chat_tokens, train_tokenizer
 
@@ -96,7 +97,7 @@ def _documents(source: str, count: int) -> list[str]:
 
 def train_tiny_run(run_dir: Path) -> Path:
     """Train a tiny model on embedded-corpus documents the sanity gate holds out none of; save a DCP checkpoint."""
-    from genesis_hf.training.checkpoint import CheckpointManager, capture_rng_state
+    from genesis_hf.pretrain.checkpoint import CheckpointManager, capture_rng_state
 
     # The run's mixture, written as local files: the sanity gate reads its validation split (documents 19, 39, ...).
     sources = []
@@ -214,7 +215,7 @@ def test_checkpoint_hf_llama_gguf_give_equal_loglikelihoods(run, tmp_path, capsy
     assert reference["versions"]["hellaswag"] == 1.0 and reference["versions"]["lambada_openai"] == 1.0
     assert scores["gguf"]["genesis"]["gguf_file"] == run["gguf"].name
     # The file is what `genesis-hf export --eval-results` puts in the model card's model-index.
-    from genesis_hf.publish.card import read_eval_results
+    from genesis_hf.model.card import read_eval_results
 
     card_results = {(r.dataset_type, r.metric_type): r.metric_value for r in read_eval_results(tmp_path / "hf.json")}
     assert card_results[("piqa", "acc")] == round(scores["hf"]["results"]["piqa"]["acc,none"], 4)

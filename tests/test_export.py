@@ -18,7 +18,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
 
 from genesis_hf import cli
 from genesis_hf.publish import export
-from genesis_hf.publish.card import extract_python_snippet
+from genesis_hf.model.card import extract_python_snippet
 from genesis_hf.testing import build_tiny_model_folder
 
 # A subprocess that must not see genesis_hf (it is installed in this venv): block the import outright.
@@ -207,7 +207,7 @@ def test_card_has_architecture_training_config_evals_and_no_secrets(tiny, tmp_pa
 
 
 def test_export_from_a_training_checkpoint(tiny, tmp_path, capsys):
-    from genesis_hf.training import checkpoint as ckpt
+    from genesis_hf.pretrain import checkpoint as ckpt
 
     _, model, tokenizer = tiny
     model = _rounded(model, torch.float32).train()

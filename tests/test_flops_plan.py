@@ -13,7 +13,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from genesis_hf import GenesisConfig, GenesisForCausalLM
 from genesis_hf.args import ConfigError
 from genesis_hf.cli import main as cli_main
-from genesis_hf.training.flops import (
+from genesis_hf.pretrain.flops import (
     PEAK_FLOPS,
     PEAK_FLOPS_ENV,
     detect_peak_flops,
@@ -22,7 +22,7 @@ from genesis_hf.training.flops import (
     parameter_counts,
     peak_flops_for_name,
 )
-from genesis_hf.training.plan import GPU_MEMORY_BYTES, activation_bytes_per_token_per_layer, estimate_memory
+from genesis_hf.pretrain.plan import GPU_MEMORY_BYTES, activation_bytes_per_token_per_layer, estimate_memory
 
 REPO = Path(__file__).resolve().parents[1]
 GB = 1e9

@@ -18,7 +18,7 @@ import torch
 from generation_cases import DECODING_MODES, MAX_NEW_TOKENS, PAD_ID, max_score_difference, run_generate
 
 from genesis_hf import GenesisConfig, GenesisForCausalLM
-from genesis_hf.convert import to_llama
+from genesis_hf.model.convert import to_llama
 
 SCORE_TOLERANCE = 1e-4
 

@@ -19,7 +19,7 @@ import yaml
 from huggingface_hub import constants
 
 from genesis_hf import cli
-from genesis_hf.publish.checkpoints import list_run_checkpoints
+from genesis_hf.publish.listing import list_run_checkpoints
 from genesis_hf.publish.push import JOURNAL_FILE, CheckpointPusher, PublishError, preflight
 from genesis_hf.testing import HubServer, build_tiny_model_folder
 
@@ -250,7 +250,7 @@ def test_killed_mid_upload_then_resumed(tiny, tmp_path):
 
 
 def test_raw_training_state_goes_to_a_private_backup_repo(tiny, tmp_path):
-    from genesis_hf.training import checkpoint as ckpt
+    from genesis_hf.pretrain import checkpoint as ckpt
 
     _, model, tokenizer = tiny
     optimizer = torch.optim.AdamW(model.parameters())

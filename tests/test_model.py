@@ -10,7 +10,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, LlamaForCausalLM
 
 from genesis_hf import GENESIS_PRESETS, GenesisConfig, GenesisForCausalLM
-from genesis_hf.convert import from_llama, to_llama
+from genesis_hf.model.convert import from_llama, to_llama
 
 PARITY_TOLERANCE = 1e-5
 

@@ -27,7 +27,7 @@ from genesis_hf.args import ConfigError
 from genesis_hf.publish import export
 from genesis_hf.testing import build_tiny_model_folder
 from genesis_hf.testing.memory import PeakRss
-from genesis_hf.training import checkpoint as ckpt
+from genesis_hf.pretrain import checkpoint as ckpt
 
 
 def snapshot(folder: Path) -> dict[str, str]:
@@ -346,7 +346,7 @@ def test_metrics_jsonl_stays_json_and_marks_nonfinite_values_and_restarts(tmp_pa
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState
 
-    from genesis_hf.training.trainer import MetricsLogger
+    from genesis_hf.pretrain.trainer import MetricsLogger
 
     path = tmp_path / "metrics.jsonl"
     try:

@@ -80,7 +80,7 @@ def make_tiny_run(run_dir: Path) -> Path:
     """Train a tiny chat-capable model and save a run the way the trainer does: DCP training checkpoints at
     `CHECKPOINT_STEPS` (through `CheckpointManager`), `metrics.jsonl`, and the last step exported to `final/`."""
     from genesis_hf.publish.export import export_checkpoint
-    from genesis_hf.training.checkpoint import CheckpointManager
+    from genesis_hf.pretrain.checkpoint import CheckpointManager
 
     tokenizer = train_tokenizer(_training_text(), 300)
     add_chat_tokens(tokenizer)
@@ -169,7 +169,7 @@ def greedy_reference(run_dir: Path, name: str, prompt_ids: list[int], max_new_to
     """transformers' own greedy `generate` on the checkpoint: what the playground's decode loop must reproduce."""
     from transformers import AutoModelForCausalLM
 
-    from genesis_hf.training.checkpoint import load_model_from_checkpoint
+    from genesis_hf.pretrain.checkpoint import load_model_from_checkpoint
 
     if name == "final":
         model = AutoModelForCausalLM.from_pretrained(run_dir / "final").eval()
@@ -616,7 +616,7 @@ def test_space_requirements_cover_what_the_playground_imports():
                     queue.append(name)
                 elif top not in sys.stdlib_module_names:
                     third_party.add(top)
-    assert package_root.is_dir() and "genesis_hf.publish.checkpoints" in seen
+    assert package_root.is_dir() and "genesis_hf.publish.listing" in seen
     missing = {
         top: distributions.get(top, [top])
         for top in third_party

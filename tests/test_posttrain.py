@@ -627,7 +627,7 @@ def test_configs_use_only_known_keys_and_the_seed_values(kind):
 
 def test_plan_counts_sft_and_dpo_memory_for_the_1b_on_two_4090s(capsys):
     from genesis_hf.cli import main as cli_main
-    from genesis_hf.training.plan import estimate_memory, resolve_preset
+    from genesis_hf.pretrain.plan import estimate_memory, resolve_preset
 
     config = resolve_preset("genesis-1b", {"vocab_size": 49156})
     settings = dict(gpus=2, micro_batch=1, seq_len=2048, activation_checkpointing=True, gpu="RTX 4090")
@@ -708,7 +708,7 @@ def test_checkpoints_the_trainer_rotates_away_before_their_upload_still_reach_th
     from safetensors.torch import load, load_file
 
     from genesis_hf.posttrain.callbacks import CheckpointEventsCallback
-    from genesis_hf.publish.checkpoints import list_run_checkpoints
+    from genesis_hf.publish.listing import list_run_checkpoints
     from genesis_hf.publish.export import export_checkpoint
     from genesis_hf.publish.push import STAGING_DIR, CheckpointPusher
     from genesis_hf.testing import HubServer

@@ -17,8 +17,8 @@ import torch
 import yaml
 
 from genesis_hf.args import ConfigError
-from genesis_hf.training import checkpoint as ckpt
-from genesis_hf.training.config import PretrainArguments, resolve_gradient_accumulation
+from genesis_hf.pretrain import checkpoint as ckpt
+from genesis_hf.pretrain.config import PretrainArguments, resolve_gradient_accumulation
 
 REPO = Path(__file__).resolve().parent.parent
 RECIPE = REPO / "recipes" / "pretrain.py"
@@ -193,7 +193,7 @@ def _free_port() -> int:
 
 
 def test_consumer_gpu_env_policy(monkeypatch):
-    from genesis_hf.training import distributed
+    from genesis_hf.pretrain import distributed
 
     for key in distributed.CONSUMER_GPU_ENV:
         monkeypatch.setenv(key, "placeholder")  # so that monkeypatch restores the original state afterwards
@@ -327,7 +327,7 @@ def test_resume_falls_back_from_a_truncated_checkpoint_and_replays_the_same_loss
 
 def test_optimizer_state_is_checked(tmp_path, debug_run):
     """`load_training_checkpoint` in one process: present and consistent AdamW state loads; missing or stale fails."""
-    from genesis_hf.training.trainer import build_model, build_model_config, build_optimizer
+    from genesis_hf.pretrain.trainer import build_model, build_model_config, build_optimizer
 
     output_dir, _ = copy_run(debug_run, tmp_path)
     path = output_dir / "checkpoints" / "step-0000004"
@@ -421,7 +421,7 @@ def test_unigram_entropy_equals_an_independent_count():
     import math
     from collections import Counter
 
-    from genesis_hf.training.reference import unigram_entropy
+    from genesis_hf.pretrain.reference import unigram_entropy
 
     batches = [
         {"labels": torch.tensor([[1, 2, 2, 3], [4, -100, 4, 4]])},
@@ -437,7 +437,7 @@ def test_unigram_entropy_equals_an_independent_count():
 def test_the_run_logs_the_unigram_reference_once(debug_run, test_mixture):
     from transformers import AutoTokenizer
 
-    from genesis_hf.training.reference import held_out_unigram_entropy
+    from genesis_hf.pretrain.reference import held_out_unigram_entropy
 
     records = [json.loads(line) for line in (debug_run / "metrics.jsonl").read_text().splitlines()]
     references = [record for record in records if record.get("event") == "reference"]

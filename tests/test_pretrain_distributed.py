@@ -22,8 +22,8 @@ import pytest
 import yaml
 
 from genesis_hf import corpus
-from genesis_hf.training import checkpoint as ckpt
-from genesis_hf.training.reference import greedy_samples
+from genesis_hf.pretrain import checkpoint as ckpt
+from genesis_hf.pretrain.reference import greedy_samples
 
 REPO = Path(__file__).resolve().parent.parent
 RECIPE = REPO / "recipes" / "pretrain.py"

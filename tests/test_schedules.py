@@ -7,7 +7,7 @@ import pickle
 import pytest
 import torch
 
-from genesis_hf.training.schedules import GenesisLRScheduler, build_lr_scheduler
+from genesis_hf.pretrain.schedules import GenesisLRScheduler, build_lr_scheduler
 
 
 def make_scheduler(num_groups: int = 1, **kwargs) -> GenesisLRScheduler:

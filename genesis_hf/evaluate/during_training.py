@@ -96,7 +96,7 @@ class CheckpointEvaluator:
         self.task_manager = harness.load_task_manager(self.tasks, list(include_path))
 
     def __call__(self, checkpoint_dir: str | Path, step: int) -> dict[str, float]:
-        from genesis_hf.training.checkpoint import capture_rng_state, restore_rng_state
+        from genesis_hf.pretrain.checkpoint import capture_rng_state, restore_rng_state
 
         device = self.device or _default_device()
         on_gpu = device.startswith("cuda")

@@ -161,7 +161,7 @@ def resolve_target(model: str, workdir: Path, *, log: Callable[[str], None]) -> 
         target = EvalTarget(model, "gguf", str(path.parent.resolve()), gguf_file=path.name)
         return _run_metadata(target, path.parent)
     if path.is_dir():
-        from genesis_hf.training.checkpoint import list_checkpoints
+        from genesis_hf.pretrain.checkpoint import list_checkpoints
 
         if not (path / "config.json").is_file() and (path / "final" / "config.json").is_file():
             log(f"{model}: evaluating the run's final model, {path / 'final'}.")

@@ -13,7 +13,7 @@ from pathlib import Path
 from transformers import TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
-METRICS_FILE = "metrics.jsonl"
+from genesis_hf.layout import METRICS_FILE
 
 
 class MetricsJsonlCallback(TrainerCallback):

@@ -34,7 +34,7 @@ def _resolve_local(path: Path) -> Path:
     if (path / "final" / "config.json").is_file():
         return path / "final"
     if (path / "checkpoints").is_dir():
-        from genesis_hf.training.checkpoint import list_checkpoints
+        from genesis_hf.pretrain.checkpoint import list_checkpoints
 
         checkpoints = list_checkpoints(path)
         if checkpoints:
@@ -87,7 +87,7 @@ def load_starting_point(
     if path.is_dir():
         path = _resolve_local(path)
         if _is_training_checkpoint(path):
-            from genesis_hf.training.checkpoint import load_model_from_checkpoint
+            from genesis_hf.pretrain.checkpoint import load_model_from_checkpoint
 
             model, tokenizer, _ = load_model_from_checkpoint(path, dtype=_DTYPES[dtype] or torch.float32)
             return _with_attention(model, attn_implementation), tokenizer, str(path)

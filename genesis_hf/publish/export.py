@@ -8,7 +8,7 @@ process group needed) or a Hugging Face model folder (Genesis or Llama). The for
 - `hf`: Genesis safetensors (sharded above `--max-shard-size`), `config.json` with `auto_map`, the configuration and
   modeling files for `trust_remote_code=True`, `generation_config.json` (eos includes `<|im_end|>` when the tokenizer
   has it), the tokenizer with its chat template, `genesis_checkpoint.json` (step, tokens seen, loss) and a model card.
-- `llama`: the same as a plain `LlamaForCausalLM` folder (`genesis_hf.convert.to_llama`), no remote code: ready for
+- `llama`: the same as a plain `LlamaForCausalLM` folder (`genesis_hf.model.convert.to_llama`), no remote code: ready for
   vLLM, TGI and llama.cpp's converter.
 - `gguf`: one llama-architecture GGUF file with the byte-level BPE tokenizer in its metadata (`tokenizer.ggml.model =
   "gpt2"`), plus card and `genesis_checkpoint.json`. Query and key projections are stored permuted the way llama.cpp's
@@ -48,9 +48,9 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig, 
 from transformers.dynamic_module_utils import get_class_from_dynamic_module
 
 import genesis_hf
-from genesis_hf.convert import from_llama, to_llama
-from genesis_hf.modeling_genesis import GenesisForCausalLM
-from genesis_hf.publish import card as model_card
+from genesis_hf.model import card as model_card
+from genesis_hf.model.convert import from_llama, to_llama
+from genesis_hf.model.modeling_genesis import GenesisForCausalLM
 
 EXPORT_FORMATS = ("hf", "llama", "gguf")
 EXPORT_DTYPES: dict[str, torch.dtype] = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}
@@ -245,10 +245,10 @@ def load_checkpoint(checkpoint: str | Path, tokenizer_path: str | Path | None = 
     trainer_state = None
     if is_training_checkpoint(path):
         try:
-            from genesis_hf.training.checkpoint import load_model_from_checkpoint
+            from genesis_hf.pretrain.checkpoint import load_model_from_checkpoint
         except ImportError as error:
             raise ExportError(
-                f"{str(path)!r} is a training checkpoint, but genesis_hf.training.checkpoint cannot be imported "
+                f"{str(path)!r} is a training checkpoint, but genesis_hf.pretrain.checkpoint cannot be imported "
                 f"({error}); update genesis_hf."
             ) from None
         if not (path / "config.json").is_file():
@@ -385,7 +385,7 @@ def _write_hf(model: GenesisForCausalLM, tokenizer, out_dir: Path, dtype: torch.
     export_model.save_pretrained(out_dir, max_shard_size=max_shard_size)
     # save_pretrained copies the modeling files because genesis_hf registers the classes for auto_map; check it, since
     # without them the folder only loads where genesis_hf is installed.
-    package_dir = Path(genesis_hf.__file__).parent
+    package_dir = Path(genesis_hf.__file__).parent / "model"
     config = json.loads((out_dir / "config.json").read_text())
     auto_map = config.get("auto_map") or {}
     for name in ("configuration_genesis.py", "modeling_genesis.py"):

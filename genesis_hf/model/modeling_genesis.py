@@ -14,7 +14,7 @@ What Genesis keeps of its own:
   `_no_split_modules`.
 
 Module and parameter names are Llama's, so a Genesis state dict is a `LlamaForCausalLM` state dict (see
-`genesis_hf.convert`), and PEFT targets, FSDP wrapping and serving engines that know Llama work unchanged.
+`genesis_hf.model.convert`), and PEFT targets, FSDP wrapping and serving engines that know Llama work unchanged.
 
 This file is copied next to the weights of every saved model for `trust_remote_code=True`, so it imports only
 transformers (and its sibling configuration file).

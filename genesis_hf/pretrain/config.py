@@ -289,7 +289,7 @@ def parse_model_overrides(value: str | dict | None) -> dict[str, Any]:
 def model_override_keys() -> list[str]:
     """The `GenesisConfig` fields `model_overrides` may set (its constructor's arguments and saved fields)."""
     from genesis_hf import GenesisConfig
-    from genesis_hf.configuration_genesis import GENESIS_PRESETS
+    from genesis_hf.model.configuration_genesis import GENESIS_PRESETS
 
     parameters = inspect.signature(GenesisConfig.__init__).parameters
     keys = {name for name, parameter in parameters.items() if parameter.kind is not inspect.Parameter.VAR_KEYWORD}

@@ -49,8 +49,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from genesis_hf.args import ConfigError, load_yaml
-from genesis_hf.configuration_genesis import GENESIS_PRESETS, GenesisConfig
-from genesis_hf.training.flops import flops_per_token, parameter_counts
+from genesis_hf.model.configuration_genesis import GENESIS_PRESETS, GenesisConfig
+from genesis_hf.pretrain.flops import flops_per_token, parameter_counts
 
 GIB = 1024**3
 
@@ -420,7 +420,7 @@ def format_plan(plan: MemoryPlan, config: GenesisConfig, preset: str) -> str:
     lines += [
         "",
         f"'fits' leaves at least {1 - FIT_FRACTION:.0%} of the card free. Assumes FSDP2 with fp32 master weights, bf16 "
-        "compute and SDPA/flash attention; see `genesis_hf/training/plan.py` for the formulas.",
+        "compute and SDPA/flash attention; see `genesis_hf/pretrain/plan.py` for the formulas.",
     ]
     return "\n".join(lines)
 

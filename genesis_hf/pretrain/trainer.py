@@ -810,7 +810,7 @@ def _final_report(run: Run, final_dir: Path) -> str:
     """Held-out loss against the unigram reference, greedy samples from `final/`, and how to watch the run."""
     from transformers import AutoTokenizer
 
-    from genesis_hf.modeling_genesis import GenesisForCausalLM
+    from genesis_hf.model.modeling_genesis import GenesisForCausalLM
 
     model = GenesisForCausalLM.from_pretrained(final_dir).to(run.accelerator.device).eval()
     samples = greedy_samples(model, AutoTokenizer.from_pretrained(final_dir))

@@ -1,7 +1,7 @@
 """List the checkpoints of a run, locally or on the Hub: `genesis-hf checkpoints RUN_DIR_OR_REPO [--json]`.
 
 A local run directory yields its training checkpoints (`checkpoints/step-XXXXXXX/`, read through
-`genesis_hf.training.checkpoint.list_checkpoints`) and every exported model folder in it (`final/`,
+`genesis_hf.pretrain.checkpoint.list_checkpoints`) and every exported model folder in it (`final/`,
 `hub_exports/step-XXXXXXX/`, ...), including the `checkpoint-N/` folders of transformers' Trainer (SFT and DPO runs,
 step and loss from their `trainer_state.json`). A Hub repo id yields its `step-XXXXXXX` branches and `main`, with step, tokens seen
 and loss read from the `genesis_checkpoint.json` that every export carries. The playground lists checkpoints through
@@ -12,20 +12,10 @@ import argparse
 import dataclasses
 import difflib
 import json
-import re
 import sys
 from pathlib import Path
 
-CHECKPOINT_METADATA_FILE = "genesis_checkpoint.json"
-_STEP_NAME = re.compile(r"step-(\d+)$")
-# transformers' Trainer (and so TRL's SFT/DPO trainers) saves `<output_dir>/checkpoint-N/`.
-_TRAINER_CHECKPOINT_NAME = re.compile(r"^checkpoint-(\d+)$")
-_WEIGHT_FILES = (
-    "model.safetensors",
-    "model.safetensors.index.json",
-    "pytorch_model.bin",
-    "pytorch_model.bin.index.json",
-)
+from genesis_hf.layout import CHECKPOINT_METADATA_FILE, has_weights, step_of
 
 
 class CheckpointsError(ValueError):
@@ -77,11 +67,6 @@ def _float_or_none(value) -> float | None:
     return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
 
 
-def _step_from_name(name: str) -> int | None:
-    match = _STEP_NAME.search(name) or _TRAINER_CHECKPOINT_NAME.search(name)
-    return int(match.group(1)) if match else None
-
-
 def _from_trainer_state(state: dict) -> dict:
     """`step`, `tokens_seen` and `loss` of a transformers `trainer_state.json` (`global_step`, `log_history`).
 
@@ -101,11 +86,11 @@ def _from_trainer_state(state: dict) -> dict:
 
 
 def _is_model_folder(folder: Path) -> bool:
-    return (folder / "config.json").is_file() and any((folder / name).is_file() for name in _WEIGHT_FILES)
+    return (folder / "config.json").is_file() and has_weights(folder)
 
 
 def _is_training_checkpoint(folder: Path) -> bool:
-    return (folder / "trainer_state.json").is_file() and not any((folder / name).is_file() for name in _WEIGHT_FILES)
+    return (folder / "trainer_state.json").is_file() and not has_weights(folder)
 
 
 def _folder_metadata(folder: Path) -> dict:
@@ -126,7 +111,7 @@ def _entry_from_folder(folder: Path, name: str, kind: str) -> CheckpointEntry:
     metadata = _folder_metadata(folder)
     step = _int_or_none(metadata.get("step"))
     if step is None:
-        step = _step_from_name(folder.name) or 0
+        step = step_of(folder.name) or 0
     return CheckpointEntry(
         name=name,
         step=step,
@@ -139,7 +124,7 @@ def _entry_from_folder(folder: Path, name: str, kind: str) -> CheckpointEntry:
 
 def _training_checkpoints(run_dir: Path) -> list[CheckpointEntry]:
     try:
-        from genesis_hf.training.checkpoint import list_checkpoints
+        from genesis_hf.pretrain.checkpoint import list_checkpoints
     except ImportError:
         list_checkpoints = None
     if list_checkpoints is not None:
@@ -220,7 +205,7 @@ def list_hub_checkpoints(
         ) from None
     entries = []
     for branch in refs.branches:
-        step = _step_from_name(branch.name)
+        step = step_of(branch.name)
         if step is None and not (include_main and branch.name == "main"):
             continue
         try:
