@@ -87,6 +87,8 @@ def is_run_folder(path: str | Path) -> bool:
 # Model folders (exports, final/)
 
 CHECKPOINT_METADATA_FILE = "genesis_checkpoint.json"
+# In a pretraining run's final/: the checkpoint it was exported from (`{"checkpoint": path}`).
+FINAL_POINTER_FILE = "training_checkpoint.json"
 EXPORT_MARKER_FILE = ".genesis_export.json"
 REMOTE_CODE_FILES = ("configuration_genesis.py", "modeling_genesis.py")
 WEIGHT_FILES = (

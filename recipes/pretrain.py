@@ -13,12 +13,14 @@ Plain torchrun works too (`torchrun --nproc_per_node 2 recipes/pretrain.py ...`)
 from the newest complete checkpoint in `--output_dir`; launching it with a larger `--max_steps` extends the run (the
 LR schedule continues its decay over the new horizon). `--config file.yaml` gives defaults, flags override, and every
 key is a field of `genesis_hf.pretrain.config.PretrainArguments`. `--eval_tasks piqa,arc_easy --eval_limit 100` scores
-every checkpoint on a few lm-eval documents (logged to metrics.jsonl and the trackers). See docs/pretraining.md.
+every checkpoint on a few lm-eval documents (logged to metrics.jsonl and the trackers); `--push_to_hub true
+--hub_model_id you/name` uploads every checkpoint to its own Hub branch (`main` = newest). See docs/pretraining.md.
 """
 
 import logging
 import os
 import sys
+from collections.abc import Sequence
 
 from genesis_hf.args import ConfigError, parse_args
 from genesis_hf.evaluate.during_training import EvalError, checkpoint_evaluator
@@ -26,11 +28,13 @@ from genesis_hf.pretrain.checkpoint import CheckpointError
 from genesis_hf.pretrain.config import PretrainArguments
 from genesis_hf.pretrain.distributed import configure_consumer_gpu_env
 from genesis_hf.pretrain.trainer import NonFiniteLossError, run_pretraining
+from genesis_hf.publish.push import pusher_for_run
 
 logger = logging.getLogger("genesis_hf.pretrain")
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, callbacks: Sequence = ()) -> int:
+    """Run the recipe; `callbacks` are extra subscribers to the run's events (`genesis_hf.events.TrainingCallback`)."""
     rank = int(os.environ.get("RANK", "0"))
     logging.basicConfig(
         level=logging.INFO if rank == 0 else logging.WARNING,
@@ -47,7 +51,10 @@ def main(argv: list[str] | None = None) -> int:
         evaluator = checkpoint_evaluator(
             args.eval_tasks, eval_limit=args.eval_limit, eval_include_path=args.eval_include_path
         )
-        run_pretraining(args, checkpoint_callbacks=[evaluator] if evaluator else [])
+        # Checks the repo id and token before training; the pusher uploads each checkpoint in the background.
+        pusher = pusher_for_run(args, is_main_process=rank == 0)
+        subscribers = [*callbacks, *(item for item in (evaluator, pusher) if item is not None)]
+        run_pretraining(args, callbacks=subscribers)
     except (ConfigError, EvalError, CheckpointError, NonFiniteLossError) as error:
         print(f"[rank {rank}] {type(error).__name__}: {error}", file=sys.stderr, flush=True)
         return 1

@@ -13,8 +13,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from genesis_hf import GenesisConfig, GenesisForCausalLM, cli
-from genesis_hf import corpus
+from genesis_hf import GenesisConfig, GenesisForCausalLM, cli, corpus
 from genesis_hf.evaluate import sanity
 from genesis_hf.tokenizer import add_chat_tokens, train_tokenizer
 

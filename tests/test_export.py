@@ -17,8 +17,8 @@ from PIL import Image
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
 
 from genesis_hf import cli
-from genesis_hf.publish import export
 from genesis_hf.model.card import extract_python_snippet
+from genesis_hf.publish import export
 from genesis_hf.testing import build_tiny_model_folder
 
 # A subprocess that must not see genesis_hf (it is installed in this venv): block the import outright.

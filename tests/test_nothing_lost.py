@@ -24,10 +24,10 @@ from test_pretrain import recipe_main, run_recipe, steps_of, write_config
 
 from genesis_hf import cli
 from genesis_hf.args import ConfigError
+from genesis_hf.pretrain import checkpoint as ckpt
 from genesis_hf.publish import export
 from genesis_hf.testing import build_tiny_model_folder
 from genesis_hf.testing.memory import PeakRss
-from genesis_hf.pretrain import checkpoint as ckpt
 
 
 def snapshot(folder: Path) -> dict[str, str]:

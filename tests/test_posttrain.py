@@ -708,8 +708,8 @@ def test_checkpoints_the_trainer_rotates_away_before_their_upload_still_reach_th
     from safetensors.torch import load, load_file
 
     from genesis_hf.posttrain.callbacks import CheckpointEventsCallback
-    from genesis_hf.publish.listing import list_run_checkpoints
     from genesis_hf.publish.export import export_checkpoint
+    from genesis_hf.publish.listing import list_run_checkpoints
     from genesis_hf.publish.push import STAGING_DIR, CheckpointPusher
     from genesis_hf.testing import HubServer
 

@@ -65,9 +65,11 @@ def recipe_main(argv: list[str]) -> int:
 
 
 def run_recipe(env: dict, config: Path, *flags: str, fault: str | None = None) -> subprocess.CompletedProcess:
+    # A fault is injected by the test helper genesis_hf.testing.faults, which runs the recipe with its subscriber.
     env = dict(env, GENESIS_HF_FAULT=fault) if fault else env
+    runner = ["-m", "genesis_hf.testing.faults"] if fault else []
     return subprocess.run(
-        [sys.executable, str(RECIPE), "--config", str(config), *flags],
+        [sys.executable, *runner, str(RECIPE), "--config", str(config), *flags],
         env=env,
         cwd=config.parent,
         capture_output=True,

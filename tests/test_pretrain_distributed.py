@@ -60,10 +60,12 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def launch_command(strategy: str, config: Path) -> list[str]:
+def launch_command(strategy: str, config: Path, fault: str | None = None) -> list[str]:
+    # A fault is injected by the test helper genesis_hf.testing.faults, which runs the recipe with its subscriber.
+    runner = ["-m", "genesis_hf.testing.faults"] if fault else []
     return [
         str(ACCELERATE), "launch", *LAUNCH_CONFIGS[strategy], "--main_process_port", str(free_port()),
-        str(RECIPE), "--config", str(config),
+        *runner, str(RECIPE), "--config", str(config),
     ]  # fmt: skip
 
 
@@ -75,7 +77,7 @@ class Launch:
         self.log_path = config.parent / f"launch-{time.monotonic_ns()}.log"
         with open(self.log_path, "w") as log:
             self.process = subprocess.Popen(
-                launch_command(strategy, config), env=env, cwd=config.parent, stdout=log, stderr=subprocess.STDOUT,
+                launch_command(strategy, config, fault), env=env, cwd=config.parent, stdout=log, stderr=subprocess.STDOUT,
                 start_new_session=True,
             )  # fmt: skip
 

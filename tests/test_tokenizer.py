@@ -10,8 +10,7 @@ import torch
 from tokenizers import pre_tokenizers
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-from genesis_hf import cli
-from genesis_hf import corpus
+from genesis_hf import cli, corpus
 from genesis_hf.tokenizer import (
     CHATML_TEMPLATE,
     CHATML_TOKENS,

@@ -19,9 +19,8 @@ import yaml
 
 from genesis_hf.evaluate.sanity import SanityReport, run_sanity_gate
 from genesis_hf.evaluate.tasks import PACKAGED_TASKS_DIR
+from genesis_hf.layout import CHECKPOINT_METADATA_FILE, FINAL_POINTER_FILE
 
-CHECKPOINT_METADATA_FILE = "genesis_checkpoint.json"  # written next to every export by genesis_hf.publish.export
-FINAL_MARKER_FILE = "training_checkpoint.json"  # in a pretraining run's final/: the checkpoint it was saved from
 _RUN_FILES_DEPTH = 3  # a checkpoint's run files sit in it, its parent or its grandparent (checkpoints/step-X)
 
 
@@ -69,7 +68,7 @@ def _read_json(path: Path) -> dict:
 def _run_metadata(target: EvalTarget, folder: Path) -> EvalTarget:
     """Fill step, tokens seen, recorded loss and the data mixture from the files a run leaves next to its model."""
     # A pretraining run's final/ names the checkpoint it was saved from (training_checkpoint.json).
-    source = _read_json(folder / FINAL_MARKER_FILE).get("checkpoint")
+    source = _read_json(folder / FINAL_POINTER_FILE).get("checkpoint")
     source_dir = Path(source) if isinstance(source, str) and Path(source).is_dir() else None
     state = _read_json(source_dir / "trainer_state.json") if source_dir else {}
     state = {**state, **_read_json(folder / "trainer_state.json"), **_read_json(folder / CHECKPOINT_METADATA_FILE)}

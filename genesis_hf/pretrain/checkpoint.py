@@ -31,13 +31,9 @@ Why it is built this way:
   a restricted unpickler that builds only DCP's own metadata classes (`read_dcp_metadata`), for validation and for
   loading alike (`SafeFileSystemReader`), so a planted `.metadata` cannot run code.
 
-Test hooks, read from the environment variable `GENESIS_HF_FAULT` (comma-separated `kind:STEP` or `kind:FIRST-LAST`,
-see `fault_steps`); never set it in a real run:
-
-- `kill_during_save:STEP`: every rank SIGKILLs itself while saving step `STEP`, after all shards are written and
-  before the rename, to prove an interrupted save is never mistaken for a checkpoint.
-- `nonfinite_loss:STEPS` (trainer): rank 0's loss becomes NaN at those steps, to test skipping and stopping.
-- `slow_step:STEPS` (trainer): sleep 0.5 s after those steps, so a test can SIGKILL the run mid-way.
+Events (`genesis_hf.events`): every rank announces `on_checkpoint_staged` once its shards are written and before the
+rename (the test suite's fault injector kills the process there), and rank 0 announces `on_checkpoint_saved` once the
+checkpoint is visible; a subscriber's `may_delete` can hold a checkpoint back from rotation (the Hub pusher).
 """
 
 import base64
@@ -47,14 +43,12 @@ import logging
 import os
 import pickle
 import random
-import re
 import shutil
-import signal
 import time
 import uuid
 import warnings
 import zlib
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -66,25 +60,28 @@ import torch.distributed as dist
 import yaml
 
 from genesis_hf.args import ConfigError
+from genesis_hf.events import Events
+from genesis_hf.layout import (
+    CHECKSUMS_FILE,
+    DCP_METADATA_FILE,
+    MODEL_CONFIG_FILE,
+    MODEL_DIR,
+    OPTIMIZER_DIR,
+    RNG_STATES_FILE,
+    RUN_CONFIG_FILE,
+    STEP_DELETING_DIR,
+    STEP_DIR,
+    STEP_TMP_DIR,
+    TOKENIZER_DIR,
+    TRAINER_STATE_FILE,
+    checkpoint_name,
+    checkpoints_root,
+)
 
 from . import distributed
 
 logger = logging.getLogger(__name__)
 
-CHECKPOINTS_DIR = "checkpoints"
-MODEL_DIR = "model"
-OPTIMIZER_DIR = "optimizer"
-TOKENIZER_DIR = "tokenizer"
-TRAINER_STATE_FILE = "trainer_state.json"
-RNG_STATES_FILE = "rng_states.json"
-RUN_CONFIG_FILE = "run_config.yaml"
-MODEL_CONFIG_FILE = "config.json"
-DCP_METADATA_FILE = ".metadata"
-CHECKSUMS_FILE = "checksums.json"
-FAULT_ENV = "GENESIS_HF_FAULT"
-_STEP_DIR = re.compile(r"^step-(\d{7})$")
-_TMP_DIR = re.compile(r"^step-\d{7}\.tmp-")
-_DELETING_DIR = re.compile(r"^step-\d{7}\.deleting-")
 # DCP warns on every call without a process group that it assumes a single process; in one process that is the intent.
 warnings.filterwarnings("ignore", message=r"torch\.distributed is (disabled|unavailable).*single process")
 # GenesisConfig fields that change the shapes or the function of the weights: a checkpoint is only compatible with a
@@ -132,14 +129,6 @@ class CheckpointInfo:
     loss: float | None
 
 
-def checkpoint_name(step: int) -> str:
-    return f"step-{step:07d}"
-
-
-def checkpoints_root(output_dir: str | Path) -> Path:
-    return Path(output_dir) / CHECKPOINTS_DIR
-
-
 def read_trainer_state(path: str | Path) -> dict[str, Any]:
     with open(Path(path) / TRAINER_STATE_FILE) as handle:
         return json.load(handle)
@@ -150,7 +139,7 @@ def _step_dirs(output_dir: str | Path) -> list[tuple[int, Path]]:
     root = checkpoints_root(output_dir)
     if not root.is_dir():
         return []
-    found = [(int(match.group(1)), path) for path in root.iterdir() if (match := _STEP_DIR.match(path.name))]
+    found = [(int(match.group(1)), path) for path in root.iterdir() if (match := STEP_DIR.match(path.name))]
     return sorted((step, path) for step, path in found if path.is_dir())
 
 
@@ -505,29 +494,6 @@ def restore_rng_state(state: dict[str, Any]) -> None:
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# Fault injection (test hook)
-
-
-def fault_steps(kind: str) -> set[int]:
-    """Steps at which `GENESIS_HF_FAULT` injects fault `kind` (`kind:STEP` or `kind:FIRST-LAST`, comma-separated)."""
-    steps: set[int] = set()
-    for item in os.environ.get(FAULT_ENV, "").split(","):
-        name, _, value = item.strip().partition(":")
-        if name != kind or not value:
-            continue
-        first, _, last = value.partition("-")
-        steps.update(range(int(first), int(last or first) + 1))
-    return steps
-
-
-def _kill_if_requested(kind: str, step: int) -> None:
-    if step in fault_steps(kind):
-        logger.error("%s=%s: killing this process at step %d (test hook).", FAULT_ENV, os.environ[FAULT_ENV], step)
-        logging.shutdown()
-        os.kill(os.getpid(), signal.SIGKILL)
-
-
-# ---------------------------------------------------------------------------------------------------------------------
 # Saving
 
 
@@ -552,10 +518,8 @@ class CheckpointManager:
         save_total_limit: keep the newest N checkpoints that are not milestones; `None` keeps all.
         milestone_steps: checkpoints at multiples of this step are never deleted.
         async_save: copy the state to CPU memory and write it in a background thread.
-        callbacks: called on rank 0 as `callback(checkpoint_dir, step)` once a checkpoint is visible. A callback
-            with a `may_delete(checkpoint_dir) -> bool` method can veto the rotation of a checkpoint it still needs
-            (the Hub pusher, until the upload is confirmed). A callback may return a dict of metrics about the
-            checkpoint (an evaluation's scores); they go to `metrics_sink(step, metrics)`, set by the trainer.
+        events: the run's subscribers (`genesis_hf.events.Events`): `on_checkpoint_staged` on every rank before a
+            checkpoint is made visible, `on_checkpoint_saved` on rank 0 after, `may_delete` before rotation.
         run_config: the resolved arguments, written to `run_config.yaml`.
         model_config: the `GenesisConfig`, written to `config.json`.
         tokenizer: saved to `tokenizer/`.
@@ -568,7 +532,7 @@ class CheckpointManager:
         save_total_limit: int | None,
         milestone_steps: int | None,
         async_save: bool,
-        callbacks: Sequence[Callable[[Path, int], None]] = (),
+        events: Events | None = None,
         run_config: dict[str, Any],
         model_config,
         tokenizer,
@@ -577,8 +541,7 @@ class CheckpointManager:
         self.save_total_limit = save_total_limit
         self.milestone_steps = milestone_steps
         self.async_save = async_save
-        self.callbacks = list(callbacks)
-        self.metrics_sink: Callable[[int, dict[str, Any]], None] | None = None
+        self.events = events if events is not None else Events()
         self.run_config = run_config
         self.model_config = model_config
         self.tokenizer = tokenizer
@@ -598,7 +561,7 @@ class CheckpointManager:
         if not self.is_main or not self.root.is_dir():
             return
         for path in self.root.iterdir():
-            if _TMP_DIR.match(path.name) or _DELETING_DIR.match(path.name):
+            if STEP_TMP_DIR.match(path.name) or STEP_DELETING_DIR.match(path.name):
                 logger.warning("Removing %s: an interrupted save or deletion left it incomplete.", path)
                 shutil.rmtree(path, ignore_errors=True)
 
@@ -682,7 +645,7 @@ class CheckpointManager:
         self._publish(pending.step, pending.staging_dir)
 
     def _publish(self, step: int, staging_dir: Path) -> None:
-        _kill_if_requested("kill_during_save", step)
+        self.events.on_checkpoint_staged(staging_dir, step)
         self.last_saved_step = step
         if not self.is_main:
             return
@@ -693,23 +656,20 @@ class CheckpointManager:
         os.rename(staging_dir, final_dir)
         _fsync_dir(self.root)
         logger.info("Checkpoint %s is complete.", final_dir)
-        for callback in self.callbacks:
-            metrics = callback(final_dir, step)
-            if isinstance(metrics, dict) and metrics and self.metrics_sink is not None:
-                self.metrics_sink(step, metrics)
+        self.events.on_checkpoint_saved(final_dir, step)
         self.rotate()
 
     def is_milestone(self, step: int) -> bool:
         return bool(self.milestone_steps) and step % self.milestone_steps == 0
 
     def rotate(self) -> None:
-        """Delete the oldest non-milestone checkpoints beyond `save_total_limit` (rank 0), unless a callback vetoes."""
+        """Delete the oldest non-milestone checkpoints beyond `save_total_limit` (rank 0), unless a subscriber vetoes."""
         if not self.is_main or self.save_total_limit is None:
             return
         regular = [info for info in list_checkpoints(self.root.parent) if not self.is_milestone(info.step)]
         for info in regular[: -self.save_total_limit]:
-            # A callback may keep a checkpoint it still needs (the Hub pusher, until the upload is confirmed).
-            if all(getattr(callback, "may_delete", lambda path: True)(info.path) for callback in self.callbacks):
+            # A subscriber may keep a checkpoint it still needs (the Hub pusher, until the upload is confirmed).
+            if self.events.may_delete(info.path):
                 self._delete(info.path)
 
     def _delete(self, path: Path) -> None:

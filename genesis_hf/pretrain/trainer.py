@@ -6,8 +6,12 @@ model, no intact checkpoint), build the model (FSDP2/DDP via `distributed.wrap_m
 schedule and the packed loader, resume from the newest intact checkpoint (weights, AdamW state checked against the
 model, schedule, every rank's loader and RNG state), then `train()`: one optimizer step per iteration, skipping
 non-finite steps, logging every step to `metrics.jsonl`, evaluating every `eval_steps`, checkpointing every
-`save_steps` and every `save_minutes`. At the end `final/` holds a `save_pretrained` model and tokenizer, exported
-by rank 0 from the last sharded checkpoint (no full-state gather across ranks).
+`save_steps` and every `save_minutes`.
+
+The loop announces what happens to the run's subscribers (`genesis_hf.events`): steps, checkpoints, the end of the
+run. It imports no later stage: the final export (`final.FinalExport`, always subscribed: `final/` is written by
+rank 0 from the last sharded checkpoint, no full-state gather across ranks), the Hub pusher and checkpoint
+evaluations are subscribers the caller hands in.
 
 Losses are reproducible bit for bit across a kill and resume: the model is initialised from `seed` identically on
 every rank, the loader continues at the exact row, the AdamW moments and step counts come back exactly, each rank
@@ -17,9 +21,6 @@ gets its RNG state back, and the per-step reduction order is fixed.
 import json
 import logging
 import math
-import os
-import shutil
-import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -30,18 +31,16 @@ import torch
 import yaml
 
 from genesis_hf.args import ConfigError
+from genesis_hf.events import Events, TrainingCallback
+from genesis_hf.layout import FINAL_DIR, FINAL_POINTER_FILE, METRICS_FILE, TENSORBOARD_DIR
 
 from . import checkpoint as ckpt
 from . import distributed
 from .config import PretrainArguments, resolve_gradient_accumulation
+from .final import FinalExport
 from .reference import end_of_run_report, greedy_samples, held_out_unigram_entropy
 
 logger = logging.getLogger(__name__)
-
-METRICS_FILE = "metrics.jsonl"
-FINAL_DIR = "final"
-# Written into `final/` by `export_final`: the proof that the folder is this trainer's output and may be replaced.
-FINAL_MARKER_FILE = "training_checkpoint.json"
 
 
 class NonFiniteLossError(RuntimeError):
@@ -88,6 +87,7 @@ class Run:
     eval_batches: list[dict[str, torch.Tensor]]
     checkpoints: ckpt.CheckpointManager
     metrics: "MetricsLogger"
+    events: Events
     state: TrainerState
     gradient_accumulation_steps: int
     flops_per_token: float
@@ -347,8 +347,8 @@ def check_output_dir(args: PretrainArguments) -> None:
             "created)."
         )
     final_dir = output_dir / FINAL_DIR
-    if final_dir.is_symlink() or (final_dir.exists() and not (final_dir / FINAL_MARKER_FILE).is_file()):
-        kind = "a symlink" if final_dir.is_symlink() else f"a folder without {FINAL_MARKER_FILE}"
+    if final_dir.is_symlink() or (final_dir.exists() and not (final_dir / FINAL_POINTER_FILE).is_file()):
+        kind = "a symlink" if final_dir.is_symlink() else f"a folder without {FINAL_POINTER_FILE}"
         raise ConfigError(
             f"{final_dir} is {kind}: genesis-hf did not write it, and the run's final export would replace it. Move "
             "it elsewhere, or pass a new --output_dir."
@@ -371,9 +371,7 @@ def check_output_dir(args: PretrainArguments) -> None:
         )
 
 
-def setup_run(
-    args: PretrainArguments, accelerator, checkpoint_callbacks: Sequence[Callable[[Path, int], None]]
-) -> Run:
+def setup_run(args: PretrainArguments, accelerator, events: Events) -> Run:
     """Check the inputs, build everything, and resume from the newest intact checkpoint of `output_dir`."""
     from .flops import detect_peak_flops, flops_per_token
     from .schedules import build_lr_scheduler
@@ -408,7 +406,7 @@ def setup_run(
         save_total_limit=args.save_total_limit,
         milestone_steps=args.milestone_steps,
         async_save=args.async_save,
-        callbacks=checkpoint_callbacks,
+        events=events,
         run_config=run_config,
         model_config=config,
         tokenizer=tokenizer,
@@ -423,6 +421,7 @@ def setup_run(
         eval_batches=eval_batches,
         checkpoints=checkpoints,
         metrics=None,
+        events=events,
         state=TrainerState(),
         gradient_accumulation_steps=gradient_accumulation_steps,
         flops_per_token=flops_per_token(config, args.seq_len),
@@ -440,7 +439,7 @@ def setup_run(
         disable_tqdm=args.disable_tqdm,
         resumed_from=resume_from.path if resume_from is not None else None,
     )
-    checkpoints.metrics_sink = run.metrics.log_checkpoint_metrics  # what checkpoint callbacks measure (evals)
+    events.metrics_sink = run.metrics.log_checkpoint_metrics  # what checkpoint subscribers measure (evals)
     _log_summary(run, config, fsdp, resume_from)
     if accelerator.is_main_process:
         _unigram_reference(run, tokenizer, log=resume_from is None)
@@ -627,11 +626,10 @@ def train(run: Run) -> None:
     accumulation, device = run.gradient_accumulation_steps, run.accelerator.device
     parameters = [parameter for parameter in wrapped.model.parameters() if parameter.requires_grad]
     batches = iter(run.loader)
-    # Test hooks (GENESIS_HF_FAULT): poison rank 0's loss at some steps; slow some steps down so a test can kill the
-    # run in the middle.
-    nan_steps, slow_steps = ckpt.fault_steps("nonfinite_loss"), ckpt.fault_steps("slow_step")
+    run.events.on_train_begin(Path(args.output_dir), wrapped.model)
     last_save = time.monotonic()
     while state.step < args.max_steps:
+        run.events.on_step_begin(state.step + 1)
         started = time.perf_counter()
         micro_losses = []
         for micro_step in range(accumulation):
@@ -639,8 +637,6 @@ def train(run: Run) -> None:
             with wrapped.gradient_sync(micro_step == accumulation - 1):
                 with wrapped.autocast():
                     loss = wrapped.model(**batch).loss
-                if state.step + 1 in nan_steps and run.accelerator.is_main_process:
-                    loss = loss * float("nan")
                 (loss / accumulation).backward()
             micro_losses.append(loss.detach().double())
         grad_norm = distributed.clip_grad_norm_(parameters, args.max_grad_norm).double()
@@ -665,8 +661,7 @@ def train(run: Run) -> None:
         if args.eval_steps and state.step % args.eval_steps == 0 or state.step == args.max_steps:
             record["eval_loss"] = state.eval_loss = evaluate(run)
         run.metrics.log_step(record)
-        if state.step in slow_steps:
-            time.sleep(0.5)
+        run.events.on_step_end(state.step, record)
         if state.consecutive_nonfinite >= args.max_consecutive_nonfinite:
             raise NonFiniteLossError(nonfinite_report(run))
         run.checkpoints.poll()
@@ -773,39 +768,6 @@ def save_checkpoint(run: Run) -> None:
 # Entry point
 
 
-def export_final(output_dir: Path, checkpoint_path: Path) -> Path:
-    """Write `<output_dir>/final/` (save_pretrained model + tokenizer) from a sharded checkpoint, in this process.
-
-    Reads the shards from disk instead of gathering them over the network; the folder is swapped in atomically. An
-    existing `final/` is replaced only if it holds `training_checkpoint.json` (written here); anything else there is
-    the user's and stops the export (`check_output_dir` refuses it before training).
-
-    Raises:
-        ConfigError: `final/` exists and was not written by this function.
-    """
-    final_dir = output_dir / FINAL_DIR
-    if final_dir.is_symlink() or (final_dir.exists() and not (final_dir / FINAL_MARKER_FILE).is_file()):
-        raise ConfigError(f"{final_dir} was not written by genesis-hf; move it elsewhere and relaunch to export.")
-    model, tokenizer, _ = ckpt.load_model_from_checkpoint(checkpoint_path)
-    dtype = model.config.dtype
-    dtype = getattr(torch, str(dtype).removeprefix("torch.")) if dtype is not None else torch.float32
-    staging = Path(tempfile.mkdtemp(prefix=f"{FINAL_DIR}.tmp-", dir=output_dir))
-    try:
-        model.to(dtype).save_pretrained(staging)
-        tokenizer.save_pretrained(staging)
-        with open(staging / FINAL_MARKER_FILE, "w") as handle:
-            json.dump({"checkpoint": str(checkpoint_path)}, handle)
-        if final_dir.exists():
-            old = Path(tempfile.mkdtemp(prefix=f"{FINAL_DIR}.old-", dir=output_dir))
-            os.rename(final_dir, old / FINAL_DIR)
-            shutil.rmtree(old)
-        os.rename(staging, final_dir)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    return final_dir
-
-
 def _final_report(run: Run, final_dir: Path) -> str:
     """Held-out loss against the unigram reference, greedy samples from `final/`, and how to watch the run."""
     from transformers import AutoTokenizer
@@ -818,15 +780,16 @@ def _final_report(run: Run, final_dir: Path) -> str:
 
 
 def run_pretraining(
-    args: PretrainArguments, checkpoint_callbacks: Sequence[Callable[[Path, int], None]] = ()
+    args: PretrainArguments, callbacks: Sequence[TrainingCallback | Callable[[Path, int], Any]] = ()
 ) -> Path | None:
     """Pretrain as `args` says, resuming from `output_dir` when it holds checkpoints; returns `final/` (rank 0).
 
     Args:
         args: the parsed arguments.
-        checkpoint_callbacks: called on rank 0 as `callback(checkpoint_dir, step)` once each checkpoint is visible;
-            a dict a callback returns (e.g. `genesis_hf.evaluate.during_training.CheckpointEvaluator`'s scores) is
-            logged to `metrics.jsonl` and the trackers at that step.
+        callbacks: the run's subscribers (`genesis_hf.events.TrainingCallback`s, e.g. the Hub pusher of
+            `genesis_hf.publish.push.pusher_for_run`), or functions called on rank 0 as `fn(checkpoint_dir, step)`
+            once each checkpoint is visible; a dict they return (e.g. `genesis_hf.evaluate.during_training`'s scores)
+            is logged to `metrics.jsonl` and the trackers at that step. `final.FinalExport` is always subscribed last.
 
     Raises:
         ConfigError: bad arguments, tokenizer or output directory (before anything trains).
@@ -837,14 +800,11 @@ def run_pretraining(
     accelerator = distributed.build_accelerator(
         mixed_precision="bf16" if args.bf16 else None,
         log_with=args.trackers,
-        project_dir=str(Path(args.output_dir) / "tensorboard"),
+        project_dir=str(Path(args.output_dir) / TENSORBOARD_DIR),
     )
-    from genesis_hf.publish.push import pusher_for_run
-
-    # Checks the repo id and token before training; the pusher uploads each checkpoint in the background.
-    pusher = pusher_for_run(args, is_main_process=accelerator.is_main_process)
-    checkpoint_callbacks = [*checkpoint_callbacks, pusher] if pusher is not None else checkpoint_callbacks
-    run = setup_run(args, accelerator, checkpoint_callbacks)
+    final_export = FinalExport()
+    events = Events([*callbacks, final_export])
+    run = setup_run(args, accelerator, events)
     if args.trackers:
         hyperparameters = {
             key: value
@@ -854,24 +814,26 @@ def run_pretraining(
         accelerator.init_trackers(args.run_name or Path(args.output_dir).name, config=hyperparameters)
     try:
         train(run)
+        run.checkpoints.wait()
+        distributed.barrier()
+        if accelerator.is_main_process and ckpt.has_checkpoint_folders(args.output_dir):
+            # The newest checkpoint that validates with its checksums; a stub or corrupted newer one is skipped.
+            newest, warnings = ckpt.select_checkpoint(args.output_dir)
+            for warning in warnings:
+                logger.warning(warning)
+            events.on_train_end(Path(args.output_dir), newest.path, run.state.step)
     finally:
         run.checkpoints.close()
-        if pusher is not None:
-            pusher.close()  # waits for the uploads; what is left pending is uploaded when the run resumes
+        try:
+            events.close()  # the pusher waits for its uploads; what is left pending is uploaded when the run resumes
+        finally:
             run.checkpoints.rotate()  # checkpoints kept until their upload was confirmed may go now
-        run.metrics.close()
-        run.loader.close()
-    distributed.barrier()
-    final_dir = None
-    if accelerator.is_main_process and ckpt.has_checkpoint_folders(args.output_dir):
-        # The newest checkpoint that validates with its checksums; a stub or corrupted newer one is skipped, loudly.
-        newest, warnings = ckpt.select_checkpoint(args.output_dir)
-        for warning in warnings:
-            logger.warning(warning)
-        final_dir = export_final(Path(args.output_dir), newest.path)
+            run.metrics.close()
+            run.loader.close()
+    final_dir = final_export.final_dir
+    if final_dir is not None:
         logger.info("Done at step %d (loss %s); model and tokenizer in %s.", run.state.step, run.state.loss, final_dir)
         print(_final_report(run, final_dir), flush=True)
-        # With push_to_hub, the pusher has put every checkpoint on its branch and the newest (this one) on main.
     distributed.barrier()
     accelerator.end_training()
     return final_dir
@@ -885,7 +847,6 @@ __all__ = [
     "build_optimizer",
     "build_tokenizer",
     "check_output_dir",
-    "export_final",
     "run_pretraining",
     "train",
 ]

@@ -15,7 +15,13 @@ import json
 import sys
 from pathlib import Path
 
-from genesis_hf.layout import CHECKPOINT_METADATA_FILE, has_weights, step_of
+from genesis_hf.layout import (
+    CHECKPOINT_METADATA_FILE,
+    FINAL_POINTER_FILE,
+    TRAINER_STATE_FILE,
+    has_weights,
+    step_of,
+)
 
 
 class CheckpointsError(ValueError):
@@ -96,14 +102,14 @@ def _is_training_checkpoint(folder: Path) -> bool:
 def _folder_metadata(folder: Path) -> dict:
     """Step, tokens and loss of an exported folder: its `genesis_checkpoint.json`, its `trainer_state.json`, or the
     trainer state of the training checkpoint named by `training_checkpoint.json` (the trainer's `final/`)."""
-    for name in (CHECKPOINT_METADATA_FILE, "trainer_state.json"):
+    for name in (CHECKPOINT_METADATA_FILE, TRAINER_STATE_FILE):
         data = _read_json(folder / name)
         if data:
             # genesis_hf writes `step`; transformers' Trainer writes `global_step` and its `log_history`.
             return _from_trainer_state(data) if "step" not in data and "global_step" in data else data
-    pointer = _read_json(folder / "training_checkpoint.json").get("checkpoint")
+    pointer = _read_json(folder / FINAL_POINTER_FILE).get("checkpoint")
     if pointer:
-        return _read_json(Path(pointer) / "trainer_state.json")
+        return _read_json(Path(pointer) / TRAINER_STATE_FILE)
     return {}
 
 
