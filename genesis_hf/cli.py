@@ -19,7 +19,7 @@ SUBCOMMANDS: dict[str, str] = {
     "eval": "genesis_hf.evaluate.cli",
     "eval_tasks": "genesis_hf.evaluate.tasks",
     "report": "genesis_hf.evaluate.report",
-    "playground": "genesis_hf.playground",
+    "playground": "genesis_hf.playground.app",
     "constitution": "genesis_hf.constitution.cli",
     "engagement": "genesis_hf.constitution.engagement",
 }

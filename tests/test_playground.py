@@ -34,12 +34,13 @@ from genesis_hf.playground import (
     build_app,
     chat_display_messages,
     checkpoint_label,
-    deploy_space,
     launch_app,
     load_space_config,
     normalize_history,
+    playground_from_config,
     split_thinking,
 )
+from genesis_hf.publish.space import SPACE_TEMPLATE_DIR, SpaceError, deploy_space, stage_space
 from genesis_hf.tokenizer import add_chat_tokens, train_tokenizer
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -79,8 +80,8 @@ def _training_text() -> list[str]:
 def make_tiny_run(run_dir: Path) -> Path:
     """Train a tiny chat-capable model and save a run the way the trainer does: DCP training checkpoints at
     `CHECKPOINT_STEPS` (through `CheckpointManager`), `metrics.jsonl`, and the last step exported to `final/`."""
-    from genesis_hf.publish.export import export_checkpoint
     from genesis_hf.pretrain.checkpoint import CheckpointManager
+    from genesis_hf.publish.export import export_checkpoint
 
     tokenizer = train_tokenizer(_training_text(), 300)
     add_chat_tokens(tokenizer)
@@ -545,13 +546,13 @@ def test_cli_refuses_a_missing_run(tmp_path):
 def test_space_files():
     import gradio
 
-    space = REPO_ROOT / "spaces" / "playground"
+    space = SPACE_TEMPLATE_DIR
     front_matter = (space / "README.md").read_text(encoding="utf-8").split("---")[1]
     assert re.search(r"^sdk: gradio$", front_matter, re.MULTILINE)
     assert re.search(r"^app_file: app\.py$", front_matter, re.MULTILINE)
     assert re.search(r"^title: .+$", front_matter, re.MULTILINE)
     assert f"sdk_version: {gradio.__version__}\n" in front_matter, (
-        f"spaces/playground/README.md should pin the tested Gradio, sdk_version: {gradio.__version__}"
+        f"{space / 'README.md'} should pin the tested Gradio, sdk_version: {gradio.__version__}"
     )
     app_source = (space / "app.py").read_text(encoding="utf-8")
     assert "genesis_hf.playground" in app_source and len(app_source.splitlines()) < 40, "app.py stays thin"
@@ -579,7 +580,7 @@ def test_space_requirements_cover_what_the_playground_imports():
 
     requirements = {
         re.split(r"[<>=!~\[ ;]", line.strip())[0].lower().replace("_", "-")
-        for line in (REPO_ROOT / "spaces" / "playground" / "requirements.txt").read_text().splitlines()
+        for line in (SPACE_TEMPLATE_DIR / "requirements.txt").read_text().splitlines()
         if line.strip() and not line.startswith("#")
     }
     provided = {"gradio", "gradio-client", "spaces"}
@@ -622,7 +623,76 @@ def test_space_requirements_cover_what_the_playground_imports():
         for top in third_party
         if not {name.lower().replace("_", "-") for name in distributions.get(top, [top])} & (requirements | provided)
     }
-    assert not missing, f"add these to spaces/playground/requirements.txt: {missing}"
+    assert not missing, f"add these to {SPACE_TEMPLATE_DIR / 'requirements.txt'}: {missing}"
+
+
+def test_stage_space_ships_a_runs_exported_folders(tiny_run, tmp_path, monkeypatch):
+    """`deploy --runs RUN`: the Space gets the run's exported folders (not its training checkpoints) and its metrics
+    under `run/`, and the Space's playground browses that copy."""
+    monkeypatch.delenv("GENESIS_PLAYGROUND_RUNS", raising=False)
+    monkeypatch.delenv("GENESIS_PLAYGROUND_REPO", raising=False)
+    folder = stage_space(tmp_path, runs=tiny_run)
+    assert json.loads((folder / "playground.json").read_text()) == {"runs": "run"}
+    assert (folder / "run" / "metrics.jsonl").read_bytes() == (tiny_run / "metrics.jsonl").read_bytes()
+    assert (folder / "run" / "final" / "config.json").is_file() and not (folder / "run" / "checkpoints").exists()
+    assert (folder / "README.md").read_bytes() == (SPACE_TEMPLATE_DIR / "README.md").read_bytes()
+    config = load_space_config(folder / "playground.json")
+    assert config == {"runs": str((folder / "run").resolve())}
+    assert playground_from_config(config).list_checkpoints()[-1]["name"] == "final"
+    with pytest.raises(SpaceError, match="exactly one of --runs DIR"):
+        stage_space(tmp_path / "other", runs=tiny_run, repo=HUB_REPO)
+
+
+def test_space_is_staged_from_an_installed_wheel(tmp_path):
+    """Deploying needs no source checkout: from a wheel installed with pip (the repo not on the path), the Space
+    folder gets the template files (package data) and a copy of the installed genesis_hf."""
+    source = tmp_path / "source"
+    source.mkdir()
+    shutil.copy2(REPO_ROOT / "pyproject.toml", source / "pyproject.toml")
+    shutil.copy2(REPO_ROOT / "README.md", source / "README.md")
+    ignore = shutil.ignore_patterns("__pycache__", "*.pyc")
+    shutil.copytree(REPO_ROOT / "genesis_hf", source / "genesis_hf", ignore=ignore)
+    # Built from a copy: a build in the checkout would leave build/ and an egg-info next to the sources.
+    pip = [sys.executable, "-m", "pip", "--disable-pip-version-check", "--no-input", "--quiet"]
+    build = [*pip, "wheel", "--no-deps", "--no-build-isolation", "--wheel-dir", str(tmp_path / "dist"), str(source)]
+    subprocess.run(build, check=True, capture_output=True, timeout=300)
+    (wheel,) = (tmp_path / "dist").glob("genesis_hf-*.whl")
+    site = tmp_path / "site"
+    install = [*pip, "install", "--no-deps", "--no-index", "--target", str(site), str(wheel)]
+    subprocess.run(install, check=True, capture_output=True, timeout=300)
+
+    # `python -S`: the venv's .pth files (the editable install's path to this checkout) are not read; its
+    # site-packages stays on PYTHONPATH for torch and transformers, after the wheel's install.
+    dependencies = [path for path in sys.path if path.endswith("site-packages")]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(site), *dependencies]), "OMP_NUM_THREADS": "1"}
+    stage = (
+        "import sys; from pathlib import Path; import genesis_hf; "
+        "from genesis_hf.publish.space import stage_space; "
+        "assert not any(Path(p or '.').resolve() == Path(sys.argv[2]) for p in sys.path), sys.path; "
+        "print(genesis_hf.__file__); stage_space(Path(sys.argv[1]), repo='alice/genesis-tiny')"
+    )
+    space = tmp_path / "space"
+    space.mkdir()
+    result = subprocess.run(
+        [sys.executable, "-S", "-c", stage, str(space), str(REPO_ROOT)],
+        cwd=space,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr
+    assert Path(result.stdout.strip().splitlines()[-1]) == site / "genesis_hf" / "__init__.py"
+
+    for name in ("app.py", "requirements.txt"):
+        assert (space / name).read_bytes() == (SPACE_TEMPLATE_DIR / name).read_bytes()
+    assert "models:\n  - alice/genesis-tiny" in (space / "README.md").read_text(encoding="utf-8")
+    assert json.loads((space / "playground.json").read_text()) == {"repo": "alice/genesis-tiny"}
+    installed = {path.relative_to(site / "genesis_hf") for path in (site / "genesis_hf").rglob("*.py")}
+    copied = {path.relative_to(space / "genesis_hf") for path in (space / "genesis_hf").rglob("*.py")}
+    assert copied == {path for path in installed if path.parts[0] != "testing"}
+    assert {Path("playground/app.py"), Path("publish/space.py"), Path("publish/space_template/app.py")} <= copied
+    assert (space / "genesis_hf" / "publish" / "space_template" / "README.md").is_file()
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -680,8 +750,8 @@ def test_deploy_creates_the_space_without_the_token(hub, deployed_space):
     assert hub.write_token not in result.stdout + result.stderr
 
     assert hub.get_repo(SPACE_REPO, repo_type="space") is not None
-    assert {"app.py", "requirements.txt", "README.md", "playground.json", "genesis_hf/playground.py"} <= set(files)
-    assert files["app.py"] == (REPO_ROOT / "spaces" / "playground" / "app.py").read_bytes()
+    assert {"app.py", "requirements.txt", "README.md", "playground.json", "genesis_hf/playground/app.py"} <= set(files)
+    assert files["app.py"] == (SPACE_TEMPLATE_DIR / "app.py").read_bytes()
     assert json.loads(files["playground.json"]) == {"repo": HUB_REPO}
     front_matter = files["README.md"].decode().split("---")[1]
     for line in ("sdk: gradio", "app_file: app.py", f"models:\n  - {HUB_REPO}"):
@@ -702,11 +772,11 @@ def test_deploy_creates_the_space_without_the_token(hub, deployed_space):
 def test_deploy_refuses_a_run_without_exports_and_a_token_in_the_files(hub, tmp_path, tiny_run):
     run = tmp_path / "run"
     shutil.copytree(tiny_run / "checkpoints", run / "checkpoints")
-    with pytest.raises(PlaygroundError, match="no exported model folder"):
+    with pytest.raises(SpaceError, match="no exported model folder"):
         deploy_space(SPACE_REPO, runs=run, token=hub.write_token, endpoint=hub.endpoint)
     shutil.copytree(tiny_run / "final", run / "final")
     (run / "final" / "notes.txt").write_text(f"token: {hub.write_token}")
-    with pytest.raises(PlaygroundError, match="contains your Hub token"):
+    with pytest.raises(SpaceError, match="contains your Hub token"):
         deploy_space(SPACE_REPO, runs=run, token=hub.write_token, endpoint=hub.endpoint)
 
 

@@ -4,7 +4,7 @@ What it browses comes from `GENESIS_PLAYGROUND_REPO` / `GENESIS_PLAYGROUND_RUNS`
 this file, which `genesis-hf playground deploy` writes. A private model repo needs an `HF_TOKEN` secret in the Space
 settings; it is read on the server only. Run it locally with
 
-    GENESIS_PLAYGROUND_RUNS=outputs/pretrain python spaces/playground/app.py
+    GENESIS_PLAYGROUND_RUNS=outputs/pretrain python genesis_hf/publish/space_template/app.py
 """
 
 from pathlib import Path
