@@ -7,6 +7,9 @@ the Hub code path) plus the embedded corpus, with a 512-token tokenizer and 64-t
 import copy
 import json
 import re
+import threading
+import time
+import warnings
 
 import datasets
 import huggingface_hub
@@ -14,8 +17,7 @@ import numpy as np
 import pytest
 import torch
 
-from genesis_hf import cli
-from genesis_hf import corpus
+from genesis_hf import cli, corpus
 from genesis_hf.args import ConfigError
 from genesis_hf.data import (
     MixtureConfig,
@@ -26,6 +28,7 @@ from genesis_hf.data import (
     prepare_tokenized,
 )
 from genesis_hf.data import loader as loader_module
+from genesis_hf.data.sharing import ChunkEncoder, share_bounds
 from genesis_hf.data.tokenized import TokenizedData
 from genesis_hf.data.tokens import SPLIT_CHARACTERS, TokenEncoder, _pieces, splits_losslessly
 from genesis_hf.tokenizer import add_chat_tokens, train_tokenizer
@@ -165,6 +168,150 @@ def test_two_ranks_are_disjoint_and_cover_the_stream(mixture, tokenizer, tokeniz
     resumed = build_pretrain_loader(mixture, tokenizer, seq_len=SEQ_LEN, batch_size=2 * BATCH, tokenized_dir=directory)
     resumed.load_state_dict(_roundtrip(state))
     assert _same(_take(resumed, 3), expected)
+
+
+def _shared_rank(rank: int, world_size: int, folder, mixture, tokenizer, plan: dict) -> None:
+    """One process of `_run_ranks`: a loader (sharing the encoding, since the process group is its ranks) takes
+    `plan["batches"][rank]` batches (after loading
+    `plan["state"]` if given), then close; writes its rows, state, encoding work and close time to `folder`."""
+    torch.distributed.init_process_group(
+        "gloo", init_method=f"file://{folder}/store", rank=rank, world_size=world_size
+    )
+    try:
+        loader = build_pretrain_loader(
+            mixture,
+            tokenizer,
+            seq_len=SEQ_LEN,
+            batch_size=BATCH,
+            rank=rank,
+            world_size=world_size,
+            seed=3,
+        )
+        if plan.get("state"):
+            loader.load_state_dict(plan["state"])
+        batches = _take(loader, plan["batches"][rank])
+        state = loader.state_dict()
+        started = time.perf_counter()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            loader.close()
+        result = {
+            "rows": [batch["input_ids"].tolist() for batch in batches],
+            "state": state,
+            "work": loader.tokenization_work,
+            "close_seconds": time.perf_counter() - started,
+            "warnings": [str(warning.message) for warning in caught],
+        }
+        (folder / f"rank-{rank}.json").write_text(json.dumps(result))
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def _run_ranks(folder, world_size: int, mixture, tokenizer, plan: dict, timeout: float = 120) -> list[dict]:
+    """Run `_shared_rank` in `world_size` forked processes joined by gloo; each one's result, in rank order. A hang
+    fails the test after `timeout` seconds."""
+    folder.mkdir()
+    context = torch.multiprocessing.start_processes(
+        _shared_rank,
+        args=(world_size, folder, mixture, tokenizer, plan),
+        nprocs=world_size,
+        join=False,
+        start_method="fork",
+    )
+    deadline = time.monotonic() + timeout
+    while not context.join(timeout=1):
+        if time.monotonic() > deadline:
+            for process in context.processes:
+                process.kill()
+            pytest.fail(f"{world_size} ranks sharing the encoding did not finish within {timeout} s")
+    return [json.loads((folder / f"rank-{rank}.json").read_text()) for rank in range(world_size)]
+
+
+def test_ranks_share_the_encoding_and_keep_the_single_process_stream(mixture, tokenizer, tmp_path, monkeypatch):
+    # Chunks of 4 documents: a batch of 4 ranks spans several chunks, so ranks wait for exchanges within a batch.
+    monkeypatch.setattr(loader_module, "CHUNK_DOCUMENTS", 4)
+    monkeypatch.setattr(loader_module, "CLOSE_WAIT_SECONDS", 1.0)
+    monkeypatch.setenv("TOKENIZERS_PARALLELISM", "false")  # forked ranks encode on one thread each
+    single = build_pretrain_loader(mixture, tokenizer, seq_len=SEQ_LEN, batch_size=2 * BATCH, seed=3)
+    # (96, SEQ_LEN): the global rows of one process.
+    global_rows = torch.cat([batch["input_ids"] for batch in _take(single, 12)])
+    # What one process encodes for rows 0-47, and for rows 48-95 after a resume (the ranks below resume too).
+    half = build_pretrain_loader(mixture, tokenizer, seq_len=SEQ_LEN, batch_size=2 * BATCH, seed=3)
+    _take(half, 6)
+    half.close()
+    second_half = build_pretrain_loader(mixture, tokenizer, seq_len=SEQ_LEN, batch_size=4 * BATCH, seed=3)
+    second_half.load_state_dict(half.state_dict())
+    _take(second_half, 3)
+    second_half.close()
+
+    two = _run_ranks(tmp_path / "two", 2, mixture, tokenizer, {"batches": [6, 6]})
+    # Rows 48-95 on 4 ranks, resumed from the state of the 2 (the same on both, and a global position).
+    assert two[0]["state"] == two[1]["state"] == _roundtrip(half.state_dict())
+    four = _run_ranks(tmp_path / "four", 4, mixture, tokenizer, {"batches": [3] * 4, "state": two[0]["state"]})
+    for offset, results in ((0, two), (48, four)):
+        world_size = len(results)
+        for rank, result in enumerate(results):
+            # Rank r's row j of batch i is global row offset + (i * BATCH + j) * N + r.
+            rows = torch.tensor(result["rows"]).reshape(-1, SEQ_LEN)
+            expected = global_rows[offset + rank : offset + world_size * len(rows) : world_size]
+            assert torch.equal(rows, expected), (world_size, rank)
+            assert not result["warnings"], result["warnings"]
+    for results, alone in ((two, half), (four, second_half)):
+        world_size = len(results)
+        documents = [result["work"]["documents"] for result in results]
+        characters = [result["work"]["characters"] for result in results]
+        # Every document is encoded once, on one rank (a single process may have cancelled its last read-ahead chunk,
+        # 4 documents per source, when it closed), and each rank encodes about 1/N of them and less than all the text.
+        assert 0 <= sum(documents) - alone.tokenization_work["documents"] <= 4 * 4, documents
+        assert max(documents) <= 1.25 * sum(documents) / world_size, documents
+        assert max(characters) < 0.8 * sum(characters), characters
+
+
+def test_share_bounds_cut_contiguous_slices_of_equal_text():
+    assert share_bounds([10] * 8, 4) == [0, 2, 4, 6, 8]
+    assert share_bounds([], 3) == [0, 0, 0, 0]
+    # A long piece goes to the rank whose half of the text holds its middle character.
+    assert share_bounds([1, 1, 100, 1, 1], 2) == [0, 2, 5]
+    assert share_bounds([1, 100, 1, 1, 1], 2) == [0, 2, 5]
+    sizes = np.random.default_rng(0).integers(1, 50, size=1000).tolist()
+    bounds = share_bounds(sizes, 7)
+    shares = [sum(sizes[bounds[rank] : bounds[rank + 1]]) for rank in range(7)]
+    assert bounds[0] == 0 and bounds[-1] == 1000 and max(shares) - min(shares) <= 2 * 50
+
+
+def test_a_rank_that_stops_early_fails_the_others_instead_of_hanging(mixture, tokenizer, tmp_path, monkeypatch):
+    monkeypatch.setattr(loader_module, "CHUNK_DOCUMENTS", 4)
+    monkeypatch.setenv("TOKENIZERS_PARALLELISM", "false")
+    # Rank 0 ends after one batch; rank 1 then needs chunks that rank 0 never encodes its part of, and fails as soon as
+    # rank 0's process is gone.
+    with pytest.raises(torch.multiprocessing.ProcessRaisedException, match="Connection closed by peer"):
+        _run_ranks(tmp_path / "ranks", 2, mixture, tokenizer, {"batches": [1, 6]}, timeout=60)
+
+
+def test_close_does_not_wait_forever_for_an_exchange(mixture, tokenizer, monkeypatch):
+    monkeypatch.setattr(loader_module, "CLOSE_WAIT_SECONDS", 0.2)
+    released = threading.Event()
+
+    class StuckExchange(ChunkEncoder):
+        """Encodes the first chunk, then waits in the next "exchange" until released, like a rank whose peers stopped
+        reading while it still runs."""
+
+        shared = True
+
+        def encode(self, texts):
+            if self.work.documents:
+                released.wait(30)
+            return super().encode(texts)
+
+    stream = loader_module.StreamingSourceTokens(
+        mixture.sources[1], StuckExchange(TokenEncoder(tokenizer)), lambda index: True, "training", 5
+    )
+    started = time.perf_counter()
+    with pytest.warns(UserWarning, match="a rank stopped reading before this one"):
+        stream.close()
+    assert time.perf_counter() - started < 5
+    released.set()
+    stream._next.result(timeout=30)
 
 
 def test_mixture_proportions_follow_the_weights(mixture, tokenizer, tokenized_dir):

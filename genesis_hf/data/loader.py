@@ -16,8 +16,10 @@ How a stream is built (the same in streaming and pre-tokenized mode, so both yie
 4. **Ranks**: the global row sequence does not depend on the number of ranks; rank `r` of `N` takes rows `r, r + N,
    r + 2N, ...` (counted from where the loader started or resumed), `batch_size` of them per batch. Ranks are
    disjoint, and together they cover the stream exactly: batch `i` of all ranks holds global rows
-   `[i * batch_size * N, (i + 1) * batch_size * N)`. In streaming mode every rank tokenizes the whole stream and
-   keeps its rows (cheap next to a training step); in pre-tokenized mode skipping a row costs nothing.
+   `[i * batch_size * N, (i + 1) * batch_size * N)`. In streaming mode every rank reads the whole stream and keeps
+   its rows; in a `torch.distributed` run the ranks share the encoding, each encoding about 1/N of every chunk and
+   exchanging the tokens (`genesis_hf.data.sharing`), so the stream, and the state, are the same on every rank and
+   for every N. In pre-tokenized mode skipping a row costs nothing.
 5. **Document masking** (optional): `position_ids` restart at 0 after every eos, so each document gets its own
    rotary positions; with `attn_implementation="flash_attention_2"`, transformers also reads the packed documents
    from `position_ids` and stops attention at their boundaries (sdpa and eager still attend across them). Off by
@@ -33,6 +35,7 @@ exactly the batch that would have come next.
 import warnings
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import wait as wait_for_futures
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -41,6 +44,7 @@ import torch
 
 from genesis_hf.args import ConfigError
 from genesis_hf.data.mixture import MixtureConfig, SourceConfig, load_mixture
+from genesis_hf.data.sharing import ChunkEncoder, EncodingWork, tokenization_groups
 from genesis_hf.data.sources import DocumentReader, open_reader
 from genesis_hf.data.tokenized import TokenArray, TokenizedData
 from genesis_hf.data.tokens import TokenEncoder
@@ -52,6 +56,8 @@ SAMPLER_BLOCK_ROWS = 8192
 # A streaming chunk (the unit of tokenization and of resume) is at most this much text or this many documents.
 CHUNK_CHARACTERS = 1 << 18
 CHUNK_DOCUMENTS = 256
+# How long `close()` waits for the other ranks' part of an exchange in flight before leaving it to finish on its own.
+CLOSE_WAIT_SECONDS = 30.0
 
 
 def is_validation_document(index: int, holdout_every: int) -> bool:
@@ -105,11 +111,12 @@ class StreamingSourceTokens:
 
     While the current chunk is consumed, a background thread reads and encodes the next one (the Rust encoder
     releases the GIL), so a training step rarely waits for tokenization. The thread only runs ahead: the state
-    describes the chunk being consumed, and an error in the next chunk is raised when that chunk is needed.
+    describes the chunk being consumed, and an error in the next chunk is raised when that chunk is needed. With a
+    shared `ChunkEncoder` the ranks encode a slice of each chunk each and exchange them (`genesis_hf.data.sharing`).
 
     Args:
         source: the source.
-        encoder: the document encoder.
+        encoder: the document encoder, or a `ChunkEncoder` (which may share the encoding with the other ranks).
         keep: whether a raw document index belongs to this stream (training or validation documents).
         purpose: `"training"` or `"validation"`, for error messages.
         holdout_every: the mixture's hold-out period, for error messages.
@@ -125,7 +132,8 @@ class StreamingSourceTokens:
         holdout_every: int,
         state: dict[str, Any] | None = None,
     ) -> None:
-        self.source, self.encoder, self.keep = source, encoder, keep
+        self.chunk_encoder = encoder if isinstance(encoder, ChunkEncoder) else ChunkEncoder(encoder)
+        self.source, self.keep = source, keep
         self.purpose, self.holdout_every = purpose, holdout_every
         state = state or {}
         self.tokens_read = int(state.get("tokens", 0))
@@ -177,7 +185,7 @@ class StreamingSourceTokens:
                     characters += len(text)
             if texts:
                 self._documents_in_epoch += len(texts)
-                return _Chunk(self.encoder.encode(texts)[0], position, len(texts), self._reader_epoch)
+                return _Chunk(self.chunk_encoder.encode(texts), position, len(texts), self._reader_epoch)
             if not exhausted:
                 continue
             if self._epoch_from_start and self._documents_in_epoch == 0:
@@ -203,22 +211,16 @@ class StreamingSourceTokens:
 
     def take(self, count: int) -> np.ndarray:
         """The next `count` tokens, (count,) int32."""
-        pieces = []
-        needed = count
-        while needed:
-            available = len(self._chunk) - self._chunk_offset
-            if available == 0:
-                self._load_chunk()
-                continue
-            taken = min(available, needed)
-            pieces.append(self._chunk[self._chunk_offset : self._chunk_offset + taken])
-            self._chunk_offset += taken
-            needed -= taken
-        self.tokens_read += count
+        pieces: list[np.ndarray] = []
+        self._advance(count, pieces)
         return pieces[0] if len(pieces) == 1 else np.concatenate(pieces)
 
     def skip(self, count: int) -> None:
         """Move past `count` tokens (another rank's row); in streaming mode they still have to be encoded."""
+        self._advance(count, None)
+
+    def _advance(self, count: int, pieces: list[np.ndarray] | None) -> None:
+        """Move `count` tokens on, loading chunks as needed; append the tokens passed to `pieces` unless `None`."""
         needed = count
         while needed:
             available = len(self._chunk) - self._chunk_offset
@@ -226,9 +228,15 @@ class StreamingSourceTokens:
                 self._load_chunk()
                 continue
             taken = min(available, needed)
+            if pieces is not None:
+                pieces.append(self._chunk[self._chunk_offset : self._chunk_offset + taken])
             self._chunk_offset += taken
             needed -= taken
         self.tokens_read += count
+
+    @property
+    def work(self) -> EncodingWork:
+        return self.chunk_encoder.work
 
     def state_dict(self) -> dict[str, Any]:
         return {
@@ -240,8 +248,25 @@ class StreamingSourceTokens:
         }
 
     def close(self) -> None:
-        """Stop reading ahead (waiting for a chunk being encoded) and close the reader."""
-        self._prefetch.shutdown(wait=True, cancel_futures=True)
+        """Stop reading ahead (waiting for a chunk being encoded) and close the reader.
+
+        With shared encoding the chunk being read ahead is not cancelled, since every rank asked for it and the others
+        may already wait in its exchange; it may also wait for ranks that stopped reading earlier (they never ask for
+        it): after `CLOSE_WAIT_SECONDS` this warns and returns, and the exchange ends when those ranks' processes exit
+        (or after the exchange timeout), closing the reader then.
+        """
+        shared = self.chunk_encoder.shared
+        self._prefetch.shutdown(wait=not shared, cancel_futures=not shared)
+        if shared and self._next is not None:
+            if wait_for_futures([self._next], timeout=CLOSE_WAIT_SECONDS).not_done:
+                warnings.warn(
+                    f"The {self.source.describe()} still waits for the other ranks' part of its next chunk after "
+                    f"{CLOSE_WAIT_SECONDS:g} s: a rank stopped reading before this one (every rank must take as many "
+                    "batches). The exchange ends when that rank's process exits.",
+                    stacklevel=2,
+                )
+                self._next.add_done_callback(lambda _: self._reader.close())
+                return
         self._reader.close()
 
 
@@ -265,6 +290,7 @@ class TokenizedSourceTokens:
             )
         self.array = array
         self.tokens_read = int((state or {}).get("tokens", 0))
+        self.work = EncodingWork()  # nothing to encode
 
     @property
     def epoch(self) -> int:
@@ -357,6 +383,9 @@ class PackedLoader:
                 stream.skip(self.seq_len)
             self._next_row += 1
         self._rows_consumed += self.batch_size * self.world_size
+        # Every rank's sources now stand at the same token, so all ranks read the same chunks in the same order (which
+        # shared encoding needs: see `genesis_hf.data.sharing`). The rows skipped are encoded already.
+        self._catch_up()
         input_ids = torch.from_numpy(rows)
         batch = {"input_ids": input_ids, "labels": input_ids.clone()}
         if self.document_masking:
@@ -382,6 +411,16 @@ class PackedLoader:
         """How many times each source has been read to its end and restarted."""
         self._catch_up()
         return {source.name: stream.epoch for source, stream in zip(self.mixture.sources, self._streams)}
+
+    @property
+    def tokenization_work(self) -> dict[str, float]:
+        """What this rank has encoded so far, over all sources and resumes: documents, characters, tokens (eos not
+        counted), seconds and cpu_seconds in the encoder. With shared encoding about 1/world_size of the whole; zeros
+        in pre-tokenized mode."""
+        total = EncodingWork()
+        for stream in self._streams:
+            total.add(stream.work)
+        return total.to_dict()
 
     def _header(self) -> dict[str, Any]:
         return {
@@ -424,12 +463,13 @@ class PackedLoader:
                     f"The loader state was saved with {key}={saved!r}, but this loader has {key}={expected!r}; "
                     f"resume with the same {key} (mixture, tokenizer, data mode, seq_len and seed must match)."
                 )
-        streams = []
-        for source in self.mixture.sources:
-            streams.append(self._make_stream(source, state["streams"][source.name]))
+        # The old streams stop before the new ones start: with shared encoding a source's exchanges must come from
+        # one reader at a time.
         for stream in self._streams:
             stream.close()
-        self._streams = streams
+        self._streams = []
+        for source in self.mixture.sources:
+            self._streams.append(self._make_stream(source, state["streams"][source.name]))
         self._start_row = self._rows_consumed = self._next_row = int(state["rows_consumed"])
 
     def close(self) -> None:
@@ -461,19 +501,28 @@ def _resolve_mixture(mixture: MixtureConfig | str | Path) -> MixtureConfig:
 
 
 def _stream_factory(
-    mixture: MixtureConfig, encoder: TokenEncoder, split: str, tokenized_dir: str | Path | None
+    mixture: MixtureConfig,
+    encoder: TokenEncoder,
+    split: str,
+    tokenized_dir: str | Path | None,
+    groups: dict[str, Any] | None = None,
 ) -> tuple[Callable[[SourceConfig, dict[str, Any] | None], Any], str, str]:
-    """The per-source stream builder for a mode and split, plus the mode name and a data fingerprint."""
+    """The per-source stream builder for a mode and split, plus the mode name and a data fingerprint. `groups` (one
+    process group per source name) shares the streaming encoding between ranks."""
     purpose = "training" if split == "train" else "validation"
     if tokenized_dir is None:
         holdout = mixture.holdout_every
         wants_validation = split == "validation"
+        # One ChunkEncoder per source for the loader's life: its work counts carry over a `load_state_dict`.
+        chunk_encoders = {
+            source.name: ChunkEncoder(encoder, (groups or {}).get(source.name)) for source in mixture.sources
+        }
 
         def keep(index: int) -> bool:
             return is_validation_document(index, holdout) == wants_validation
 
         def make_streaming(source: SourceConfig, state: dict[str, Any] | None) -> StreamingSourceTokens:
-            return StreamingSourceTokens(source, encoder, keep, purpose, holdout, state)
+            return StreamingSourceTokens(source, chunk_encoders[source.name], keep, purpose, holdout, state)
 
         return make_streaming, "streaming", encoder.fingerprint
 
@@ -515,6 +564,28 @@ def _check_tokenized_matches(data: TokenizedData, mixture: MixtureConfig, encode
                 )
 
 
+def _packed_loader(
+    mixture: MixtureConfig | str,
+    tokenizer,
+    split: str,
+    tokenized_dir: str | None,
+    share_tokenization: bool | None,
+    **settings: Any,
+) -> PackedLoader:
+    """A `PackedLoader` over `split` of the mixture; `settings` are its keyword arguments from `seq_len` on."""
+    mixture = _resolve_mixture(mixture)
+    encoder = TokenEncoder(tokenizer)
+    groups = None
+    if tokenized_dir is None:
+        groups = tokenization_groups(
+            mixture.source_names, settings["rank"], settings["world_size"], share_tokenization
+        )
+    make_stream, mode, fingerprint = _stream_factory(mixture, encoder, split, tokenized_dir, groups)
+    return PackedLoader(
+        mixture, make_stream, eos_token_id=encoder.eos_token_id, mode=mode, fingerprint=fingerprint, **settings
+    )
+
+
 def build_pretrain_loader(
     mixture: MixtureConfig | str,
     tokenizer,
@@ -526,6 +597,7 @@ def build_pretrain_loader(
     seed: int = 0,
     document_masking: bool = False,
     tokenized_dir: str | None = None,
+    share_tokenization: bool | None = None,
 ) -> PackedLoader:
     """The training loader: streaming from the sources, or reading `tokenized_dir` when given.
 
@@ -542,22 +614,23 @@ def build_pretrain_loader(
         seed: the mixing seed; the same seed gives the same stream.
         document_masking: also yield `position_ids` that restart at 0 after every eos.
         tokenized_dir: a directory from `genesis-hf data prepare` (merged); pre-tokenized mode when given.
+        share_tokenization: in streaming mode, the ranks encode 1/world_size of every chunk each and exchange the
+            tokens over gloo groups of the loader's own (see `genesis_hf.data.sharing`); `None` does so when the
+            default process group is these `world_size` ranks, `False` encodes everything on every rank. With
+            sharing, every rank must build its loader at the same point and take as many batches.
     """
-    mixture = _resolve_mixture(mixture)
-    encoder = TokenEncoder(tokenizer)
-    make_stream, mode, fingerprint = _stream_factory(mixture, encoder, "train", tokenized_dir)
-    return PackedLoader(
+    return _packed_loader(
         mixture,
-        make_stream,
-        eos_token_id=encoder.eos_token_id,
-        mode=mode,
+        tokenizer,
+        "train",
+        tokenized_dir,
+        share_tokenization,
         seq_len=seq_len,
         batch_size=batch_size,
         rank=rank,
         world_size=world_size,
         seed=seed,
         document_masking=document_masking,
-        fingerprint=fingerprint,
     )
 
 
@@ -587,21 +660,18 @@ def build_validation_batches(
         document_masking: also return `position_ids`.
         tokenized_dir: read the validation split of a prepared directory instead of the sources.
     """
-    mixture = _resolve_mixture(mixture)
-    encoder = TokenEncoder(tokenizer)
-    make_stream, mode, fingerprint = _stream_factory(mixture, encoder, "validation", tokenized_dir)
-    loader = PackedLoader(
+    loader = _packed_loader(
         mixture,
-        make_stream,
-        eos_token_id=encoder.eos_token_id,
-        mode=mode,
+        tokenizer,
+        "validation",
+        tokenized_dir,
+        False,
         seq_len=seq_len,
         batch_size=batch_size,
         rank=0,
         world_size=1,
         seed=seed,
         document_masking=document_masking,
-        fingerprint=fingerprint,
     )
     batches = [loader.next_batch() for _ in range(num_batches)]
     repeated = [name for name, epoch in loader.epochs_per_source.items() if epoch > 0]

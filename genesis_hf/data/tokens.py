@@ -15,7 +15,6 @@ ends at a newline cut, else at a space cut (`_pieces`), within `MAX_PIECE_CHARAC
 import hashlib
 import json
 import re
-from collections.abc import Iterator
 
 import numpy as np
 from tokenizers import Tokenizer
@@ -137,25 +136,22 @@ class TokenEncoder:
             tokens: (sum(lengths),) int32, every document's ids followed by the eos.
             lengths: (len(texts),) int64, each document's token count, eos included.
         """
-        pieces = [_pieces(text) if self.split_long_documents else _bounded_pieces(text) for text in texts]
-        ids = self._encode_pieces([piece for document in pieces for piece in document])
-        # int32 arrays, not lists: a list holds 8-byte pointers to int objects, ~10x the memory of the ids.
-        documents = [
-            next(ids) if len(document) == 1 else np.concatenate([next(ids) for _ in document]) for document in pieces
-        ]
-        lengths = np.fromiter((len(item) + 1 for item in documents), dtype=np.int64, count=len(documents))
-        tokens = np.empty(int(lengths.sum()), dtype=np.int32)
-        start = 0
-        for item in documents:
-            end = start + len(item)
-            tokens[start:end] = item
-            tokens[end] = self.eos_token_id
-            start = end + 1
-        return tokens, lengths
+        pieces = self.split(texts)
+        ids, piece_lengths = self.encode_pieces([piece for document in pieces for piece in document])
+        return self.join(ids, piece_lengths, [len(document) for document in pieces])
 
-    def _encode_pieces(self, pieces: list[str]) -> Iterator[np.ndarray]:
-        """The int32 ids of each piece, encoded `ENCODE_BATCH_CHARACTERS` of text at a time (the encoder's per-byte
-        data of one batch is freed before the next)."""
+    def split(self, texts: list[str]) -> list[list[str]]:
+        """The pieces each document is encoded in (one piece for a document of up to 2 * `SPLIT_CHARACTERS`)."""
+        return [_pieces(text) if self.split_long_documents else _bounded_pieces(text) for text in texts]
+
+    def encode_pieces(self, pieces: list[str]) -> tuple[np.ndarray, np.ndarray]:
+        """The ids of `pieces`, without eos: `(ids, lengths)`, (sum(lengths),) int32 and (len(pieces),) int64.
+
+        Text goes to the encoder `ENCODE_BATCH_CHARACTERS` at a time, so its per-byte data of one batch is freed before
+        the next. A piece's ids never depend on the other pieces, so any split of a piece list encodes to the same ids.
+        """
+        # int32 arrays, not lists: a list holds 8-byte pointers to int objects, ~10x the memory of the ids.
+        arrays: list[np.ndarray] = []
         batch: list[str] = []
         size = 0
         for index, piece in enumerate(pieces):
@@ -163,8 +159,32 @@ class TokenEncoder:
             size += len(piece)
             if size >= ENCODE_BATCH_CHARACTERS or index == len(pieces) - 1:
                 encodings = self.backend.encode_batch_fast(batch, add_special_tokens=False)
-                yield from (np.asarray(encoding.ids, dtype=np.int32) for encoding in encodings)
+                arrays.extend(np.asarray(encoding.ids, dtype=np.int32) for encoding in encodings)
                 batch, size = [], 0
+        lengths = np.fromiter((len(array) for array in arrays), dtype=np.int64, count=len(arrays))
+        ids = np.concatenate(arrays) if arrays else np.zeros(0, dtype=np.int32)
+        return ids, lengths
+
+    def join(
+        self, ids: np.ndarray, piece_lengths: np.ndarray, pieces_per_document: list[int]
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Documents from their pieces' ids (as `encode_pieces` returns them): an eos after each document.
+
+        Args:
+            ids: (sum(piece_lengths),) the ids of all pieces, in order.
+            piece_lengths: (pieces,) each piece's id count.
+            pieces_per_document: how many consecutive pieces make each document (at least one).
+
+        Returns:
+            `(tokens, lengths)` as `encode` returns them.
+        """
+        if not pieces_per_document:
+            return np.zeros(0, dtype=np.int32), np.zeros(0, dtype=np.int64)
+        first_pieces = np.cumsum([0, *pieces_per_document[:-1]])
+        # (documents,) id count of each document without its eos.
+        document_lengths = np.add.reduceat(piece_lengths, first_pieces)
+        tokens = np.insert(ids.astype(np.int32, copy=False), np.cumsum(document_lengths), self.eos_token_id)
+        return tokens, document_lengths.astype(np.int64) + 1
 
 
 def tokenizer_fingerprint(backend_json: str, eos_token_id: int) -> str:
