@@ -51,6 +51,8 @@ STEP_DIR = re.compile(r"^step-(\d{7})$")
 # A save in progress (`step-XXXXXXX.tmp-<run id>`) and a deletion in progress (`step-XXXXXXX.deleting-<run id>`).
 STEP_TMP_DIR = re.compile(r"^step-\d{7}\.tmp-")
 STEP_DELETING_DIR = re.compile(r"^step-\d{7}\.deleting-")
+# Any of the three above: what marks a folder as a run's `checkpoints/`.
+STEP_ANY = re.compile(r"^step-\d{7}")
 # TRL's Trainer names its checkpoints `checkpoint-<global step>` (transformers' PREFIX_CHECKPOINT_DIR).
 TRL_CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 
@@ -71,7 +73,7 @@ def step_of(path: str | Path) -> int | None:
     return int(match.group(1)) if match else None
 
 
-def is_training_checkpoint(path: str | Path) -> bool:
+def holds_training_state(path: str | Path) -> bool:
     """A folder with training state: a pretraining checkpoint (DCP shards) or a TRL `checkpoint-N`."""
     path = Path(path)
     return (path / TRAINER_STATE_FILE).is_file() or (path / MODEL_DIR / DCP_METADATA_FILE).is_file()
@@ -114,3 +116,17 @@ THINK_START = "<think>"
 THINK_END = "</think>"
 # Appended to a base tokenizer for chat, in this order (ids 49152-49155 for Genesis 1B).
 CHATML_TOKENS = (IM_START, IM_END, THINK_START, THINK_END)
+# The chat template of ChatML tokenizers: assistant turns are wrapped in `{% generation %}` so that TRL's
+# `assistant_only_loss` can mask everything else.
+CHATML_TEMPLATE = (
+    "{%- for message in messages -%}"
+    "{{- '<|im_start|>' + message['role'] + '\\n' -}}"
+    "{%- if message['role'] == 'assistant' -%}"
+    "{%- generation -%}{{- message['content'] + '<|im_end|>' -}}{%- endgeneration -%}"
+    "{{- '\\n' -}}"
+    "{%- else -%}"
+    "{{- message['content'] + '<|im_end|>\\n' -}}"
+    "{%- endif -%}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{- '<|im_start|>assistant\\n' -}}{%- endif -%}"
+)

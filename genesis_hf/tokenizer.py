@@ -28,7 +28,7 @@ from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, 
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
 from genesis_hf import corpus
-from genesis_hf.layout import CHATML_TOKENS, EOS_TOKEN
+from genesis_hf.layout import CHATML_TEMPLATE, CHATML_TOKENS, EOS_TOKEN
 
 # `<|im_start|>`/`<|im_end|>` are special: they frame messages and vanish with `skip_special_tokens=True`.
 # `<think>`/`</think>` are plain added tokens: one id each, but they stay in decoded text, because the reasoning
@@ -46,18 +46,6 @@ DEFAULT_MODEL_MAX_LENGTH = 2048
 # `apply_chat_template(..., return_assistant_tokens_mask=True, return_dict=True)` marks exactly the tokens the model
 # must learn to produce (TRL's `assistant_only_loss`); the role header and the newline after `<|im_end|>` are
 # prompt. Content must be a string; reasoning goes inline as `<think>...</think>` at the start of it.
-CHATML_TEMPLATE = (
-    "{%- for message in messages -%}"
-    "{{- '<|im_start|>' + message['role'] + '\\n' -}}"
-    "{%- if message['role'] == 'assistant' -%}"
-    "{%- generation -%}{{- message['content'] + '<|im_end|>' -}}{%- endgeneration -%}"
-    "{{- '\\n' -}}"
-    "{%- else -%}"
-    "{{- message['content'] + '<|im_end|>\\n' -}}"
-    "{%- endif -%}"
-    "{%- endfor -%}"
-    "{%- if add_generation_prompt -%}{{- '<|im_start|>assistant\\n' -}}{%- endif -%}"
-)
 
 # Text budget of `default_tokenizer`: at least 1 MB, more for bigger vocabularies (a merge needs a pair seen at least
 # `min_frequency` times, and rarer pairs need more text). Falls back to the whole embedded corpus when short.

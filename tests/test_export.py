@@ -16,7 +16,8 @@ from huggingface_hub import ModelCard
 from PIL import Image
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
 
-from genesis_hf import cli
+from genesis_hf import cli, layout
+from genesis_hf.model import folder as model_folder
 from genesis_hf.model.card import extract_python_snippet
 from genesis_hf.publish import export
 from genesis_hf.testing import build_tiny_model_folder
@@ -46,7 +47,7 @@ def _prompt_ids(tokenizer) -> torch.Tensor:
 
 
 def _rounded(model, dtype, keep_1d: bool = False):
-    return export._rounded_reference(model, "gguf" if keep_1d else "hf", dtype)
+    return model_folder._rounded_reference(model, "gguf" if keep_1d else "hf", dtype)
 
 
 @torch.no_grad()
@@ -100,7 +101,7 @@ def test_hf_export_shards_reloads_without_genesis_hf_and_card_snippet_runs(tiny,
     # The snippet's own generate() call (KV cache on) prints what LlamaForCausalLM generates on the same weights.
     inputs = tokenizer("The history of science", return_tensors="pt")
     with torch.no_grad():
-        peer_ids = export.to_llama(model).generate(**inputs, max_new_tokens=32, do_sample=False)
+        peer_ids = model_folder.to_llama(model).generate(**inputs, max_new_tokens=32, do_sample=False)
     assert result.stdout.splitlines() == [tokenizer.decode(peer_ids[0], skip_special_tokens=True)]
 
 
@@ -134,10 +135,10 @@ def test_gguf_export_reloads_through_transformers(tiny, tmp_path, dtype):
     assert gguf_file == f"genesis-{'F32' if dtype == 'fp32' else 'BF16'}.gguf"
 
     reloaded = AutoModelForCausalLM.from_pretrained(out, gguf_file=gguf_file, dtype=torch.float32)
-    reference = _rounded(model, export.EXPORT_DTYPES[dtype], keep_1d=True)
+    reference = _rounded(model, model_folder.EXPORT_DTYPES[dtype], keep_1d=True)
     assert _max_diff(reloaded, reference, _prompt_ids(tokenizer)) < 1e-5
     gguf_tokenizer = AutoTokenizer.from_pretrained(out, gguf_file=gguf_file)
-    for prompt in export.VERIFY_PROMPTS:
+    for prompt in model_folder.VERIFY_PROMPTS:
         assert gguf_tokenizer(prompt)["input_ids"] == tokenizer(prompt)["input_ids"]
 
     reader = GGUFReader(out / gguf_file)
@@ -151,23 +152,27 @@ def test_gguf_export_reloads_through_transformers(tiny, tmp_path, dtype):
         # Stored in llama.cpp's rotary layout: HF's q/k rows permuted per head.
         q_proj = model.model.layers[0].self_attn.q_proj.weight.detach().numpy()
         stored = np.asarray(tensors["blk.0.attn_q.weight"].data).reshape(q_proj.shape)
-        assert np.array_equal(stored, export.gguf_permute(q_proj, model.config.num_attention_heads))
+        assert np.array_equal(stored, model_folder.gguf_permute(q_proj, model.config.num_attention_heads))
         assert not np.array_equal(stored, q_proj)
 
 
 def test_gguf_without_the_qk_permutation_is_caught(tiny, tmp_path):
     folder, model, tokenizer = tiny
     # Sharpen attention so that the rotary layout visibly matters (a briefly trained model attends almost uniformly).
-    sharp = export.LoadedCheckpoint(model=_rounded(model, torch.float32), tokenizer=tokenizer, path=folder, kind="hf")
+    sharp = model_folder.LoadedCheckpoint(
+        model=_rounded(model, torch.float32), tokenizer=tokenizer, path=folder, kind="hf"
+    )
     with torch.no_grad():
         for layer in sharp.model.model.layers:
             layer.self_attn.q_proj.weight.mul_(8)
             layer.self_attn.k_proj.weight.mul_(8)
     wrong = tmp_path / "wrong"
     wrong.mkdir()
-    gguf_file = export._write_gguf(sharp.model, tokenizer, wrong, "fp32", permute=False)
-    with pytest.raises(export.ExportMismatchError, match="does not reproduce the source model"):
-        export.verify_export(sharp.model, tokenizer, wrong, export_format="gguf", dtype="fp32", gguf_file=gguf_file)
+    gguf_file = model_folder._write_gguf(sharp.model, tokenizer, wrong, "fp32", permute=False)
+    with pytest.raises(model_folder.ExportMismatchError, match="does not reproduce the source model"):
+        model_folder.verify_export(
+            sharp.model, tokenizer, wrong, export_format="gguf", dtype="fp32", gguf_file=gguf_file
+        )
     result = export.export_checkpoint(sharp, tmp_path / "right", export_format="gguf", dtype="fp32")
     assert result.verification.max_abs_diff < 1e-5
 
@@ -316,4 +321,4 @@ def test_existing_output_needs_overwrite_and_only_an_earlier_export_is_replaced(
     (out / "keep.txt").unlink()
     assert cli.main(["export", str(folder), str(out)]) == 0  # empty: written
     assert cli.main(["export", str(folder), str(out), "--overwrite", "--dtype", "fp32"]) == 0  # an export: replaced
-    assert (out / "model.safetensors").is_file() and (out / export.EXPORT_MARKER_FILE).is_file()
+    assert (out / "model.safetensors").is_file() and (out / layout.EXPORT_MARKER_FILE).is_file()

@@ -147,6 +147,7 @@ def _forget_the_cache(model_dir: Path) -> None:
 
 
 def test_export_verification_catches_remote_code_that_ignores_the_cache_and_reexport_refreshes_it(tmp_path):
+    from genesis_hf.model import folder as model_folder
     from genesis_hf.publish import export
     from genesis_hf.testing import build_tiny_model_folder
 
@@ -154,13 +155,13 @@ def test_export_verification_catches_remote_code_that_ignores_the_cache_and_reex
     model, tokenizer = build_tiny_model_folder(folder, metrics=False)
     _forget_the_cache(folder)
     # One forward pass cannot tell (what the old verification compared); the cached generation can.
-    with pytest.raises(export.ExportMismatchError, match="KV cache"):
-        export.verify_export(model, tokenizer, folder, export_format="hf", dtype="fp32")
+    with pytest.raises(model_folder.ExportMismatchError, match="KV cache"):
+        model_folder.verify_export(model, tokenizer, folder, export_format="hf", dtype="fp32")
 
     # Re-exporting a folder published with old remote code writes the current code next to the same weights.
     out = tmp_path / "reexported"
     result = export.export_checkpoint(folder, out, export_format="hf", dtype="fp32")
-    package_dir = Path(export.genesis_hf.__file__).parent
+    package_dir = Path(model_folder.__file__).parent
     for name in ("modeling_genesis.py", "configuration_genesis.py"):
         assert (out / name).read_text() == (package_dir / name).read_text()
     assert result.verification.max_abs_diff_cached < SCORE_TOLERANCE

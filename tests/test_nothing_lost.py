@@ -22,10 +22,9 @@ import torch
 import yaml
 from test_pretrain import recipe_main, run_recipe, steps_of, write_config
 
-from genesis_hf import cli
+from genesis_hf import cli, layout
 from genesis_hf.args import ConfigError
 from genesis_hf.pretrain import checkpoint as ckpt
-from genesis_hf.publish import export
 from genesis_hf.testing import build_tiny_model_folder
 from genesis_hf.testing.memory import PeakRss
 
@@ -167,7 +166,7 @@ def test_overwrite_refuses_an_export_with_the_users_files_or_changes(tiny_run, t
     (tmp_path / "run" / "metrics.jsonl").parent.mkdir()
     (tmp_path / "run" / "metrics.jsonl").write_text("")
     assert cli.main(["export", str(model_dir), str(out), "--dtype", "fp32"]) == 0
-    marker = json.loads((out / export.EXPORT_MARKER_FILE).read_text())
+    marker = json.loads((out / layout.EXPORT_MARKER_FILE).read_text())
     assert marker["files"]["config.json"] == (out / "config.json").stat().st_size and "README.md" in marker["files"]
     capsys.readouterr()
 

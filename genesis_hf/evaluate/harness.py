@@ -127,14 +127,15 @@ def _hub_metadata(target: EvalTarget, workdir: Path) -> EvalTarget:
 
 
 def _export_training_checkpoint(checkpoint: Path, workdir: Path, dtype: str, log: Callable[[str], None]) -> Path:
-    # The verified export (publish stage) is the one way a training checkpoint becomes a loadable folder; imported here
-    # only, so the evaluate stage does not depend on publishing otherwise.
-    from genesis_hf.publish.export import ExportError, export_checkpoint
+    # The one model-folder writer, verified, as pretraining's final/ is written.
+    from genesis_hf.model.folder import ExportError
+    from genesis_hf.pretrain.checkpoint import CheckpointError
+    from genesis_hf.pretrain.final import write_checkpoint_folder
 
     out_dir = workdir / "export"
     try:
-        export_checkpoint(checkpoint, out_dir, export_format="hf", dtype=dtype, log=log)
-    except ExportError as error:
+        write_checkpoint_folder(checkpoint, out_dir, dtype=dtype, log=log)
+    except (CheckpointError, ExportError) as error:
         raise EvalError(f"Could not export training checkpoint {str(checkpoint)!r} for evaluation: {error}") from None
     return out_dir
 

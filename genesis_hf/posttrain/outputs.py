@@ -2,16 +2,14 @@
 code and the chat template), `<output_dir>/adapter` for LoRA runs, and `metrics.jsonl` (see `callbacks`).
 """
 
-import os
-import shutil
 from pathlib import Path
 
 import torch
 
-from .model import merge_lora
+from genesis_hf.layout import ADAPTER_DIR, CHECKPOINT_METADATA_FILE, FINAL_DIR
+from genesis_hf.model.folder import LoadedCheckpoint, write_model_folder
 
-FINAL_DIR = "final"
-ADAPTER_DIR = "adapter"
+from .model import merge_lora
 
 
 def final_model(trainer, output_dir: str | Path):
@@ -72,8 +70,9 @@ def last_loss(trainer) -> float | None:
 def write_final(
     model, tokenizer, output_dir: str | Path, *, step: int, loss: float | None, dtype: str = "fp32"
 ) -> Path:
-    """Export `model` and `tokenizer` to `<output_dir>/final` with genesis_hf's verified exporter (reloaded with
-    `trust_remote_code` and its logits compared) and a model card built from `metrics.jsonl`.
+    """Write `model` and `tokenizer` to `<output_dir>/final` with the one model-folder writer
+    (`genesis_hf.model.folder`: reloaded with `trust_remote_code` and its logits compared) and a model card built from
+    `metrics.jsonl`.
 
     Args:
         model: a `GenesisForCausalLM` (merged, if it was trained with LoRA).
@@ -82,25 +81,20 @@ def write_final(
         step: the optimizer step reached.
         loss: the last training loss.
         dtype: weights dtype of the export (`fp32`, `bf16`).
-    """
-    # The exporter belongs to the later publish stage; imported here, at the end of the run, as pretraining does.
-    from genesis_hf.publish.export import CHECKPOINT_METADATA_FILE, LoadedCheckpoint, export_checkpoint
 
+    Raises:
+        FileExistsError: `final/` exists and was not written by genesis_hf.
+    """
     output_dir = Path(output_dir)
     final_dir = output_dir / FINAL_DIR
     if final_dir.exists() and not (final_dir / CHECKPOINT_METADATA_FILE).is_file():
         raise FileExistsError(
             f"{final_dir} exists and was not written by a genesis_hf export; move it away or pick another output_dir."
         )
-    # The exporter refuses to write inside a run folder, so it writes next to it and the finished, verified folder is
-    # renamed into place. `path` points at final/ so that the model card finds the run's metrics.jsonl.
-    staging = output_dir.parent / f".{output_dir.name}-final-{os.getpid()}"
-    loaded = LoadedCheckpoint(model=model, tokenizer=tokenizer, path=final_dir, kind="hf", step=step, loss=loss)
-    export_checkpoint(loaded, staging, dtype=dtype, overwrite=True)
-    if final_dir.exists():
-        # An earlier final/ of this output_dir (a rerun): replaced only once the new one is complete and verified.
-        shutil.rmtree(final_dir)
-    os.replace(staging, final_dir)
+    # `path` points at final/ so that the model card finds the run's metrics.jsonl next to it. An earlier final/ of
+    # this output_dir (a rerun) is replaced only once the new one is complete and verified.
+    source = LoadedCheckpoint(model=model, tokenizer=tokenizer, path=final_dir, kind="memory", step=step, loss=loss)
+    write_model_folder(source, final_dir, dtype=dtype, repo_id=output_dir.name, overwrite=True)
     return final_dir
 
 

@@ -1,21 +1,22 @@
-"""The end of a pretraining run: `<output_dir>/final/`, a Hugging Face model folder written from the last checkpoint.
+"""The end of a pretraining run: `<output_dir>/final/`, the verified Hugging Face model folder of the last checkpoint.
 
-`FinalExport` subscribes to the run's `on_train_end` (genesis_hf.events); `run_pretraining` always subscribes it.
+`FinalExport` subscribes to the run's `on_train_end` (genesis_hf.events); `run_pretraining` always subscribes it. It
+reads the newest intact checkpoint's shards from disk in this process (no full-state gather across ranks) and writes
+`final/` with the one model-folder writer (`genesis_hf.model.folder`): weights in the model's own dtype, remote code,
+tokenizer, generation config, card, and `training_checkpoint.json` naming the checkpoint. The folder is verified
+(reloaded through its remote code, logits compared) and swapped in atomically.
 """
 
-import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
-
-import torch
 
 from genesis_hf.args import ConfigError
 from genesis_hf.events import TrainingCallback
 from genesis_hf.layout import FINAL_DIR, FINAL_POINTER_FILE
+from genesis_hf.model.folder import LoadedCheckpoint, write_model_folder
 
 from . import checkpoint as ckpt
+
+_DTYPE_NAMES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
 
 
 class FinalExport(TrainingCallback):
@@ -30,33 +31,53 @@ class FinalExport(TrainingCallback):
 
 
 def export_final(output_dir: Path, checkpoint_path: Path) -> Path:
-    """Write `<output_dir>/final/` (save_pretrained model + tokenizer) from a sharded checkpoint, in this process.
+    """Write `<output_dir>/final/` from a sharded checkpoint and return it.
 
-    Reads the shards from disk instead of gathering them over the network; the folder is swapped in atomically. An
-    existing `final/` is replaced only if it holds `training_checkpoint.json` (written here); anything else there is
-    the user's and stops the export (`check_output_dir` refuses it before training).
+    An existing `final/` is replaced only if it holds `training_checkpoint.json` and is an unchanged earlier export;
+    anything else there is the user's and stops the export (`check_output_dir` refuses it before training).
 
     Raises:
-        ConfigError: `final/` exists and was not written by this function.
+        ConfigError: `final/` exists and was not written by genesis-hf.
     """
     final_dir = output_dir / FINAL_DIR
     if final_dir.is_symlink() or (final_dir.exists() and not (final_dir / FINAL_POINTER_FILE).is_file()):
         raise ConfigError(f"{final_dir} was not written by genesis-hf; move it elsewhere and relaunch to export.")
-    model, tokenizer, _ = ckpt.load_model_from_checkpoint(checkpoint_path)
-    dtype = model.config.dtype
-    dtype = getattr(torch, str(dtype).removeprefix("torch.")) if dtype is not None else torch.float32
-    staging = Path(tempfile.mkdtemp(prefix=f"{FINAL_DIR}.tmp-", dir=output_dir))
-    try:
-        model.to(dtype).save_pretrained(staging)
-        tokenizer.save_pretrained(staging)
-        with open(staging / FINAL_POINTER_FILE, "w") as handle:
-            json.dump({"checkpoint": str(checkpoint_path)}, handle)
-        if final_dir.exists():
-            old = Path(tempfile.mkdtemp(prefix=f"{FINAL_DIR}.old-", dir=output_dir))
-            os.rename(final_dir, old / FINAL_DIR)
-            shutil.rmtree(old)
-        os.rename(staging, final_dir)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+    write_checkpoint_folder(
+        checkpoint_path,
+        final_dir,
+        repo_id=output_dir.name,
+        overwrite=True,
+        extra_files={FINAL_POINTER_FILE: {"checkpoint": str(checkpoint_path)}},
+    )
     return final_dir
+
+
+def write_checkpoint_folder(checkpoint_path: Path, out_dir: Path, *, dtype: str | None = None, **folder_options):
+    """Load a training checkpoint's shards in this process and write them as a verified model folder at `out_dir`.
+
+    Args:
+        checkpoint_path: a `step-XXXXXXX` folder.
+        out_dir: the folder to write.
+        dtype: `fp32`, `bf16` or `fp16`; the model's own dtype (`config.dtype`) when `None`.
+        folder_options: `repo_id`, `overwrite`, `extra_files`, `log`... of `genesis_hf.model.folder.write_model_folder`.
+
+    Raises:
+        CheckpointError: the checkpoint is not intact or not for this model.
+        ExportError: `out_dir` may not be written, or the written folder does not reproduce the model.
+    """
+    model, tokenizer, trainer_state = ckpt.load_model_from_checkpoint(checkpoint_path)
+    source = LoadedCheckpoint(
+        model=model.float().eval(),
+        tokenizer=tokenizer,
+        path=Path(checkpoint_path),
+        kind="training",
+        step=trainer_state.get("step"),
+        tokens_seen=trainer_state.get("tokens_seen"),
+        loss=trainer_state.get("loss"),
+        trainer_state=trainer_state,
+    )
+    dtype = dtype or _DTYPE_NAMES.get(str(model.config.dtype).removeprefix("torch."), "fp32")
+    return write_model_folder(source, out_dir, dtype=dtype, **folder_options)
+
+
+__all__ = ["FinalExport", "export_final", "write_checkpoint_folder"]

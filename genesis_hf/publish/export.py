@@ -1,141 +1,46 @@
-"""Export a checkpoint as a folder that loads everywhere, and prove that it does.
-
-`genesis-hf export CHECKPOINT OUT [--format hf|llama|gguf] [--dtype bf16|fp32|fp16]`
+"""`genesis-hf export CHECKPOINT OUT [--format hf|llama|gguf] [--dtype bf16|fp32|fp16]`: export a checkpoint as a
+folder that loads everywhere, and prove that it does.
 
 CHECKPOINT is a training checkpoint (`<output_dir>/checkpoints/step-XXXXXXX/`, DCP shards loaded on CPU, no GPU or
-process group needed) or a Hugging Face model folder (Genesis or Llama). The formats:
-
-- `hf`: Genesis safetensors (sharded above `--max-shard-size`), `config.json` with `auto_map`, the configuration and
-  modeling files for `trust_remote_code=True`, `generation_config.json` (eos includes `<|im_end|>` when the tokenizer
-  has it), the tokenizer with its chat template, `genesis_checkpoint.json` (step, tokens seen, loss) and a model card.
-- `llama`: the same as a plain `LlamaForCausalLM` folder (`genesis_hf.model.convert.to_llama`), no remote code: ready for
-  vLLM, TGI and llama.cpp's converter.
-- `gguf`: one llama-architecture GGUF file with the byte-level BPE tokenizer in its metadata (`tokenizer.ggml.model =
-  "gpt2"`), plus card and `genesis_checkpoint.json`. Query and key projections are stored permuted the way llama.cpp's
-  `convert_hf_to_gguf.py` stores them (its rotary kernel pairs adjacent dimensions; HF pairs the two halves), and
-  transformers' GGUF loader permutes them back. 2D weights are F32, BF16 or F16; norms stay F32 as llama.cpp keeps them.
-
-Every export is reloaded the way users will load it (`trust_remote_code`, `LlamaForCausalLM`, transformers' GGUF
-loader) and its logits on fixed prompts are compared in fp32 with the source model's, whose weights are rounded to the
-exported dtype first so that only real mismatches count. The tokenizer is reloaded too and must encode the prompts to
-the same ids. The max absolute difference is printed; above the tolerance the export fails (exit code 1) and nothing
-is left at OUT. This is the check the seed project lacked: its published evaluations sat at chance level because the
-evaluated export did not match the trained model.
-
-Nothing of the user's is ever deleted. OUT must not be, contain or lie inside a training checkpoint or a run folder's
-`checkpoints/`, nor overlap the source. An existing non-empty OUT is replaced only with `--overwrite`, and only when it
-is an earlier export: it holds the marker `.genesis_export.json` (written last, listing every file of the export with
-its size) and nothing else, unchanged. Any other folder, a file or a symlink is refused with the paths that are in
-the way.
+process group needed) or a Hugging Face model folder (Genesis or Llama). This module loads it (`load_checkpoint`,
+with the checks that the weights fit the config and the tokenizer fits the model) and hands it to the one writer of
+model folders, `genesis_hf.model.folder.write_model_folder`, which documents the formats, the verification (reload,
+compare logits; exit code 1 and nothing at OUT on a mismatch) and the rules that keep OUT from ever replacing
+anything of the user's.
 """
 
 import argparse
-import copy
-import dataclasses
 import json
-import os
-import re
-import shutil
 import sys
-import tempfile
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from pathlib import Path
 
-import numpy as np
 import torch
-import yaml
-from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig, LlamaForCausalLM
-from transformers.dynamic_module_utils import get_class_from_dynamic_module
+from transformers import AutoTokenizer, LlamaForCausalLM
 
-import genesis_hf
-from genesis_hf.model import card as model_card
-from genesis_hf.model.convert import from_llama, to_llama
+from genesis_hf.layout import CHECKPOINT_METADATA_FILE, RUN_CONFIG_FILE, TRAINER_STATE_FILE, WEIGHT_FILES, has_weights
+from genesis_hf.model.convert import from_llama
+from genesis_hf.model.folder import (
+    DEFAULT_MAX_SHARD_SIZE,
+    DEFAULT_TOLERANCE,
+    EXPORT_DTYPES,
+    EXPORT_FORMATS,
+    ExportError,
+    ExportMismatchError,
+    ExportResult,
+    LoadedCheckpoint,
+    check_export_settings,
+    check_output_folder,
+    read_yaml_mapping,
+    write_model_folder,
+)
 from genesis_hf.model.modeling_genesis import GenesisForCausalLM
-
-EXPORT_FORMATS = ("hf", "llama", "gguf")
-EXPORT_DTYPES: dict[str, torch.dtype] = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}
-DEFAULT_TOLERANCE = 1e-4
-DEFAULT_MAX_SHARD_SIZE = "2GB"
-CHECKPOINT_METADATA_FILE = "genesis_checkpoint.json"
-# Written last into every export: proof that a folder is export output (`--overwrite` replaces nothing else).
-EXPORT_MARKER_FILE = ".genesis_export.json"
-EXPORT_MARKER_KIND = "genesis-hf export"
-_STEP_NAME = re.compile(r"^step-\d{7}")
-GGUF_BASENAME = "genesis"
-CHATML_END = "<|im_end|>"
-_WEIGHT_FILES = (
-    "model.safetensors",
-    "model.safetensors.index.json",
-    "pytorch_model.bin",
-    "pytorch_model.bin.index.json",
-)
-# Prose, code, digits and ChatML: each exercises a different part of the tokenizer and the model.
-VERIFY_PROMPTS = (
-    "The history of science is the study of how people came to understand the natural world.",
-    "def fibonacci(n):\n    return n if n < 2 else fibonacci(n - 1) + fibonacci(n - 2)\n",
-    "In 1969, 3 astronauts flew 384,400 km to the Moon.",
-    "<|im_start|>user\nWhat is 2 + 2?<|im_end|>\n<|im_start|>assistant\n",
-)
-MAX_VERIFY_TOKENS = 48
-
-
-class ExportError(ValueError):
-    """The checkpoint or the arguments cannot be exported; the message names the value and the fix."""
-
-
-class ExportMismatchError(ExportError):
-    """The reloaded export does not reproduce the source model (logits or tokenization)."""
-
-
-@dataclasses.dataclass
-class LoadedCheckpoint:
-    """A model ready to export (fp32, eval mode), with what is known about the run it comes from."""
-
-    model: GenesisForCausalLM
-    tokenizer: object
-    path: Path
-    kind: str  # "training" (DCP checkpoint) or "hf" (model folder)
-    step: int | None = None
-    tokens_seen: int | None = None
-    loss: float | None = None
-    trainer_state: dict | None = None
-    run_config: dict | None = None
-
-
-@dataclasses.dataclass
-class VerificationResult:
-    max_abs_diff: float
-    max_abs_diff_vs_fp32: float
-    tolerance: float
-    num_prompts: int
-    num_tokens: int
-    # Greedy generation with the KV cache against one uncached forward pass over the generated text, on the reload.
-    max_abs_diff_cached: float = 0.0
-
-    @property
-    def ok(self) -> bool:
-        return self.max_abs_diff <= self.tolerance and self.max_abs_diff_cached <= self.tolerance
-
-
-@dataclasses.dataclass
-class ExportResult:
-    out_dir: Path
-    export_format: str
-    dtype: str
-    files: list[str]
-    verification: VerificationResult | None
-    gguf_file: str | None = None
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# Loading the source
 
 
 def is_training_checkpoint(path: str | Path) -> bool:
     """A training checkpoint holds `trainer_state.json` and DCP shards (`.metadata`), not safetensors weights."""
     path = Path(path)
-    has_weights = any((path / name).is_file() for name in _WEIGHT_FILES)
-    return (path / "trainer_state.json").is_file() and not has_weights
+    return (path / TRAINER_STATE_FILE).is_file() and not has_weights(path)
 
 
 def _check_model_folder(path: Path) -> None:
@@ -146,7 +51,7 @@ def _check_model_folder(path: Path) -> None:
             "checkpoint (<output_dir>/checkpoints/step-XXXXXXX) or a folder written by save_pretrained; a checkpoint "
             "copied while it was being written is partial, copy it again."
         )
-    index_files = [name for name in _WEIGHT_FILES if name.endswith(".index.json") and (path / name).is_file()]
+    index_files = [name for name in WEIGHT_FILES if name.endswith(".index.json") and (path / name).is_file()]
     if index_files:
         weight_map = json.loads((path / index_files[0]).read_text())["weight_map"]
         missing = sorted({shard for shard in weight_map.values() if not (path / shard).is_file()})
@@ -155,7 +60,7 @@ def _check_model_folder(path: Path) -> None:
                 f"{str(path)!r} is partial: {index_files[0]} lists weight shards that are missing: {', '.join(missing)}. "
                 "Copy the complete folder (every shard named in the index)."
             )
-    elif not any((path / name).is_file() for name in _WEIGHT_FILES):
+    elif not has_weights(path):
         raise ExportError(
             f"{str(path)!r} has config.json but no weights (expected model.safetensors or a sharded "
             "model.safetensors.index.json with its shards). The checkpoint is partial: copy it again, or point at a "
@@ -178,13 +83,6 @@ def _find_tokenizer_dir(path: Path) -> Path | None:
         if (candidate / "tokenizer.json").is_file() or (candidate / "tokenizer_config.json").is_file():
             return candidate
     return None
-
-
-def _read_yaml(path: Path) -> dict | None:
-    if not path.is_file():
-        return None
-    values = yaml.safe_load(path.read_text(encoding="utf-8"))
-    return values if isinstance(values, dict) else None
 
 
 def _load_model_folder(path: Path) -> GenesisForCausalLM:
@@ -286,8 +184,8 @@ def load_checkpoint(checkpoint: str | Path, tokenizer_path: str | Path | None = 
     if (path / CHECKPOINT_METADATA_FILE).is_file():
         metadata = json.loads((path / CHECKPOINT_METADATA_FILE).read_text())
     state = trainer_state or metadata
-    if trainer_state is None and (path / "trainer_state.json").is_file():
-        state = {**json.loads((path / "trainer_state.json").read_text()), **metadata}
+    if trainer_state is None and (path / TRAINER_STATE_FILE).is_file():
+        state = {**json.loads((path / TRAINER_STATE_FILE).read_text()), **metadata}
     return LoadedCheckpoint(
         model=model,
         tokenizer=tokenizer,
@@ -297,7 +195,7 @@ def load_checkpoint(checkpoint: str | Path, tokenizer_path: str | Path | None = 
         tokens_seen=state.get("tokens_seen"),
         loss=state.get("loss"),
         trainer_state=trainer_state,
-        run_config=_read_yaml(path / "run_config.yaml"),
+        run_config=read_yaml_mapping(path / RUN_CONFIG_FILE),
     )
 
 
@@ -326,504 +224,6 @@ def check_tokenizer_fits(config, tokenizer, source: str = "the tokenizer") -> No
             )
 
 
-# ---------------------------------------------------------------------------------------------------------------------
-# Writing the formats
-
-
-def _parse_dtype(dtype: str) -> torch.dtype:
-    if dtype not in EXPORT_DTYPES:
-        raise ExportError(f"Unknown export dtype {dtype!r}; choose one of {', '.join(EXPORT_DTYPES)}.")
-    return EXPORT_DTYPES[dtype]
-
-
-def eos_token_ids(tokenizer) -> list[int]:
-    """The tokenizer's eos id, then `<|im_end|>` when the tokenizer has it (chat models stop on it)."""
-    ids = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
-    im_end = tokenizer.get_vocab().get(CHATML_END)
-    if im_end is not None and im_end not in ids:
-        ids.append(im_end)
-    return ids
-
-
-def generation_config_for(config, tokenizer) -> GenerationConfig:
-    eos = eos_token_ids(tokenizer)
-    return GenerationConfig(
-        bos_token_id=config.bos_token_id,
-        eos_token_id=eos if len(eos) > 1 else (eos[0] if eos else config.eos_token_id),
-        pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else config.pad_token_id,
-    )
-
-
-def _tokenizer_for_export(tokenizer):
-    """A copy with the ChatML template installed when the tokenizer has the ChatML tokens but no template."""
-    tokenizer = copy.deepcopy(tokenizer)
-    vocab = tokenizer.get_vocab()
-    if not getattr(tokenizer, "chat_template", None) and "<|im_start|>" in vocab and CHATML_END in vocab:
-        from genesis_hf.tokenizer import CHATML_TEMPLATE
-
-        tokenizer.chat_template = CHATML_TEMPLATE
-    return tokenizer
-
-
-def _parse_shard_size(max_shard_size: str | int) -> int:
-    from transformers.utils.hub import convert_file_size_to_int
-
-    try:
-        size = convert_file_size_to_int(max_shard_size)
-    except (ValueError, TypeError):
-        size = 0
-    if size <= 0:
-        raise ExportError(
-            f"--max-shard-size {max_shard_size!r} is not a size; write a positive number with a unit, e.g. 2GB, 500MB."
-        )
-    return size
-
-
-def _write_hf(model: GenesisForCausalLM, tokenizer, out_dir: Path, dtype: torch.dtype, max_shard_size) -> None:
-    export_model = copy.deepcopy(model).to(dtype)
-    export_model.generation_config = generation_config_for(model.config, tokenizer)
-    export_model.save_pretrained(out_dir, max_shard_size=max_shard_size)
-    # save_pretrained copies the modeling files because genesis_hf registers the classes for auto_map; check it, since
-    # without them the folder only loads where genesis_hf is installed.
-    package_dir = Path(genesis_hf.__file__).parent / "model"
-    config = json.loads((out_dir / "config.json").read_text())
-    auto_map = config.get("auto_map") or {}
-    for name in ("configuration_genesis.py", "modeling_genesis.py"):
-        if not (out_dir / name).is_file():
-            shutil.copy2(package_dir / name, out_dir / name)
-    if "AutoModelForCausalLM" not in auto_map:
-        config["auto_map"] = {
-            **auto_map,
-            "AutoConfig": "configuration_genesis.GenesisConfig",
-            "AutoModelForCausalLM": "modeling_genesis.GenesisForCausalLM",
-        }
-        (out_dir / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-    _tokenizer_for_export(tokenizer).save_pretrained(out_dir)
-
-
-def _write_llama(model: GenesisForCausalLM, tokenizer, out_dir: Path, dtype: torch.dtype, max_shard_size) -> None:
-    llama = to_llama(model).to(dtype)
-    llama.generation_config = generation_config_for(model.config, tokenizer)
-    llama.save_pretrained(out_dir, max_shard_size=max_shard_size)
-    _tokenizer_for_export(tokenizer).save_pretrained(out_dir)
-
-
-def gguf_permute(weights: np.ndarray, num_heads: int) -> np.ndarray:
-    """HF's half-split rotary layout -> llama.cpp's interleaved one, per head (`convert_hf_to_gguf.py`'s `permute`).
-
-    Rows of a q/k projection are `(heads, head_dim)`; HF rotates dimension `i` with `i + head_dim/2`, llama.cpp with
-    `i + 1`. Reordering each head's rows as `(2, head_dim/2) -> (head_dim/2, 2)` makes the two agree; transformers'
-    GGUF loader applies the inverse when it reads the file.
-
-    Args:
-        weights: `(num_heads * head_dim, in_features)` weight or `(num_heads * head_dim,)` bias.
-        num_heads: query heads for q_proj, key/value heads for k_proj.
-    """
-    rest = weights.shape[1:]
-    return (
-        weights.reshape(num_heads, 2, weights.shape[0] // num_heads // 2, *rest).swapaxes(1, 2).reshape(weights.shape)
-    )
-
-
-def _gguf_tokenizer_metadata(tokenizer, vocab_size: int) -> dict:
-    """Tokens, token types and merges of a byte-level BPE tokenizer, padded to `vocab_size` like llama.cpp pads."""
-    import gguf
-
-    backend = json.loads(tokenizer.backend_tokenizer.to_str())
-    if backend.get("model", {}).get("type") != "BPE":
-        raise ExportError(
-            f"GGUF export supports byte-level BPE tokenizers (genesis_hf.tokenizer); this one is "
-            f"{backend.get('model', {}).get('type')!r}. Export with --format hf or llama instead."
-        )
-    merges = [" ".join(merge) if isinstance(merge, list) else merge for merge in backend["model"]["merges"]]
-    added = {token["id"]: token for token in backend.get("added_tokens", [])}
-    tokens = tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))
-    token_types = []
-    for index in range(len(tokens)):
-        if index in added:
-            kind = gguf.TokenType.CONTROL if added[index].get("special") else gguf.TokenType.USER_DEFINED
-        else:
-            kind = gguf.TokenType.NORMAL
-        token_types.append(kind)
-    # Embedding rows past the tokenizer (a vocab padded for speed) get placeholder tokens that never occur.
-    for index in range(len(tokens), vocab_size):
-        tokens.append(f"[PAD{index}]")
-        token_types.append(gguf.TokenType.UNUSED)
-    return {"tokens": tokens, "token_types": token_types, "merges": merges}
-
-
-def _write_gguf(model: GenesisForCausalLM, tokenizer, out_dir: Path, dtype_name: str, permute: bool = True) -> str:
-    import gguf
-    from gguf import GGMLQuantizationType, LlamaFileType
-
-    config = model.config
-    file_types = {
-        "fp32": (GGMLQuantizationType.F32, LlamaFileType.ALL_F32, "F32"),
-        "bf16": (GGMLQuantizationType.BF16, LlamaFileType.MOSTLY_BF16, "BF16"),
-        "fp16": (GGMLQuantizationType.F16, LlamaFileType.MOSTLY_F16, "F16"),
-    }
-    tensor_type, file_type, suffix = file_types[dtype_name]
-    file_name = f"{GGUF_BASENAME}-{suffix}.gguf"
-    head_dim = config.head_dim
-    writer = gguf.GGUFWriter(out_dir / file_name, "llama")
-    writer.add_name(GGUF_BASENAME)
-    writer.add_file_type(file_type)
-    writer.add_context_length(config.max_position_embeddings)
-    writer.add_embedding_length(config.hidden_size)
-    writer.add_block_count(config.num_hidden_layers)
-    writer.add_feed_forward_length(config.intermediate_size)
-    writer.add_head_count(config.num_attention_heads)
-    writer.add_head_count_kv(config.num_key_value_heads)
-    writer.add_rope_dimension_count(head_dim)
-    if head_dim != config.hidden_size // config.num_attention_heads:
-        writer.add_key_length(head_dim)
-        writer.add_value_length(head_dim)
-    writer.add_rope_freq_base(float(config.rope_parameters["rope_theta"]))
-    writer.add_layer_norm_rms_eps(float(config.rms_norm_eps))
-    writer.add_vocab_size(config.vocab_size)
-
-    vocabulary = _gguf_tokenizer_metadata(tokenizer, config.vocab_size)
-    writer.add_tokenizer_model("gpt2")
-    # llama.cpp's "smollm" pre-tokenizer is exactly genesis_hf's: single digits, then GPT-2's byte-level split.
-    writer.add_tokenizer_pre("smollm")
-    writer.add_token_list(vocabulary["tokens"])
-    writer.add_token_types(vocabulary["token_types"])
-    writer.add_token_merges(vocabulary["merges"])
-    if tokenizer.bos_token_id is not None:
-        writer.add_bos_token_id(tokenizer.bos_token_id)
-    if tokenizer.eos_token_id is not None:
-        writer.add_eos_token_id(tokenizer.eos_token_id)
-    if tokenizer.pad_token_id is not None:
-        writer.add_pad_token_id(tokenizer.pad_token_id)
-    im_end = tokenizer.get_vocab().get(CHATML_END)
-    if im_end is not None:
-        writer.add_eot_token_id(im_end)
-    writer.add_add_bos_token(False)
-    writer.add_add_eos_token(False)
-    export_tokenizer = _tokenizer_for_export(tokenizer)
-    if getattr(export_tokenizer, "chat_template", None):
-        writer.add_chat_template(export_tokenizer.chat_template)
-
-    name_map = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, config.num_hidden_layers)
-    for name, tensor in model.state_dict().items():
-        if name == "lm_head.weight" and config.tie_word_embeddings:
-            continue  # llama.cpp ties the output to token_embd when output.weight is absent
-        gguf_name = name_map.get_name(name, try_suffixes=(".weight", ".bias"))
-        if gguf_name is None:
-            raise ExportError(f"No GGUF tensor name for {name!r}; the model has a tensor llama.cpp does not know.")
-        data = tensor.detach().to(torch.float32).cpu().numpy()
-        if permute and name.endswith(("q_proj.weight", "q_proj.bias")):
-            data = gguf_permute(data, config.num_attention_heads)
-        elif permute and name.endswith(("k_proj.weight", "k_proj.bias")):
-            data = gguf_permute(data, config.num_key_value_heads)
-        if data.ndim == 1 or tensor_type == GGMLQuantizationType.F32:
-            writer.add_tensor(gguf_name, np.ascontiguousarray(data, dtype=np.float32))
-        elif tensor_type == GGMLQuantizationType.F16:
-            writer.add_tensor(gguf_name, np.ascontiguousarray(data, dtype=np.float16))
-        else:
-            packed = gguf.quants.quantize(np.ascontiguousarray(data), GGMLQuantizationType.BF16)
-            writer.add_tensor(gguf_name, packed, raw_shape=packed.shape, raw_dtype=GGMLQuantizationType.BF16)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
-    return file_name
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# Verification
-
-
-def verify_prompt_ids(tokenizer, max_tokens: int = MAX_VERIFY_TOKENS) -> list[list[int]]:
-    """Token ids of `VERIFY_PROMPTS` under `tokenizer` (no special tokens added), at most `max_tokens` each."""
-    return [tokenizer(prompt, add_special_tokens=False)["input_ids"][:max_tokens] for prompt in VERIFY_PROMPTS]
-
-
-def _rounded_reference(model: torch.nn.Module, export_format: str, dtype: torch.dtype) -> torch.nn.Module:
-    """The source model in fp32 with each weight rounded the way the export stores it."""
-    reference = copy.deepcopy(model).float().eval()
-    with torch.no_grad():
-        for parameter in reference.parameters():
-            if export_format == "gguf" and parameter.ndim == 1:
-                continue  # GGUF keeps norms in F32
-            parameter.copy_(parameter.to(dtype).float())
-    return reference
-
-
-@torch.no_grad()
-def _logits(model: torch.nn.Module, prompt_ids: list[list[int]]) -> list[torch.Tensor]:
-    return [model(torch.tensor([ids])).logits[0].float() for ids in prompt_ids if ids]
-
-
-@torch.no_grad()
-def cached_generation_difference(model: torch.nn.Module, prompt_ids: list[int], new_tokens: int = 8) -> float:
-    """Max |logit difference| between greedy `generate()` with the KV cache and an uncached forward pass.
-
-    One forward pass compares the weights; this compares the cache path too, which transformers drives through an
-    interface that has changed between releases (5.24 passes the cache as `cache=`): a model that ignores the cache
-    loses its context from the second new token on, with the first token and every single-pass check still right.
-    """
-    prompt = torch.tensor([prompt_ids])
-    output = model.generate(
-        prompt,
-        attention_mask=torch.ones_like(prompt),
-        max_new_tokens=new_tokens,
-        min_new_tokens=new_tokens,
-        do_sample=False,
-        use_cache=True,
-        output_logits=True,
-        return_dict_in_generate=True,
-        pad_token_id=0,
-        eos_token_id=None,
-    )
-    # (new_tokens, vocab): the logits that chose each new token, with and without the cache.
-    cached = torch.cat(output.logits).float()
-    uncached = model(output.sequences, use_cache=False).logits[0, len(prompt_ids) - 1 : -1].float()
-    return (cached - uncached).abs().max().item()
-
-
-def _reload(out_dir: Path, export_format: str, gguf_file: str | None):
-    """Load the export the way its users will, in fp32."""
-    if export_format == "hf":
-        # The class named by the folder's auto_map, imported from the folder's own files: in this process genesis_hf
-        # is registered for `model_type: genesis`, and AutoModelForCausalLM would pick the installed class instead of
-        # the remote code that users without genesis_hf run.
-        auto_map = json.loads((out_dir / "config.json").read_text()).get("auto_map") or {}
-        if "AutoModelForCausalLM" not in auto_map:
-            raise ExportMismatchError(f"{out_dir / 'config.json'} has no auto_map for AutoModelForCausalLM.")
-        model_class = get_class_from_dynamic_module(auto_map["AutoModelForCausalLM"], out_dir)
-        model = model_class.from_pretrained(out_dir, dtype=torch.float32)
-        tokenizer = AutoTokenizer.from_pretrained(out_dir)
-    elif export_format == "llama":
-        config = json.loads((out_dir / "config.json").read_text())
-        if config.get("auto_map") or config.get("model_type") != "llama":
-            raise ExportMismatchError(
-                f"{out_dir / 'config.json'} is not a plain Llama config (auto_map or model_type)."
-            )
-        model = LlamaForCausalLM.from_pretrained(out_dir, dtype=torch.float32)
-        tokenizer = AutoTokenizer.from_pretrained(out_dir)
-    else:
-        model = AutoModelForCausalLM.from_pretrained(out_dir, gguf_file=gguf_file, dtype=torch.float32)
-        tokenizer = AutoTokenizer.from_pretrained(out_dir, gguf_file=gguf_file)
-    return model.eval(), tokenizer
-
-
-def verify_export(
-    model: torch.nn.Module,
-    tokenizer,
-    out_dir: str | Path,
-    *,
-    export_format: str,
-    dtype: str,
-    tolerance: float = DEFAULT_TOLERANCE,
-    gguf_file: str | None = None,
-) -> VerificationResult:
-    """Reload an export and compare its logits (fp32) and tokenization with the source model's.
-
-    Args:
-        model: the source model.
-        tokenizer: the source tokenizer.
-        out_dir: the export folder.
-        export_format: `hf`, `llama` or `gguf`.
-        dtype: the exported dtype; the source weights are rounded to it before comparing.
-        tolerance: the largest acceptable absolute logit difference.
-        gguf_file: the GGUF file name inside `out_dir`.
-
-    Raises:
-        ExportMismatchError: the logits differ by more than `tolerance`, or the reloaded tokenizer encodes the prompts
-            differently.
-    """
-    out_dir = Path(out_dir)
-    prompt_ids = verify_prompt_ids(tokenizer)
-    # One extra copy of the model at a time (the rounded reference, then the reloaded export), not two at once.
-    fp32_logits = _logits(model.float().eval(), prompt_ids)
-    export_dtype = _parse_dtype(dtype)
-    if export_dtype == torch.float32:
-        expected_logits = fp32_logits
-    else:
-        reference = _rounded_reference(model, export_format, export_dtype)
-        expected_logits = _logits(reference, prompt_ids)
-        del reference
-    reloaded, reloaded_tokenizer = _reload(out_dir, export_format, gguf_file)
-    reloaded_ids = verify_prompt_ids(reloaded_tokenizer)
-    for prompt, expected, got in zip(VERIFY_PROMPTS, prompt_ids, reloaded_ids):
-        if expected != got:
-            raise ExportMismatchError(
-                f"The {export_format} export's tokenizer encodes {prompt!r} as {got[:12]}... but the source tokenizer "
-                f"gives {expected[:12]}...: a model evaluated with this tokenizer would see other tokens than it was "
-                "trained on."
-            )
-    got_logits = _logits(reloaded, prompt_ids)
-    cached_diff = cached_generation_difference(reloaded, next(ids for ids in prompt_ids if ids))
-    del reloaded
-    max_diff = max((a - b).abs().max().item() for a, b in zip(expected_logits, got_logits))
-    max_diff_fp32 = max((a - b).abs().max().item() for a, b in zip(fp32_logits, got_logits))
-    result = VerificationResult(
-        max_abs_diff=max_diff,
-        max_abs_diff_vs_fp32=max_diff_fp32,
-        tolerance=tolerance,
-        num_prompts=len(got_logits),
-        num_tokens=sum(len(ids) for ids in prompt_ids),
-        max_abs_diff_cached=cached_diff,
-    )
-    if cached_diff > tolerance:
-        raise ExportMismatchError(
-            f"The {export_format} export generates differently with its KV cache than without: max |logit "
-            f"difference| = {cached_diff:.3g} > tolerance {tolerance:.3g} over 8 greedy tokens. Its modeling code does "
-            "not use the cache transformers passes (re-export with this version of genesis-hf to refresh it)."
-        )
-    if not result.ok:
-        raise ExportMismatchError(
-            f"The {export_format} export does not reproduce the source model: max |logit difference| = "
-            f"{max_diff:.3g} > tolerance {tolerance:.3g} on {result.num_prompts} fixed prompts. Do not publish it; "
-            "this is the weight-layout/RoPE/tokenizer mismatch class of bug that puts evaluations at chance level."
-        )
-    return result
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# What OUT may be: never a run, a checkpoint or anything of the user's
-
-
-def _is_checkpoint_folder(path: Path) -> bool:
-    """A training checkpoint or a model folder with training state (what `export` reads as a source)."""
-    return (path / "trainer_state.json").is_file() or (path / "model" / ".metadata").is_file()
-
-
-def _is_run_folder(path: Path) -> bool:
-    """A pretraining run's output directory (its checkpoints or its metrics)."""
-    return (path / "checkpoints").is_dir() or (path / "metrics.jsonl").is_file()
-
-
-def _folder_kind(path: Path) -> str | None:
-    if _is_checkpoint_folder(path):
-        return "a checkpoint"
-    if _is_run_folder(path):
-        return "a run folder"
-    return None
-
-
-def _files_under(folder: Path) -> list[str]:
-    """Every file, symlink and empty folder under `folder`, as POSIX paths relative to it (links are not followed)."""
-    found = []
-    for directory, subdirectories, files in os.walk(folder):
-        base = Path(directory)
-        for name in files + [name for name in subdirectories if (base / name).is_symlink()]:
-            found.append((base / name).relative_to(folder).as_posix())
-        if not subdirectories and not files and base != folder:
-            found.append(base.relative_to(folder).as_posix() + "/")
-    return sorted(found)
-
-
-def _foreign_files(out_dir: Path) -> list[str]:
-    """What in an existing `out_dir` an earlier export did not write (all of it when there is no marker)."""
-    present = _files_under(out_dir)
-    try:
-        marker = json.loads((out_dir / EXPORT_MARKER_FILE).read_text())
-        listed = marker["files"] if marker.get("kind") == EXPORT_MARKER_KIND else None
-    except (OSError, ValueError, KeyError, TypeError, AttributeError):
-        listed = None
-    if not isinstance(listed, dict):
-        return present
-    foreign = []
-    for name in present:
-        if name == EXPORT_MARKER_FILE:
-            continue
-        path = out_dir / name
-        if name not in listed or path.is_symlink() or not path.is_file() or path.stat().st_size != listed[name]:
-            foreign.append(name)
-    return foreign
-
-
-def check_output_folder(out_dir: Path, source: Path, overwrite: bool) -> None:
-    """Refuse an OUT whose replacement could destroy anything the export did not write (before any loading).
-
-    Args:
-        out_dir: the folder to create or replace.
-        source: the checkpoint being exported.
-        overwrite: `--overwrite`: replace an earlier export at `out_dir`.
-
-    Raises:
-        ExportError: naming OUT, what it is or holds, and the fix.
-    """
-    out, src = out_dir.expanduser().resolve(), source.expanduser().resolve()
-    fix = "Choose a new OUT folder (e.g. exports/NAME) for the export."
-    if out == src or out.is_relative_to(src) or src.is_relative_to(out):
-        raise ExportError(f"OUT {str(out_dir)!r} overlaps the checkpoint being exported ({str(source)!r}). {fix}")
-    # Inside a run folder is fine (the Hub pusher exports to <run>/exports/); inside a checkpoint is not.
-    for parent in out.parents:
-        in_checkpoints = parent.name == "checkpoints" and any(
-            _STEP_NAME.match(child.name) for child in parent.iterdir()
-        )
-        if _is_checkpoint_folder(parent) or in_checkpoints:
-            kind = "a run's checkpoints folder" if in_checkpoints else "a checkpoint"
-            raise ExportError(
-                f"OUT {str(out_dir)!r} lies inside {kind} ({parent}); rotation and resume would trip over it. {fix}"
-            )
-    if not out_dir.exists() and not out_dir.is_symlink():
-        return
-    if out_dir.is_symlink() or not out_dir.is_dir():
-        what = "a symlink" if out_dir.is_symlink() else "a file"
-        raise ExportError(f"OUT {str(out_dir)!r} is {what}; export writes and replaces only folders it created. {fix}")
-    if _folder_kind(out_dir):
-        raise ExportError(
-            f"OUT {str(out_dir)!r} is {_folder_kind(out_dir)}; export never replaces training output. {fix}"
-        )
-    if not any(out_dir.iterdir()):
-        return
-    if not overwrite:
-        raise ExportError(f"Output {str(out_dir)!r} already exists and is not empty; pass --overwrite or a new path.")
-    for directory, _, _ in os.walk(out_dir):  # only with --overwrite: a big folder is not walked for nothing
-        kind = _folder_kind(Path(directory))
-        if kind:
-            raise ExportError(
-                f"OUT {str(out_dir)!r} contains {kind} ({directory}); export never replaces training output. {fix}"
-            )
-    foreign = _foreign_files(out_dir)
-    if foreign:
-        shown = ", ".join(foreign[:6]) + (f" and {len(foreign) - 6} more" if len(foreign) > 6 else "")
-        raise ExportError(
-            f"--overwrite replaces only an earlier export, and {str(out_dir)!r} holds files that no export wrote or "
-            f"that changed since ({shown}). Move them elsewhere, or choose a new OUT folder."
-        )
-
-
-def write_export_marker(folder: Path) -> None:
-    """Record every file of a finished export with its size in `.genesis_export.json`, the proof `--overwrite` needs."""
-    files = {name: (folder / name).stat().st_size for name in _files_under(folder) if (folder / name).is_file()}
-    marker = {"kind": EXPORT_MARKER_KIND, "genesis_hf_version": genesis_hf.__version__, "files": files}
-    (folder / EXPORT_MARKER_FILE).write_text(json.dumps(marker, indent=1) + "\n")
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# The whole export
-
-
-def write_checkpoint_metadata(out_dir: Path, loaded: LoadedCheckpoint, export_format: str, dtype: str) -> None:
-    metadata = {
-        "step": loaded.step,
-        "tokens_seen": loaded.tokens_seen,
-        "loss": loaded.loss,
-        "format": export_format,
-        "dtype": dtype,
-        "source": loaded.path.name,
-        "genesis_hf_version": genesis_hf.__version__,
-    }
-    (out_dir / CHECKPOINT_METADATA_FILE).write_text(json.dumps(metadata, indent=2) + "\n")
-
-
-def _data_mixture(loaded: LoadedCheckpoint) -> dict | None:
-    for source in (loaded.run_config or {}, loaded.trainer_state or {}):
-        for key in ("mixture", "data_mixture", "dataset_mixture", "tokens_per_source"):
-            value = source.get(key)
-            if isinstance(value, dict) and value:
-                return value
-        loader_state = source.get("data_loader") or source.get("data_loader_state") or {}
-        if isinstance(loader_state, dict) and isinstance(loader_state.get("tokens_per_source"), dict):
-            return loader_state["tokens_per_source"]
-    return None
-
-
 def export_checkpoint(
     checkpoint: str | Path | LoadedCheckpoint,
     out_dir: str | Path,
@@ -831,136 +231,51 @@ def export_checkpoint(
     export_format: str = "hf",
     dtype: str = "bf16",
     max_shard_size: str | int = DEFAULT_MAX_SHARD_SIZE,
-    tolerance: float = DEFAULT_TOLERANCE,
     tokenizer_path: str | Path | None = None,
-    repo_id: str | None = None,
-    revision: str | None = None,
     step: int | None = None,
-    eval_results_path: str | Path | None = None,
     overwrite: bool = False,
-    verify: bool = True,
-    redact: Iterable[str] = (),
     log: Callable[[str], None] | None = None,
+    **folder_options,
 ) -> ExportResult:
-    """Export a checkpoint to `out_dir` in one format, verify it, and write the model card.
+    """Load a checkpoint and write it with `genesis_hf.model.folder.write_model_folder` (verified, with a card).
 
-    The export is written to a sibling staging folder and renamed to `out_dir` only once verified, so `out_dir` never
-    holds a partial or mismatching export.
+    Bad settings and an `out_dir` that may not be written are refused before the checkpoint is loaded.
 
     Args:
         checkpoint: a training checkpoint directory, a model folder, or an already `LoadedCheckpoint`.
         out_dir: the folder to create.
         export_format: `hf`, `llama` or `gguf`.
         dtype: `bf16`, `fp32` or `fp16`.
-        max_shard_size: safetensors shard size (`"2GB"`, `"50MB"`, or bytes) for `hf` and `llama`.
-        tolerance: the largest acceptable absolute logit difference after reloading.
+        max_shard_size: safetensors shard size for `hf` and `llama`.
         tokenizer_path: publish this tokenizer instead of the checkpoint's.
-        repo_id: where the export will be published (usage snippet of the card).
-        revision: the branch it will be published on (usage snippet).
         step: the training step, when the caller knows it better than the checkpoint's own metadata.
-        eval_results_path: evaluation results JSON for the card; found next to the checkpoint when `None`.
-        overwrite: replace an existing non-empty `out_dir`, if it is an earlier export (`check_output_folder`).
-        verify: reload and compare (always on from the command line).
-        redact: strings (tokens) that must not appear in the card.
+        overwrite: replace an existing non-empty `out_dir`, if it is an earlier export.
         log: called with progress lines.
+        folder_options: `tolerance`, `repo_id`, `revision`, `eval_results_path`, `verify`, `redact`, `extra_files`
+            of `write_model_folder`.
 
     Raises:
-        ExportError: bad input (see `load_checkpoint`), or `out_dir` may not be written or replaced
-            (`check_output_folder`).
+        ExportError: bad input (see `load_checkpoint`), or `out_dir` may not be written or replaced.
         ExportMismatchError: the verification failed.
     """
     log = log or (lambda message: None)
-    if export_format not in EXPORT_FORMATS:
-        raise ExportError(f"Unknown export format {export_format!r}; choose one of {', '.join(EXPORT_FORMATS)}.")
-    torch_dtype = _parse_dtype(dtype)
-    if export_format != "gguf":
-        _parse_shard_size(max_shard_size)
-    out_dir = Path(out_dir)
+    check_export_settings(export_format, dtype, max_shard_size)
     source = checkpoint.path if isinstance(checkpoint, LoadedCheckpoint) else Path(checkpoint)
-    check_output_folder(out_dir, source, overwrite)
+    check_output_folder(Path(out_dir), source, overwrite)
     loaded = checkpoint if isinstance(checkpoint, LoadedCheckpoint) else load_checkpoint(checkpoint, tokenizer_path)
     if step is not None:
         loaded.step = step
     log(f"Loaded {loaded.kind} checkpoint {loaded.path} (step {loaded.step}).")
-
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f"{out_dir.name}-partial-", dir=out_dir.parent))
-    try:
-        gguf_file = None
-        if export_format == "hf":
-            _write_hf(loaded.model, loaded.tokenizer, staging, torch_dtype, max_shard_size)
-        elif export_format == "llama":
-            _write_llama(loaded.model, loaded.tokenizer, staging, torch_dtype, max_shard_size)
-        else:
-            gguf_file = _write_gguf(loaded.model, loaded.tokenizer, staging, dtype)
-        write_checkpoint_metadata(staging, loaded, export_format, dtype)
-
-        verification = None
-        if verify:
-            verification = verify_export(
-                loaded.model,
-                loaded.tokenizer,
-                staging,
-                export_format=export_format,
-                dtype=dtype,
-                tolerance=tolerance,
-                gguf_file=gguf_file,
-            )
-            log(
-                f"Verified {export_format} ({dtype}) export: max |logit difference| = {verification.max_abs_diff:.3g} "
-                f"(tolerance {verification.tolerance:.3g}; {verification.max_abs_diff_vs_fp32:.3g} vs the fp32 "
-                "weights, the rounding to the export dtype)."
-            )
-
-        run_files = model_card.find_run_files(loaded.path)
-        eval_path = Path(eval_results_path) if eval_results_path else run_files.get("eval_results.json")
-        eval_results = model_card.read_eval_results(eval_path) if eval_path else None
-        run_config = loaded.run_config
-        if run_config is None and "run_config.yaml" in run_files:
-            run_config = _read_yaml(run_files["run_config.yaml"])
-        loaded.run_config = run_config
-        model_card.write_model_card(
-            staging,
-            loaded.model.config,
-            metrics_path=run_files.get("metrics.jsonl"),
-            repo_id=repo_id or out_dir.name,
-            export_format=export_format,
-            dtype=dtype,
-            revision=revision,
-            gguf_file=gguf_file,
-            step=loaded.step,
-            tokens_seen=loaded.tokens_seen,
-            loss=loaded.loss,
-            run_config=run_config,
-            data_mixture=_data_mixture(loaded),
-            eval_results=eval_results,
-            verification=dataclasses.asdict(verification) if verification else None,
-            redact=redact,
-        )
-        write_export_marker(staging)
-        _replace_folder(out_dir, staging, overwrite)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    files = sorted(str(path.relative_to(out_dir)) for path in out_dir.rglob("*") if path.is_file())
-    return ExportResult(out_dir, export_format, dtype, files, verification, gguf_file)
-
-
-def _replace_folder(out_dir: Path, staging: Path, overwrite: bool) -> None:
-    """Rename `staging` to `out_dir`; an existing `out_dir` is checked again (it may have changed during the export)
-    and moved aside before it is deleted, so a crash leaves one complete folder, never a half-deleted one."""
-    if not out_dir.exists() and not out_dir.is_symlink():
-        os.rename(staging, out_dir)
-        return
-    check_output_folder(out_dir, staging, overwrite)
-    trash = Path(tempfile.mkdtemp(prefix=f"{out_dir.name}-replaced-", dir=out_dir.parent))
-    os.rename(out_dir, trash / out_dir.name)
-    os.rename(staging, out_dir)
-    shutil.rmtree(trash)
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# Command line
+    return write_model_folder(
+        loaded,
+        out_dir,
+        export_format=export_format,
+        dtype=dtype,
+        max_shard_size=max_shard_size,
+        overwrite=overwrite,
+        log=log,
+        **folder_options,
+    )
 
 
 def _run_export(args: argparse.Namespace) -> int:
@@ -1022,23 +337,11 @@ def register_cli(subparsers: argparse._SubParsersAction) -> None:
 
 
 __all__ = [
-    "CHECKPOINT_METADATA_FILE",
-    "DEFAULT_TOLERANCE",
-    "EXPORT_MARKER_FILE",
-    "EXPORT_DTYPES",
-    "EXPORT_FORMATS",
     "ExportError",
     "ExportMismatchError",
-    "ExportResult",
-    "LoadedCheckpoint",
-    "VerificationResult",
-    "check_output_folder",
     "check_tokenizer_fits",
-    "eos_token_ids",
     "export_checkpoint",
-    "gguf_permute",
     "is_training_checkpoint",
     "load_checkpoint",
     "register_cli",
-    "verify_export",
 ]
