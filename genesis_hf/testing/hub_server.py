@@ -6,7 +6,8 @@ full snapshot `{path: blob}`, branches point at commits, and files are served by
 client's download path needs (`ETag`, `X-Repo-Commit`, `Content-Length`, HEAD and `Range` support).
 
 Failures are injected per request pattern: an HTTP error (500 by default), a dropped connection (the socket is closed
-without a response), or a stall (the request waits, then proceeds); `skip` makes it hit the Nth matching request.
+without a response), or a stall (the request waits, then proceeds, also at once on `FailureRule.release()`); `skip`
+makes it hit the Nth matching request.
 
 ```python
 >>> server = HubServer().start()
@@ -18,9 +19,10 @@ without a response), or a stall (the request waits, then proceeds); `skip` makes
 
 Covered endpoints (models, datasets and spaces alike): `GET /api/whoami-v2`, `POST /api/validate-yaml`,
 `POST /api/repos/create`, `DELETE /api/repos/delete`, `GET /api/{type}s/{repo}[/revision/{rev}]`,
-`POST|DELETE /api/{type}s/{repo}/branch/{branch}`, `GET /api/{type}s/{repo}/refs`,
-`POST /api/{type}s/{repo}/preupload/{rev}`, `POST /api/{type}s/{repo}/commit/{rev}` (NDJSON: `file`, `lfsFile`,
-`deletedFile`, `deletedFolder`), `GET /api/{type}s/{repo}/tree/{rev}[/{path}]`, `GET /api/{type}s/{repo}/commits/{rev}`,
+`POST|DELETE /api/{type}s/{repo}/branch/{branch}` (`startingPoint`: a branch, tag or commit id),
+`GET /api/{type}s/{repo}/refs`, `POST /api/{type}s/{repo}/preupload/{rev}`, `POST /api/{type}s/{repo}/commit/{rev}`
+(NDJSON: `file`, `lfsFile`, `deletedFile`, `deletedFolder`; header `parentCommit`, 412 when the branch moved),
+`GET /api/{type}s/{repo}/tree/{rev}[/{path}]`, `GET /api/{type}s/{repo}/commits/{rev}`,
 `POST /api/{type}s/{repo}/paths-info/{rev}`, the LFS batch API (`POST /{repo}.git/info/lfs/objects/batch`, basic
 transfer, verify), and `GET|HEAD /{repo}/resolve/{rev}/{path}`. Xet is never offered: a client with `hf_xet` installed
 must run with `HF_HUB_DISABLE_XET=1` (see `client_env`) when files go through LFS.
@@ -30,6 +32,7 @@ Run it on its own with `python -m genesis_hf.testing.hub_server --port 8765`; it
 
 import argparse
 import base64
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -113,7 +116,7 @@ class FailureRule:
     Args:
         pattern: regular expression searched in `"METHOD /path?query"` (path still URL-quoted).
         action: `"error"` (answer `status`), `"drop"` (close the socket without answering) or `"stall"` (wait `delay`
-            seconds, then handle the request normally).
+            seconds, or until `release()`, then handle the request normally).
         status: HTTP status of `"error"`.
         times: how many matching requests fail (after the skipped ones).
         skip: let this many matching requests through first, so that `skip=2` fails the third one.
@@ -132,6 +135,11 @@ class FailureRule:
         if self.action not in ("error", "drop", "stall"):
             raise ValueError(f"FailureRule.action={self.action!r}; use 'error', 'drop' or 'stall'.")
         self._regex = re.compile(self.pattern)
+        self._released = threading.Event()
+
+    def release(self) -> None:
+        """Let the requests this rule stalls proceed now (and later ones pass without waiting)."""
+        self._released.set()
 
     def take(self, request_line: str) -> bool:
         """Count a request against the rule; `True` when this one must fail."""
@@ -208,7 +216,6 @@ class HubServer:
         self._lfs_objects: dict[str, bytes] = {}
         self._lfs_secret = secrets.token_hex(8)
         self._lock = threading.RLock()
-        self._stopping = threading.Event()
         self._commit_counter = 0
         self._port = port
         self._httpd: ThreadingHTTPServer | None = None
@@ -224,7 +231,6 @@ class HubServer:
         class Handler(_HubRequestHandler):
             hub = server
 
-        self._stopping.clear()
         self._httpd = ThreadingHTTPServer(("127.0.0.1", self._port), Handler)
         self._httpd.daemon_threads = True
         self._thread = threading.Thread(
@@ -235,7 +241,9 @@ class HubServer:
 
     def stop(self) -> None:
         """Stop serving; stalled requests are released."""
-        self._stopping.set()
+        with self._lock:
+            for rule in self.failures:
+                rule.release()
         if self._httpd is not None:
             self._httpd.shutdown()
             self._httpd.server_close()
@@ -301,7 +309,10 @@ class HubServer:
         return self.add_failure(".", action=action, skip=n - 1, **kwargs)
 
     def clear_failures(self) -> None:
+        """Inject no more failures; requests stalled by a rule proceed now."""
         with self._lock:
+            for rule in self.failures:
+                rule.release()
             self.failures.clear()
 
     def _injected_failure(self, request_line: str) -> FailureRule | None:
@@ -407,16 +418,19 @@ class _HubRequestHandler(BaseHTTPRequestHandler):
                 record.status = rule.status
                 self._send_json({"error": f"Injected failure ({rule.status})"}, status=rule.status)
                 return
-            hub._stopping.wait(rule.delay)
+            rule._released.wait(rule.delay)
         try:
             status = self._route(method, body)
         except HubError as error:
+            # Recorded before answering: the client may be gone (killed mid-request), the answer was decided anyway.
+            record.status = error.status
             headers = dict(error.headers)
             if error.code:
                 headers["X-Error-Code"] = error.code
             headers["X-Error-Message"] = error.message
-            self._send_json({"error": error.message, **error.extra}, status=error.status, headers=headers)
-            status = error.status
+            with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+                self._send_json({"error": error.message, **error.extra}, status=error.status, headers=headers)
+            return
         except (BrokenPipeError, ConnectionResetError):
             status = None
         record.status = status
