@@ -352,34 +352,61 @@ def build_model_card(
         model_name=model_name if eval_results else None,
         eval_results=eval_results or None,
     )
+    sections = [
+        *_introduction_section(config, model_name, export_format, dtype, step, tokens_seen),
+        *["## Usage", "", "```python", usage_snippet(repo_id, export_format, revision, gguf_file), "```", ""],
+        *_architecture_section(config),
+        *_training_section(step, tokens_seen, loss, loss_curve_file, data_mixture, run_config, redact),
+        *_evaluation_section(eval_results or []),
+        *_export_check_section(verification),
+        *["## License", "", "Apache 2.0.", ""],
+    ]
+    content = f"---\n{card_data.to_yaml()}\n---\n\n" + "\n".join(sections)
+    content = redact_secrets(content, redact)
+    return ModelCard(content)
 
-    sections = [f"# {model_name}", ""]
+
+_FORMAT_NOTES = {
+    "hf": "Genesis weights with their modeling code: load with `trust_remote_code=True`.",
+    "llama": "A plain `LlamaForCausalLM` checkpoint: no remote code; ready for vLLM, TGI and llama.cpp.",
+    "gguf": "A llama-architecture GGUF file for llama.cpp and compatible runtimes.",
+}
+
+
+def _introduction_section(
+    config, model_name: str, export_format: str, dtype: str, step: int | None, tokens_seen: int | None
+) -> list[str]:
+    """The title, what the model is (size, checkpoint step) and the format of the export."""
     parameters = _parameter_count(config)
     summary = f"A {_human_count(parameters)}-parameter Llama-style decoder-only language model trained from scratch"
     summary += " with genesis_hf."
     if step is not None:
         summary += f" This is the training checkpoint at step {step:,}"
         summary += f" ({tokens_seen:,} tokens seen)." if tokens_seen is not None else "."
-    sections += [summary, ""]
-    format_notes = {
-        "hf": "Genesis weights with their modeling code: load with `trust_remote_code=True`.",
-        "llama": "A plain `LlamaForCausalLM` checkpoint: no remote code; ready for vLLM, TGI and llama.cpp.",
-        "gguf": "A llama-architecture GGUF file for llama.cpp and compatible runtimes.",
-    }
-    sections += [f"Format: **{export_format}** ({dtype} weights). {format_notes.get(export_format, '')}", ""]
+    format_line = f"Format: **{export_format}** ({dtype} weights). {_FORMAT_NOTES.get(export_format, '')}"
+    return [f"# {model_name}", "", summary, "", format_line, ""]
 
-    sections += ["## Usage", "", "```python", usage_snippet(repo_id, export_format, revision, gguf_file), "```", ""]
 
-    sections += ["## Architecture", "", "| field | value |", "|---|---|"]
-    sections += [f"| {label} | {value} |" for label, value in architecture_rows(config)]
-    sections.append("")
+def _architecture_section(config) -> list[str]:
+    rows = [f"| {label} | {value} |" for label, value in architecture_rows(config)]
+    return ["## Architecture", "", "| field | value |", "|---|---|", *rows, ""]
 
-    sections += ["## Training", ""]
+
+def _training_section(
+    step: int | None,
+    tokens_seen: int | None,
+    loss: float | None,
+    loss_curve_file: str | None,
+    data_mixture: dict | None,
+    run_config: dict | None,
+    redact: list[str],
+) -> list[str]:
+    """The checkpoint's step, tokens and loss, the loss curve, the data mixture and the (redacted) configuration."""
+    sections = ["## Training", ""]
     facts = [("step", step), ("tokens seen", tokens_seen), ("training loss", loss)]
-    if any(value is not None for _, value in facts):
-        sections += ["| | |", "|---|---|"]
-        sections += [f"| {label} | {_format_value(value)} |" for label, value in facts if value is not None]
-        sections.append("")
+    facts = [(label, value) for label, value in facts if value is not None]
+    if facts:
+        sections += ["| | |", "|---|---|", *[f"| {label} | {_format_value(value)} |" for label, value in facts], ""]
     if loss_curve_file:
         sections += [f"![Training loss]({loss_curve_file})", ""]
     if data_mixture:
@@ -389,28 +416,30 @@ def build_model_card(
     if run_config:
         config_text = yaml.safe_dump(redact_secrets(run_config, redact), sort_keys=True).strip()
         sections += ["### Training configuration", "", "```yaml", config_text, "```", ""]
-    if not (any(value is not None for _, value in facts) or loss_curve_file or data_mixture or run_config):
+    if not (facts or loss_curve_file or data_mixture or run_config):
         sections += ["No training metadata was found next to this checkpoint.", ""]
+    return sections
 
-    if eval_results:
-        sections += ["## Evaluation", "", "| task | metric | value |", "|---|---|---|"]
-        sections += [f"| {r.dataset_name} | {r.metric_type} | {r.metric_value} |" for r in eval_results]
-        sections += ["", "Results from lm-evaluation-harness.", ""]
 
-    if verification is not None:
-        sections += [
-            "## Export check",
-            "",
-            f"The exported files were reloaded and their logits compared with the training checkpoint on fixed prompts "
-            f"(fp32): max absolute difference {verification['max_abs_diff']:.3g} "
-            f"(tolerance {verification['tolerance']:.3g}).",
-            "",
-        ]
-    sections += ["## License", "", "Apache 2.0.", ""]
+def _evaluation_section(eval_results: list[EvalResult]) -> list[str]:
+    if not eval_results:
+        return []
+    rows = [f"| {result.dataset_name} | {result.metric_type} | {result.metric_value} |" for result in eval_results]
+    header = ["## Evaluation", "", "| task | metric | value |", "|---|---|---|"]
+    return [*header, *rows, "", "Results from lm-evaluation-harness.", ""]
 
-    content = f"---\n{card_data.to_yaml()}\n---\n\n" + "\n".join(sections)
-    content = redact_secrets(content, redact)
-    return ModelCard(content)
+
+def _export_check_section(verification: dict | None) -> list[str]:
+    if verification is None:
+        return []
+    return [
+        "## Export check",
+        "",
+        f"The exported files were reloaded and their logits compared with the training checkpoint on fixed prompts "
+        f"(fp32): max absolute difference {verification['max_abs_diff']:.3g} "
+        f"(tolerance {verification['tolerance']:.3g}).",
+        "",
+    ]
 
 
 def find_run_files(checkpoint_dir: str | Path) -> dict[str, Path]:

@@ -50,7 +50,7 @@ from typing import Any
 
 from genesis_hf.args import ConfigError, load_yaml
 from genesis_hf.model.configuration_genesis import GENESIS_PRESETS, GenesisConfig
-from genesis_hf.pretrain.flops import flops_per_token, parameter_counts
+from genesis_hf.pretrain.flops import attention_widths, flops_per_token, parameter_counts
 
 GIB = 1024**3
 
@@ -192,9 +192,7 @@ def activation_bytes_per_token_per_layer(config: GenesisConfig) -> int:
         config: a `GenesisConfig`.
     """
     hidden = config.hidden_size
-    head_dim = config.head_dim or hidden // config.num_attention_heads
-    query_width = config.num_attention_heads * head_dim
-    key_value_width = config.num_key_value_heads * head_dim
+    query_width, key_value_width = attention_widths(config)
     # fp32 upcast + normalised bf16 + bf16 output feeding the next matmul
     rms_norm = FP32 * hidden + BF16 * hidden + BF16 * hidden
     # rotated q, k, v at their own widths, and the attention output that o_proj reads
@@ -242,6 +240,43 @@ def estimate_memory(
     if stage not in STAGES:
         raise ConfigError(f"stage={stage!r}; use one of {', '.join(STAGES)}.")
 
+    model_state = _model_state_bytes(config, gpus, gradient_sync_every_micro_batch, dpo=stage == "dpo")
+    activations = _activation_bytes(config, tokens=micro_batch * seq_len * (2 if stage == "dpo" else 1))
+    if activation_checkpointing:
+        activations_bytes = activations["activations_with_checkpointing_bytes"]
+    else:
+        activations_bytes = activations["activations_without_checkpointing_bytes"]
+    tensors = activations_bytes + activations["logits_bytes"]
+    tensors += model_state["parameters_bytes"] + model_state["gradients_bytes"] + model_state["optimizer_bytes"]
+    tensors += model_state["reference_model_bytes"]
+    overhead_bytes = (
+        CUDA_CONTEXT_BYTES + (NCCL_BUFFER_BYTES if gpus > 1 else 0) + round(ALLOCATOR_SLACK_FRACTION * tensors)
+    )
+    total_bytes = tensors + overhead_bytes
+    gpu_memory_bytes = GPU_MEMORY_BYTES[gpu] if gpu is not None else None
+    return MemoryPlan(
+        gpus=gpus,
+        micro_batch=micro_batch,
+        seq_len=seq_len,
+        activation_checkpointing=bool(activation_checkpointing),
+        gradient_sync_every_micro_batch=bool(gradient_sync_every_micro_batch),
+        gpu=gpu,
+        **model_state,
+        activations_bytes=activations_bytes,
+        **activations,
+        overhead_bytes=overhead_bytes,
+        total_bytes=total_bytes,
+        gpu_memory_bytes=gpu_memory_bytes,
+        fits=None if gpu_memory_bytes is None else total_bytes <= FIT_FRACTION * gpu_memory_bytes,
+        stage=stage,
+    )
+
+
+def _model_state_bytes(
+    config: GenesisConfig, gpus: int, gradient_sync_every_micro_batch: bool, *, dpo: bool
+) -> dict[str, int]:
+    """Per-GPU parameters, gradients, AdamW moments and DPO's reference model (the `MemoryPlan` fields
+    `num_parameters`, `parameters_bytes`, `gradients_bytes`, `optimizer_bytes`, `reference_model_bytes`)."""
     counts = parameter_counts(config)
     num_parameters = counts.total
     shard = -(-num_parameters // gpus)
@@ -260,50 +295,30 @@ def estimate_memory(
         # The whole model's unsharded fp32 gradient accumulates on every GPU until the step's last micro-batch, whose
         # backward turns it into the sharded gradient block by block; the two never coexist in full.
         gradients_bytes = FP32 * num_parameters + BF16 * live_parameters
-    optimizer_bytes = 2 * FP32 * shard
+    reference_model_bytes = 0
+    if dpo:
+        reference_model_bytes = BF16 * num_parameters if gpus == 1 else BF16 * (shard + live_parameters)
+    return {
+        "num_parameters": num_parameters,
+        "parameters_bytes": parameters_bytes,
+        "gradients_bytes": gradients_bytes,
+        "optimizer_bytes": 2 * FP32 * shard,
+        "reference_model_bytes": reference_model_bytes,
+    }
 
-    tokens = micro_batch * seq_len * (2 if stage == "dpo" else 1)
+
+def _activation_bytes(config: GenesisConfig, tokens: int) -> dict[str, int]:
+    """Activations of `tokens` tokens per GPU with and without checkpointing, and the logits of the loss (the
+    `MemoryPlan` fields `activations_with_checkpointing_bytes`, `activations_without_checkpointing_bytes`,
+    `logits_bytes`)."""
     per_layer = activation_bytes_per_token_per_layer(config) * tokens
     final_norm = (FP32 + 2 * BF16) * config.hidden_size * tokens
     layer_inputs = BF16 * config.hidden_size * tokens * config.num_hidden_layers
-    with_checkpointing = layer_inputs + per_layer + final_norm
-    without_checkpointing = config.num_hidden_layers * per_layer + final_norm
-    activations_bytes = with_checkpointing if activation_checkpointing else without_checkpointing
-    logits_bytes = (BF16 + FP32 + FP32) * config.vocab_size * tokens
-
-    reference_model_bytes = 0
-    if stage == "dpo":
-        reference_model_bytes = BF16 * num_parameters if gpus == 1 else BF16 * (shard + live_parameters)
-    tensors = (
-        parameters_bytes + gradients_bytes + optimizer_bytes + activations_bytes + logits_bytes + reference_model_bytes
-    )
-    overhead_bytes = (
-        CUDA_CONTEXT_BYTES + (NCCL_BUFFER_BYTES if gpus > 1 else 0) + round(ALLOCATOR_SLACK_FRACTION * tensors)
-    )
-    total_bytes = tensors + overhead_bytes
-    gpu_memory_bytes = GPU_MEMORY_BYTES[gpu] if gpu is not None else None
-    return MemoryPlan(
-        gpus=gpus,
-        micro_batch=micro_batch,
-        seq_len=seq_len,
-        activation_checkpointing=bool(activation_checkpointing),
-        gradient_sync_every_micro_batch=bool(gradient_sync_every_micro_batch),
-        gpu=gpu,
-        num_parameters=num_parameters,
-        parameters_bytes=parameters_bytes,
-        gradients_bytes=gradients_bytes,
-        optimizer_bytes=optimizer_bytes,
-        activations_bytes=activations_bytes,
-        activations_with_checkpointing_bytes=with_checkpointing,
-        activations_without_checkpointing_bytes=without_checkpointing,
-        logits_bytes=logits_bytes,
-        overhead_bytes=overhead_bytes,
-        total_bytes=total_bytes,
-        gpu_memory_bytes=gpu_memory_bytes,
-        fits=None if gpu_memory_bytes is None else total_bytes <= FIT_FRACTION * gpu_memory_bytes,
-        stage=stage,
-        reference_model_bytes=reference_model_bytes,
-    )
+    return {
+        "activations_with_checkpointing_bytes": layer_inputs + per_layer + final_norm,
+        "activations_without_checkpointing_bytes": config.num_hidden_layers * per_layer + final_norm,
+        "logits_bytes": (BF16 + FP32 + FP32) * config.vocab_size * tokens,
+    }
 
 
 def _settings_from_args(args: argparse.Namespace) -> dict[str, Any]:
