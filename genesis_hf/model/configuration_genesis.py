@@ -54,6 +54,17 @@ GENESIS_PRESETS: dict[str, dict] = {
     ),
 }
 
+# The sizes every config must give as positive integers (`GenesisConfig` checks them on creation).
+SIZE_FIELDS = (
+    "vocab_size",
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "max_position_embeddings",
+)
+
 
 class GenesisConfig(LlamaConfig):
     r"""
@@ -104,15 +115,7 @@ class GenesisConfig(LlamaConfig):
         super().__post_init__(**kwargs)
 
     def _validate_sizes(self) -> None:
-        for name in (
-            "vocab_size",
-            "hidden_size",
-            "intermediate_size",
-            "num_hidden_layers",
-            "num_attention_heads",
-            "num_key_value_heads",
-            "max_position_embeddings",
-        ):
+        for name in SIZE_FIELDS:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise ValueError(f"GenesisConfig.{name} must be a positive integer, got {value!r}.")

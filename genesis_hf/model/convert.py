@@ -49,6 +49,16 @@ def _copy_weights(source: torch.nn.Module, target: torch.nn.Module) -> None:
         target.tie_weights()
 
 
+def _converted(model: torch.nn.Module, target_class: type, config) -> torch.nn.Module:
+    """A `target_class` model of `config` holding a copy of `model`'s weights, on its device, dtype, attention
+    implementation and train/eval mode."""
+    target = target_class(config)
+    target.to(device=model.device, dtype=model.dtype)
+    target.config._attn_implementation = model.config._attn_implementation
+    _copy_weights(model, target)
+    return target.train(model.training)
+
+
 @torch.no_grad()
 def to_llama(model: GenesisForCausalLM) -> LlamaForCausalLM:
     """Return a `LlamaForCausalLM` with the same config values and a copy of the weights (same dtype and device).
@@ -56,11 +66,7 @@ def to_llama(model: GenesisForCausalLM) -> LlamaForCausalLM:
     Args:
         model: a `GenesisForCausalLM`; it is not modified.
     """
-    llama = LlamaForCausalLM(genesis_config_to_llama(model.config))
-    llama.to(device=model.device, dtype=model.dtype)
-    llama.config._attn_implementation = model.config._attn_implementation
-    _copy_weights(model, llama)
-    return llama.train(model.training)
+    return _converted(model, LlamaForCausalLM, genesis_config_to_llama(model.config))
 
 
 @torch.no_grad()
@@ -70,11 +76,7 @@ def from_llama(model: LlamaForCausalLM) -> GenesisForCausalLM:
     Args:
         model: a `LlamaForCausalLM`; it is not modified.
     """
-    genesis = GenesisForCausalLM(llama_config_to_genesis(model.config))
-    genesis.to(device=model.device, dtype=model.dtype)
-    genesis.config._attn_implementation = model.config._attn_implementation
-    _copy_weights(model, genesis)
-    return genesis.train(model.training)
+    return _converted(model, GenesisForCausalLM, llama_config_to_genesis(model.config))
 
 
 __all__ = ["from_llama", "genesis_config_to_llama", "llama_config_to_genesis", "to_llama"]

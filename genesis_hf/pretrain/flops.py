@@ -134,6 +134,17 @@ class ParameterCounts:
     matmul: int
 
 
+def attention_widths(config) -> tuple[int, int]:
+    """`(query_width, key_value_width)`: the output widths of `q_proj` (heads x head_dim) and of `k_proj`/`v_proj`
+    (key/value heads x head_dim, narrower under GQA).
+
+    Args:
+        config: a `GenesisConfig` (or any Llama-style config with the same fields).
+    """
+    head_dim = config.head_dim or config.hidden_size // config.num_attention_heads
+    return config.num_attention_heads * head_dim, config.num_key_value_heads * head_dim
+
+
 def parameter_counts(config) -> ParameterCounts:
     """Count the parameters of a `GenesisConfig` (or any Llama-style config with the same fields) analytically.
 
@@ -141,9 +152,7 @@ def parameter_counts(config) -> ParameterCounts:
         config: a `GenesisConfig`.
     """
     hidden = config.hidden_size
-    head_dim = config.head_dim or hidden // config.num_attention_heads
-    query_width = config.num_attention_heads * head_dim
-    key_value_width = config.num_key_value_heads * head_dim
+    query_width, key_value_width = attention_widths(config)
     attention = hidden * query_width + 2 * hidden * key_value_width + query_width * hidden
     if getattr(config, "attention_bias", False):
         attention += query_width + 2 * key_value_width + hidden
@@ -181,8 +190,8 @@ def flops_per_token(config, seq_len: int, *, include_attention: bool = True) -> 
         raise ValueError(f"seq_len must be a positive integer, got {seq_len!r}.")
     flops = 6.0 * parameter_counts(config).matmul
     if include_attention:
-        head_dim = config.head_dim or config.hidden_size // config.num_attention_heads
-        flops += 12.0 * config.num_hidden_layers * config.num_attention_heads * head_dim * seq_len
+        query_width, _ = attention_widths(config)  # n_heads * head_dim
+        flops += 12.0 * config.num_hidden_layers * query_width * seq_len
     return flops
 
 
@@ -210,6 +219,7 @@ __all__ = [
     "PEAK_FLOPS",
     "PEAK_FLOPS_ENV",
     "ParameterCounts",
+    "attention_widths",
     "detect_peak_flops",
     "flops_per_token",
     "mfu",

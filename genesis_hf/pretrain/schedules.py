@@ -78,19 +78,23 @@ def _segment_lr(segment: dict[str, Any], step: int) -> float:
 
 
 class GenesisLRScheduler(LRScheduler):
-    """A piecewise learning-rate schedule (see the module docstring) that can be extended with `set_max_steps`.
+    """An extensible LR schedule: `cosine` (the seed's 1e-4 -> 1e-5, 1,000 warmup steps) or `wsd`, stored as segments
+    (see the module docstring) and extended with `set_max_steps`.
 
-    Build it with `build_lr_scheduler`. Every parameter group gets the schedule's LR: the schedule's
-    `learning_rate` is authoritative, whatever `lr` the optimizer was created with.
+    Call `scheduler.step()` after each `optimizer.step()`. On resume, call `load_state_dict` and then
+    `set_max_steps(max_steps)` to extend; see the module docstring for the extension policy. Every parameter group gets
+    the schedule's LR: the schedule's `learning_rate` is authoritative, whatever `lr` the optimizer was created with.
 
     Args:
-        optimizer: the optimizer whose `param_groups[*]["lr"]` this scheduler sets.
-        schedule: `"cosine"` or `"wsd"`.
+        optimizer: the optimizer to drive (it sets `param_groups[*]["lr"]`).
+        schedule: `"cosine"` (warmup, then cosine to `min_learning_rate` at `max_steps`) or `"wsd"` (warmup, constant
+            `learning_rate`, then linear decay over the last `decay_steps`).
         learning_rate: peak LR, reached at the end of warmup.
-        min_learning_rate: final LR, reached at `max_steps`.
-        warmup_steps: steps of linear warmup from 0.
+        min_learning_rate: final LR, reached at `max_steps` and kept afterwards.
+        warmup_steps: steps of linear warmup from 0 (the LR of step 0 is 0).
         max_steps: total optimizer steps planned.
-        decay_steps: `wsd` only; length of the final decay (default 20% of `max_steps`).
+        decay_steps: `wsd` only; length of the final decay, default 20% of `max_steps` (and 20% of the new
+            `max_steps` after an extension). Passing it with `cosine` is an error.
     """
 
     def __init__(
@@ -297,41 +301,8 @@ def _check_arguments(
             raise ValueError(f"decay_steps must be an integer or None, got {decay_steps!r}.")
 
 
-def build_lr_scheduler(
-    optimizer: torch.optim.Optimizer,
-    *,
-    schedule: str,
-    learning_rate: float,
-    min_learning_rate: float,
-    warmup_steps: int,
-    max_steps: int,
-    decay_steps: int | None = None,
-) -> GenesisLRScheduler:
-    """Build an extensible LR scheduler: `cosine` (the seed's 1e-4 -> 1e-5, 1,000 warmup steps) or `wsd`.
-
-    Call `scheduler.step()` after each `optimizer.step()`. On resume, call `load_state_dict` and then
-    `set_max_steps(max_steps)` to extend; see the module docstring for the extension policy.
-
-    Args:
-        optimizer: the optimizer to drive; all its param groups get the schedule's LR.
-        schedule: `"cosine"` (warmup, then cosine to `min_learning_rate` at `max_steps`) or `"wsd"` (warmup, constant
-            `learning_rate`, then linear decay over the last `decay_steps`).
-        learning_rate: peak LR, reached at the end of warmup.
-        min_learning_rate: final LR, reached at `max_steps` and kept afterwards.
-        warmup_steps: steps of linear warmup from 0 (the LR of step 0 is 0).
-        max_steps: total optimizer steps planned.
-        decay_steps: `wsd` only; length of the final decay, default 20% of `max_steps` (and 20% of the new
-            `max_steps` after an extension). Passing it with `cosine` is an error.
-    """
-    return GenesisLRScheduler(
-        optimizer,
-        schedule=schedule,
-        learning_rate=learning_rate,
-        min_learning_rate=min_learning_rate,
-        warmup_steps=warmup_steps,
-        max_steps=max_steps,
-        decay_steps=decay_steps,
-    )
+# The name the trainer and `genesis_hf.pretrain` export; the class builds the scheduler from the same arguments.
+build_lr_scheduler = GenesisLRScheduler
 
 
 __all__ = ["DEFAULT_WSD_DECAY_FRACTION", "SCHEDULES", "GenesisLRScheduler", "build_lr_scheduler"]
