@@ -19,8 +19,10 @@ import yaml
 from huggingface_hub import constants
 
 from genesis_hf import cli
+from genesis_hf.events import Events
+from genesis_hf.layout import HUB_JOURNAL_FILE, HUB_STAGING_DIR
 from genesis_hf.publish.listing import list_run_checkpoints
-from genesis_hf.publish.push import JOURNAL_FILE, CheckpointPusher, PublishError, preflight
+from genesis_hf.publish.push import CheckpointPusher, PublishError, preflight
 from genesis_hf.testing import HubServer, build_tiny_model_folder
 
 BLOCK_GENESIS_HF = "import sys\nsys.modules['genesis_hf'] = None\n"
@@ -65,7 +67,7 @@ def pushed(tiny, tmp_path_factory):
     root = tmp_path_factory.mktemp("pushed")
     server = HubServer().start()
     # The first commit stalls 2 s; later ones fail once with a 500 and once with a dropped connection; so do a branch
-    # creation and a preupload.
+    # creation and a preupload. The pusher takes checkpoints as the training loop hands them over: as events.
     server.add_failure(r"POST /api/models/.*/commit/", action="stall", delay=2.0)
     server.add_failure(r"POST /api/models/.*/commit/", action="error", status=500, skip=1)
     server.add_failure(r"POST /api/models/.*/commit/", action="drop", skip=2)
@@ -89,7 +91,7 @@ def pushed(tiny, tmp_path_factory):
             )
             for step in STEPS:
                 started = time.perf_counter()
-                pusher.submit(checkpoints[step], step)  # the training loop's call
+                pusher.on_checkpoint_saved(checkpoints[step], step)  # the training loop's call
                 submit_seconds.append(time.perf_counter() - started)
                 time.sleep(0.05)  # "training"
             assert server.wait_for_request(r"POST /api/models/.*/commit/", timeout=60)
@@ -97,6 +99,9 @@ def pushed(tiny, tmp_path_factory):
             pending_during_stall = (len(stalled), pusher.pending_steps())
             deletable_during_stall = pusher.may_delete(checkpoints[STEPS[0]])
             finished = pusher.wait(timeout=180)
+            submission = pusher.journal.entry(STEPS[-1])["submission"]
+            pusher.on_train_end(root, checkpoints[STEPS[-1]], STEPS[-1])  # pretraining's last checkpoint, pushed
+            resubmitted = pusher.journal.entry(STEPS[-1])["submission"] != submission
             pusher.close()
     finally:
         root_logger.removeHandler(handler)
@@ -107,6 +112,7 @@ def pushed(tiny, tmp_path_factory):
         "pusher": pusher,
         "checkpoints": checkpoints,
         "finished": finished,
+        "resubmitted": resubmitted,
         "submit_seconds": submit_seconds,
         "pending_during_stall": pending_during_stall,
         "deletable_during_stall": deletable_during_stall,
@@ -136,10 +142,36 @@ def test_every_checkpoint_lands_on_its_branch_despite_failures(pushed):
         assert pusher.is_confirmed(step) and pusher.may_delete(pushed["checkpoints"][step])
     main = server.branch_files(REPO, "main")
     assert json.loads(main["genesis_checkpoint.json"])["step"] == STEPS[-1]
-    journal = json.loads((pushed["root"] / JOURNAL_FILE).read_text())
+    journal = json.loads((pushed["root"] / HUB_JOURNAL_FILE).read_text())
     assert journal["main_step"] == STEPS[-1]
     assert {entry["state"] for entry in journal["uploads"].values()} == {"done"}
     assert not (pushed["root"] / "hub_exports").exists() or not any((pushed["root"] / "hub_exports").iterdir())
+
+
+def _main_history(repo) -> list:
+    """The commits of `main`, newest first."""
+    history, commit = [], repo.resolve("main")
+    while commit is not None:
+        history.append(commit)
+        commit = repo.commits.get(commit.parent) if commit.parent else None
+    return history
+
+
+def test_each_checkpoint_is_uploaded_once_and_its_branch_is_that_commit_of_main(pushed):
+    server = pushed["server"]
+    # One successful commit per checkpoint, all to main (a failed try made no commit); none to a branch.
+    commits = server.requests_matching(r"POST /api/models/alice/genesis-tiny/commit/")
+    assert [record.path.rsplit("/", 1)[-1] for record in commits if record.status == 200] == ["main"] * len(STEPS)
+    repo = server.get_repo(REPO)
+    history = _main_history(repo)
+    assert len(repo.commits) == len(history) == len(STEPS) + 1  # the repo's initial commit, then one per checkpoint
+    # Each branch was created at the commit main had right after that checkpoint's upload.
+    for commit, step in zip(history, reversed(STEPS), strict=False):
+        assert repo.branches[f"step-{step:07d}"] == commit.oid
+        assert commit.title == f"Checkpoint at step {step}"
+    assert repo.branches["main"] == repo.branches[f"step-{STEPS[-1]:07d}"]
+    # on_train_end with the last checkpoint (pretraining) queued nothing new.
+    assert pushed["resubmitted"] is False
 
 
 def test_the_token_is_never_written_or_printed(pushed):
@@ -210,8 +242,9 @@ def test_killed_mid_upload_then_resumed(tiny, tmp_path):
     server = HubServer().start()
     try:
         checkpoints = {step: _checkpoint(tiny[0], tmp_path, step) for step in (1, 2, 3)}
-        # The upload of step 2 hangs at its commit; the process is killed there.
-        server.add_failure(r"POST /api/models/.*/commit/step-0000002", action="stall", delay=30.0)
+        # The upload of step 2 hangs at its commit (the second to main); the process is killed there.
+        commit_pattern = r"POST /api/models/.*/commit/main"
+        stall = server.add_failure(commit_pattern, action="stall", delay=600.0, skip=1)
         script = textwrap.dedent(
             f"""
             import os, torch
@@ -220,21 +253,24 @@ def test_killed_mid_upload_then_resumed(tiny, tmp_path):
             pusher = CheckpointPusher({REPO!r}, os.environ["GENESIS_TEST_TOKEN"], {str(tmp_path)!r},
                                       endpoint={server.endpoint!r}, base_delay=0.05)
             for step, folder in {[(step, str(folder)) for step, folder in checkpoints.items()]}:
-                pusher.submit(folder, step)
+                pusher.on_checkpoint_saved(folder, step)
             pusher.wait()
             """
         )
         env = {**os.environ, "GENESIS_TEST_TOKEN": server.write_token, "HF_HOME": str(tmp_path / "hf_home")}
         child = subprocess.Popen([sys.executable, "-c", script], env=env, stderr=subprocess.PIPE)
         try:
-            assert server.wait_for_request(r"POST /api/models/.*/commit/step-0000002", timeout=120)
+            deadline = time.monotonic() + 120
+            while len(server.requests_matching(commit_pattern)) < 2 and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert len(server.requests_matching(commit_pattern)) == 2
         finally:
             child.send_signal(signal.SIGKILL)
             child.wait()
-        journal = json.loads((tmp_path / JOURNAL_FILE).read_text())
+        journal = json.loads((tmp_path / HUB_JOURNAL_FILE).read_text())
         states = {entry["step"]: entry["state"] for entry in journal["uploads"].values()}
         assert states == {1: "done", 2: "pending", 3: "pending"}, child.stderr.read()[-2000:]
-        assert server.branch_files(REPO, "step-0000003") == {}
+        assert server.branch_files(REPO, "step-0000002") == server.branch_files(REPO, "step-0000003") == {}
 
         resumed = CheckpointPusher(REPO, server.write_token, tmp_path, endpoint=server.endpoint, base_delay=0.05)
         assert resumed.pending_steps() == [2, 3]
@@ -245,6 +281,15 @@ def test_killed_mid_upload_then_resumed(tiny, tmp_path):
             assert resumed.is_confirmed(step)
             assert CHECKPOINT_FILES <= set(server.branch_files(REPO, f"step-{step:07d}"))
         assert json.loads(server.branch_files(REPO, "main")["genesis_checkpoint.json"])["step"] == 3
+        # The killed process's commit of step 2 arrives now: the Hub refuses it (main moved since), main stays at 3.
+        stale = server.requests_matching(commit_pattern)[1]
+        stall.release()
+        deadline = time.monotonic() + 30
+        while stale.status is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert stale.status == 412
+        assert json.loads(server.branch_files(REPO, "main")["genesis_checkpoint.json"])["step"] == 3
+        assert [record.status for record in server.requests_matching(commit_pattern)].count(200) == 3
     finally:
         server.stop()
 
@@ -281,7 +326,7 @@ def test_raw_training_state_goes_to_a_private_backup_repo(tiny, tmp_path):
             backup_repo_id="alice/genesis-tiny-state",
             base_delay=0.05,
         )
-        pusher.submit(tmp_path / "checkpoints" / "step-0000007", 7)
+        pusher.on_checkpoint_saved(tmp_path / "checkpoints" / "step-0000007", 7)
         assert pusher.wait(timeout=120)
         pusher.close()
         assert pusher.is_confirmed(7)
@@ -359,6 +404,80 @@ def test_preflight_accepts_write_tokens_and_org_namespaces(hub):
     assert preflight("genesis-tiny", hub.write_token, endpoint=hub.endpoint) == "alice/genesis-tiny"
 
 
+def _folder(path: Path, step: int, **files: bytes) -> Path:
+    """A stand-in checkpoint: its step in genesis_checkpoint.json, plus `files`."""
+    path.mkdir(parents=True)
+    (path / "genesis_checkpoint.json").write_text(json.dumps({"step": step, "name": path.name}))
+    for name, content in files.items():
+        (path / name).write_bytes(content)
+    return path
+
+
+def _copy_export(checkpoint_dir: Path, out_dir: Path, step: int, branch: str) -> None:
+    """An export_fn that copies the folder (the verified export is tested above): these tests are about the Hub."""
+    shutil.rmtree(out_dir, ignore_errors=True)
+    shutil.copytree(checkpoint_dir, out_dir)
+
+
+def _fast_pusher(hub, run: Path) -> CheckpointPusher:
+    return CheckpointPusher(REPO, hub.write_token, run, endpoint=hub.endpoint, export_fn=_copy_export, base_delay=0.05)
+
+
+def test_the_pusher_subscribes_to_the_trainer_events(hub, tmp_path):
+    run = tmp_path / "run"
+    events = Events([_fast_pusher(hub, run)])
+    pusher = events.subscribers[0]
+    # A PEFT run's checkpoint holds an adapter, not a model: not pushed (its merged final/ is).
+    events.on_checkpoint_saved(_folder(run / "checkpoint-1", 1, **{"adapter_model.safetensors": b"adapter"}), 1)
+    assert pusher.journal.entry(1) is None
+    # The Trainer's checkpoint-3 goes up from the pusher's own copy; the Trainer may rotate its folder at once. Its
+    # commit is held on the server while final/ of the same step arrives (SFT/DPO's on_train_end).
+    stall = hub.add_failure(r"POST /api/models/.*/commit/main", action="stall", delay=600.0)
+    checkpoint = _folder(run / "checkpoint-3", 3, **{"model.safetensors": b"checkpoint-3"})
+    events.on_checkpoint_saved(checkpoint, 3)
+    shutil.rmtree(checkpoint)
+    assert hub.wait_for_request(r"POST /api/models/.*/commit/main", timeout=60)
+    final = _folder(run / "final", 3, **{"model.safetensors": b"final"})
+    events.on_train_end(run, final, 3)
+    assert not events.may_delete(final)  # its upload is pending
+    stall.release()
+    events.close()
+    # The later submission wins: main and the branch hold final/, although checkpoint-3's commit landed after it came.
+    main = hub.branch_files(REPO, "main")
+    assert main["model.safetensors"] == b"final"
+    assert hub.get_repo(REPO).branches["step-0000003"] == hub.get_repo(REPO).branches["main"]
+    assert pusher.is_confirmed(3) and events.may_delete(final)
+    assert not any((run / HUB_STAGING_DIR).iterdir())  # the pusher's copy of checkpoint-3 is gone
+
+
+def test_a_checkpoint_older_than_main_goes_to_its_branch_only(hub, tmp_path):
+    """A resumed run uploads what an earlier one left pending after newer checkpoints: main stays at the newest."""
+    run = tmp_path / "run"
+    pusher = _fast_pusher(hub, run)
+    for step in (4, 2):
+        pusher.on_checkpoint_saved(_folder(run / "checkpoints" / f"step-{step:07d}", step), step)
+        assert pusher.wait(timeout=60)
+    pusher.close()
+    assert json.loads(hub.branch_files(REPO, "main")["genesis_checkpoint.json"])["step"] == 4
+    assert json.loads(hub.branch_files(REPO, "step-0000002")["genesis_checkpoint.json"])["step"] == 2
+    commits = hub.requests_matching(r"POST /api/models/alice/genesis-tiny/commit/")
+    assert [record.path.rsplit("/", 1)[-1] for record in commits] == ["main", "step-0000002"]
+    repo = hub.get_repo(REPO)
+    on_main = {commit.oid for commit in _main_history(repo)}
+    assert repo.branches["step-0000004"] in on_main and repo.branches["step-0000002"] not in on_main
+    first_run_commit = repo.branches["step-0000004"]
+    assert json.loads((run / HUB_JOURNAL_FILE).read_text())["main_step"] == 4
+
+    # A new run into the same repo (another output_dir) moves the branch of a step it pushes again.
+    rerun = _fast_pusher(hub, tmp_path / "rerun")
+    rerun.on_checkpoint_saved(_folder(tmp_path / "rerun" / "checkpoints" / "step-0000004", 4, **{"new": b"1"}), 4)
+    rerun.close()
+    assert rerun.is_confirmed(4)
+    assert repo.branches["step-0000004"] == repo.branches["main"] != first_run_commit
+    assert hub.branch_files(REPO, "step-0000004")["new"] == b"1"
+    assert len(hub.requests_matching(r"DELETE /api/models/alice/genesis-tiny/branch/step-0000004")) == 1
+
+
 RECIPE = Path(__file__).resolve().parent.parent / "recipes" / "pretrain.py"
 TRAIN_CONFIG = {
     "model_preset": "debug",
@@ -416,7 +535,7 @@ def test_a_training_run_pushes_one_complete_branch_per_checkpoint(tmp_path):
             assert (metadata["step"], metadata["tokens_seen"]) == (step, step * 128)
             assert "Training configuration" in files["README.md"].decode()
         assert json.loads(server.branch_files("alice/genesis-run", "main")["genesis_checkpoint.json"])["step"] == 4
-        journal = json.loads((output_dir / JOURNAL_FILE).read_text())
+        journal = json.loads((output_dir / HUB_JOURNAL_FILE).read_text())
         assert {entry["state"] for entry in journal["uploads"].values()} == {"done"}
         token = server.write_token
         assert token not in result.stdout + result.stderr

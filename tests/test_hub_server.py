@@ -1,5 +1,6 @@
 """The local Hub server (`genesis_hf.testing.hub_server`) against the real `huggingface_hub` client."""
 
+import threading
 import time
 
 import httpx2
@@ -87,6 +88,23 @@ def test_repo_branches_commits_tree_and_downloads(hub, folder, tmp_path):
         api.model_info("alice/absent")
 
 
+def test_branches_from_a_commit_and_the_parent_commit_guard(hub, folder):
+    api = HfApi(endpoint=hub.endpoint, token=hub.write_token)
+    api.create_repo("alice/refs")
+    first = api.upload_folder(repo_id="alice/refs", folder_path=folder)
+    (folder / "a.txt").write_text("second")
+    second = api.upload_folder(repo_id="alice/refs", folder_path=folder, parent_commit=first.oid)
+    api.create_branch("alice/refs", branch="step-0000001", revision=first.oid)
+    refs = {branch.name: branch.target_commit for branch in api.list_repo_refs("alice/refs").branches}
+    assert refs == {"main": second.oid, "step-0000001": first.oid}
+    assert api.list_repo_files("alice/refs", revision="step-0000001") == api.list_repo_files("alice/refs")
+    # A commit made against an older head is refused, as on the Hub.
+    (folder / "a.txt").write_text("stale")
+    with pytest.raises(HfHubHTTPError, match="412"):
+        api.upload_folder(repo_id="alice/refs", folder_path=folder, parent_commit=first.oid)
+    assert api.model_info("alice/refs").sha == second.oid
+
+
 def test_resolve_headers_head_and_range(hub, folder):
     api = HfApi(endpoint=hub.endpoint, token=hub.write_token)
     api.create_repo("alice/raw")
@@ -150,6 +168,12 @@ def test_failure_injection_error_drop_stall_and_nth(hub):
     started = time.monotonic()
     api.list_repo_refs("alice/dropped")
     assert time.monotonic() - started >= 0.5
+
+    stall = hub.add_failure(r"/refs", action="stall", delay=600.0)
+    threading.Timer(0.3, stall.release).start()
+    started = time.monotonic()
+    api.list_repo_refs("alice/dropped")
+    assert 0.3 <= time.monotonic() - started < 30
 
     hub.fail_nth_request(2)
     api.whoami()

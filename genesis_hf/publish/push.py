@@ -1,19 +1,21 @@
 """Push checkpoints to the Hub while training runs, without ever making the training loop wait.
 
-`CheckpointPusher.submit(checkpoint_dir, step)` records the checkpoint in a journal and returns. A background thread
-exports it (a verified `hf` folder with its card, see `genesis_hf.publish.export`) and uploads it with
-`huggingface_hub`: `create_repo(exist_ok=True)`, `create_branch("step-XXXXXXX")`, `upload_folder(revision=branch)`,
-then the same folder to `main`, which follows the newest checkpoint. Failed requests are retried with bounded
-exponential backoff.
+`CheckpointPusher` is a subscriber of the training events (`genesis_hf.events.TrainingCallback`): the pretraining loop
+and TRL's SFT/DPO trainers (through `TrainerEvents`) announce each saved checkpoint, and `on_checkpoint_saved` records
+it in a journal and returns. A background thread exports it (a verified `hf` folder with its card, see
+`genesis_hf.publish.export`) and uploads it once with `huggingface_hub`: `create_repo(exist_ok=True)`, one
+`upload_folder` to `main` (which follows the newest checkpoint), then `create_branch("step-XXXXXXX", revision=<that
+commit>)`, so the branch and `main` point at the same commit. A checkpoint older than the one already on `main` (left
+pending by an interrupted run) is uploaded to its branch only, so that `main` never goes back.
 
-Crashes lose nothing. The journal `<output_dir>/hub_uploads.json` holds one entry per checkpoint
-(`pending` -> `done`, or `failed` when the export itself is wrong) with the phases already finished; a new pusher on the
-same output directory (a resumed run) uploads whatever is still pending. A checkpoint's local copy must stay until its
-upload is confirmed: `may_delete(checkpoint_dir)` is the predicate for the trainer's retention policy
-(`save_total_limit`). transformers' Trainer (TRL's SFT and DPO) rotates `checkpoint-N` folders on its own schedule, so
-for it `submit_copy` uploads from a hard-linked copy the pusher owns (`<output_dir>/.hub_staging/`), removed once
-the upload is confirmed. Optionally the raw training state (the DCP checkpoint directory) also goes to a separate
-private repo (`backup_repo_id`) as an off-site backup.
+Crashes lose nothing. The journal `<output_dir>/hub_uploads.json` holds one entry per checkpoint (`pending` -> `done`,
+or `failed` when the export itself is wrong) with the phases already finished; a new pusher on the same output
+directory (a resumed run) uploads whatever is still pending. A checkpoint's local copy must stay until its upload is
+confirmed: `may_delete(checkpoint_dir)` is the predicate for the trainer's retention policy (`save_total_limit`).
+transformers' Trainer (TRL's SFT and DPO) rotates `checkpoint-N` folders on its own schedule, so those are uploaded
+from a hard-linked copy the pusher owns (`<output_dir>/.hub_staging/`), removed once the upload is confirmed.
+Optionally the raw training state (the DCP checkpoint directory) also goes to a separate private repo
+(`backup_repo_id`) as an off-site backup.
 
 The token is only ever handed to `huggingface_hub`: it is never logged, written to the journal, a config or a card,
 and error messages are scrubbed of it. `preflight(repo_id, token)` checks the repo id and the token (present, valid,
@@ -21,14 +23,15 @@ allowed to write to the namespace) before training starts, so a bad token fails 
 checkpoint hours later.
 """
 
+import contextlib
 import json
 import logging
 import os
 import queue
-import re
 import shutil
 import threading
 import time
+import uuid
 from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
@@ -38,14 +41,23 @@ from huggingface_hub.errors import HfHubHTTPError, HFValidationError
 from huggingface_hub.utils import validate_repo_id
 
 from genesis_hf.args import ConfigError
+from genesis_hf.events import TrainingCallback
+from genesis_hf.layout import (
+    EXPORT_MARKER_FILE,
+    HUB_EXPORTS_DIR,
+    HUB_JOURNAL_FILE,
+    HUB_STAGING_DIR,
+    STEP_DIR,
+    TRL_CHECKPOINT,
+    checkpoint_name,
+    has_weights,
+    step_of,
+)
 
 logger = logging.getLogger(__name__)
 
-JOURNAL_FILE = "hub_uploads.json"
-EXPORTS_DIR = "hub_exports"
-STAGING_DIR = ".hub_staging"
-JOURNAL_VERSION = 1
-_STEP_DIR = re.compile(r"step-(\d+)$")
+# Version 2: one upload per checkpoint (phases `export`, `commit`, `branch`, `backup`); version 1 uploaded twice.
+JOURNAL_VERSION = 2
 _TOKEN_HELP = (
     "Create a token with write access at https://huggingface.co/settings/tokens and pass it as HF_TOKEN (or log in "
     "with `hf auth login`), or turn push_to_hub off."
@@ -57,17 +69,6 @@ class PublishError(ConfigError):
 
     A `ConfigError`, so recipes report it like any other bad setting, before training starts.
     """
-
-
-def branch_name(step: int) -> str:
-    """The Hub branch of a training step: `step-0000400` (7 digits, like the checkpoint folders)."""
-    return f"step-{step:07d}"
-
-
-def step_from_path(path: str | Path) -> int | None:
-    """The step of a `.../step-0000400` directory, `None` for other names."""
-    match = _STEP_DIR.search(Path(path).name)
-    return int(match.group(1)) if match else None
 
 
 def scrub(text: str, token: str | None) -> str:
@@ -170,13 +171,18 @@ def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
+class Superseded(Exception):
+    """The checkpoint was submitted again (e.g. `final/` at the step of the last `checkpoint-N`) while an older
+    submission of it was being uploaded: that upload must not record anything."""
+
+
 class UploadJournal:
     """`<output_dir>/hub_uploads.json`: one entry per checkpoint, rewritten atomically on every change.
 
     ```json
-    {"version": 1, "repo_id": "you/genesis-1b", "main_step": 800,
-     "uploads": {"step-0000800": {"step": 800, "checkpoint_dir": "...", "state": "pending",
-                                  "phases": {"branch": true, "main": false, "backup": null},
+    {"version": 2, "repo_id": "you/genesis-1b", "main_step": 800,
+     "uploads": {"step-0000800": {"step": 800, "checkpoint_dir": "...", "submission": "3f2a9c1e", "state": "pending",
+                                  "phases": {"export": true, "commit": "<oid>", "branch": false, "backup": null},
                                   "attempts": 1, "last_error": "...", "submitted_at": "...", "confirmed_at": null}}}
     ```
     """
@@ -192,6 +198,16 @@ class UploadJournal:
                 # Only an interrupted write outside `save` could do this; keep the evidence and start over.
                 self.path.rename(self.path.with_suffix(".corrupt.json"))
                 logger.warning("Upload journal %s was unreadable; moved it aside and started a new one.", self.path)
+        if self.data["version"] < JOURNAL_VERSION:
+            # Version 1 phases (`branch`, `main`) mean other things: what is pending starts over, the backup excepted.
+            for entry in self.data["uploads"].values():
+                if entry.get("state") == "pending":
+                    backup = entry.get("phases", {}).get("backup")
+                    entry.update(
+                        submission=uuid.uuid4().hex[:8],
+                        phases={"export": False, "commit": None, "branch": False, "backup": backup},
+                    )
+            self.data["version"] = JOURNAL_VERSION
 
     def save(self) -> None:
         with self._lock:
@@ -205,18 +221,31 @@ class UploadJournal:
 
     def entry(self, step: int) -> dict | None:
         with self._lock:
-            return self.data["uploads"].get(branch_name(step))
+            return self.data["uploads"].get(checkpoint_name(step))
 
-    def update(self, step: int, **values) -> dict:
+    def update(self, step: int, expected_submission: str | None = None, **values) -> dict:
+        """Set `values` on the entry of `step`; with `expected_submission`, only if that is still its submission.
+
+        Raises:
+            Superseded: the step was submitted again since `expected_submission`.
+        """
         with self._lock:
-            entry = self.data["uploads"].setdefault(branch_name(step), {"step": step})
+            entry = self.data["uploads"].setdefault(checkpoint_name(step), {"step": step})
+            if expected_submission is not None and entry.get("submission") != expected_submission:
+                raise Superseded(step)
             entry.update(values)
             self.save()
             return entry
 
-    def set_phase(self, step: int, phase: str, value: bool | None) -> None:
+    def set_phases(self, step: int, submission: str, main_step: int | None = None, **phases) -> None:
+        """Record finished phases of `submission` (and that `main` now holds `main_step`) in one write."""
         with self._lock:
-            self.data["uploads"][branch_name(step)]["phases"][phase] = value
+            entry = self.entry(step)
+            if entry is None or entry.get("submission") != submission:
+                raise Superseded(step)
+            entry["phases"] = {**entry["phases"], **phases}
+            if main_step is not None:
+                self.data["main_step"] = main_step
             self.save()
 
     def steps(self, state: str | None = None) -> list[int]:
@@ -226,8 +255,12 @@ class UploadJournal:
             )
 
 
-class CheckpointPusher:
+class CheckpointPusher(TrainingCallback):
     """Export and upload checkpoints in a background thread, one Hub branch per checkpoint; `main` follows the newest.
+
+    A training events subscriber: `on_checkpoint_saved` queues each checkpoint, `may_delete` keeps it out of the
+    rotation until its upload is confirmed, `on_train_end` queues the run's `final/` (SFT/DPO) and `close` waits for
+    the uploads. `pusher_for_run(args, is_main_process=...)` builds one from a run's arguments.
 
     Args:
         repo_id: the model repo, `namespace/name`.
@@ -239,7 +272,8 @@ class CheckpointPusher:
         private: create the repo private (ignored if it exists).
         backup_repo_id: a private repo that receives the raw training checkpoint directory (DCP shards, optimizer
             state) under `checkpoints/step-XXXXXXX/`, as an off-site backup.
-        update_main: upload each checkpoint to `main` too, as long as it is the newest one uploaded.
+        update_main: commit each checkpoint to `main` (then branch from that commit) as long as it is the newest one
+            uploaded; `False` commits each to its own branch only.
         max_attempts: tries per checkpoint before it is left pending for the next run.
         base_delay: seconds before the first retry; doubled on each retry, up to `max_delay`.
         max_delay: longest wait between two tries.
@@ -294,7 +328,7 @@ class CheckpointPusher:
         self.keep_exports = keep_exports
         self._export_fn = export_fn or self._default_export
         self._api = HfApi(endpoint=endpoint, token=self._token)
-        self.journal = UploadJournal(self.output_dir / JOURNAL_FILE)
+        self.journal = UploadJournal(self.output_dir / HUB_JOURNAL_FILE)
         if self.journal.data.get("repo_id") not in (None, self.repo_id):
             logger.warning(
                 "Upload journal %s was written for %s; pending uploads now go to %s.",
@@ -314,11 +348,58 @@ class CheckpointPusher:
         self._thread.start()
         # A resumed run: upload what the previous process left pending, oldest first.
         for step in self.journal.steps("pending"):
-            logger.info("Resuming the upload of %s to %s.", branch_name(step), self.repo_id)
+            logger.info("Resuming the upload of %s to %s.", checkpoint_name(step), self.repo_id)
             self._enqueue(step)
 
     # -----------------------------------------------------------------------------------------------------------------
-    # What the trainer calls
+    # Training events
+
+    def on_checkpoint_saved(self, checkpoint_dir: Path, step: int) -> None:
+        """Queue a checkpoint: a pretraining `step-XXXXXXX` as it is, a Trainer's `checkpoint-N` as a copy we own."""
+        checkpoint_dir = Path(checkpoint_dir)
+        if not TRL_CHECKPOINT.match(checkpoint_dir.name):
+            self.submit(checkpoint_dir, step)
+        elif has_weights(checkpoint_dir):
+            self.submit_copy(checkpoint_dir, step)
+        else:
+            # A PEFT run's checkpoint holds an adapter, not a model; its merged final/ is pushed at the end.
+            logger.info("Not pushing %s: it holds no model weights (a LoRA adapter checkpoint).", checkpoint_dir)
+
+    def on_train_end(self, run_dir: Path, checkpoint_dir: Path | None, step: int) -> None:
+        """Queue the run's last model: SFT/DPO's `final/`. A pretraining run ends on its last checkpoint, which
+        `on_checkpoint_saved` queued already; it is queued here only if it was not (under its own step)."""
+        if checkpoint_dir is None:
+            return
+        checkpoint_dir = Path(checkpoint_dir)
+        if STEP_DIR.match(checkpoint_dir.name):
+            step = step_of(checkpoint_dir)
+        entry = self.journal.entry(step)
+        if entry is None or entry["checkpoint_dir"] != str(checkpoint_dir.resolve()):
+            self.submit(checkpoint_dir, step)
+
+    def may_delete(self, checkpoint_dir: str | Path) -> bool:
+        """Retention predicate: `False` while an upload from this folder is pending or failed (keep the local copy).
+
+        Args:
+            checkpoint_dir: a checkpoint folder (`.../step-XXXXXXX`) or model folder (`final/`).
+        """
+        path = str(Path(checkpoint_dir).resolve())
+        with self.journal._lock:
+            uploads = self.journal.data["uploads"].values()
+            return all(entry["state"] == "done" for entry in uploads if entry.get("checkpoint_dir") == path)
+
+    def close(self, wait: bool = True, timeout: float | None = None) -> None:
+        """Stop the worker; with `wait`, first finish the queue (what pending remains is uploaded on resume)."""
+        if self._stop.is_set():
+            return
+        if wait:
+            self.wait(timeout)
+        self._stop.set()
+        self._queue.put(None)
+        self._thread.join(timeout=30)
+
+    # -----------------------------------------------------------------------------------------------------------------
+    # Queueing and state
 
     def submit(self, checkpoint_dir: str | Path, step: int) -> None:
         """Queue a checkpoint for upload and return at once (a journal write; no network, no export).
@@ -334,17 +415,21 @@ class CheckpointPusher:
         self.journal.update(
             step,
             checkpoint_dir=checkpoint_dir,
-            branch=branch_name(step),
+            branch=checkpoint_name(step),
+            submission=uuid.uuid4().hex[:8],
             state="pending",
-            phases={"branch": False, "main": False, "backup": False if self.backup_repo_id else None},
+            phases={
+                "export": False,
+                "commit": None,
+                "branch": False,
+                "backup": False if self.backup_repo_id else None,
+            },
             attempts=0,
             last_error=None,
             submitted_at=_now(),
             confirmed_at=None,
         )
         self._enqueue(step)
-
-    __call__ = submit  # a pusher is itself a `checkpoint_callbacks` entry: callback(checkpoint_dir, step)
 
     def submit_copy(self, checkpoint_dir: str | Path, step: int) -> None:
         """`submit` a copy of `checkpoint_dir` that the pusher owns, for trainers that delete old checkpoints while
@@ -359,7 +444,7 @@ class CheckpointPusher:
             step: its training step.
         """
         source = Path(checkpoint_dir)
-        staged = self.output_dir / STAGING_DIR / source.name
+        staged = self.output_dir / HUB_STAGING_DIR / source.name
         entry = self.journal.entry(step)
         if entry is not None and entry["state"] == "done" and entry["checkpoint_dir"] == str(staged.resolve()):
             return
@@ -379,18 +464,6 @@ class CheckpointPusher:
         entry = self.journal.entry(step)
         return entry is not None and entry["state"] == "done"
 
-    def may_delete(self, checkpoint_dir: str | Path) -> bool:
-        """Retention predicate: `False` while the checkpoint's upload is pending or failed (keep the local copy).
-
-        Args:
-            checkpoint_dir: a `.../step-XXXXXXX` checkpoint directory.
-        """
-        step = step_from_path(checkpoint_dir)
-        if step is None:
-            return True
-        entry = self.journal.entry(step)
-        return entry is None or entry["state"] == "done"
-
     def pending_steps(self) -> list[int]:
         return self.journal.steps("pending")
 
@@ -404,14 +477,6 @@ class CheckpointPusher:
                 return False
             time.sleep(0.05)
         return True
-
-    def close(self, wait: bool = True, timeout: float | None = None) -> None:
-        """Stop the worker; with `wait`, first finish the queue (what pending remains is uploaded on resume)."""
-        if wait:
-            self.wait(timeout)
-        self._stop.set()
-        self._queue.put(None)
-        self._thread.join(timeout=30)
 
     def __enter__(self) -> "CheckpointPusher":
         return self
@@ -446,57 +511,72 @@ class CheckpointPusher:
                 self._queue.task_done()
 
     def _process(self, step: int) -> None:
+        """Upload one checkpoint, retrying the whole of it from the phase the journal says it reached.
+
+        huggingface_hub retries the requests of an upload itself (preupload, LFS/Xet transfers and, with hf_xet, the
+        commit: `http_backoff` on 408/429/5xx and dropped connections), but not `create_repo`, `create_branch`, nor
+        the commit of its single-commit path (hf_xet absent or `HF_HUB_DISABLE_XET=1`): a failure there must not
+        lose the checkpoint, so it is tried again here, then left pending for the next run.
+        """
         from genesis_hf.publish.export import ExportError
 
         for attempt in range(1, self.max_attempts + 1):
-            if self._stop.is_set():
-                return
             entry = self.journal.entry(step)
-            if entry is None or entry["state"] != "pending":
+            if self._stop.is_set() or entry is None or entry["state"] != "pending":
                 return
+            submission = entry["submission"]
             try:
                 self._upload(entry)
+                self.journal.update(step, submission, state="done", confirmed_at=_now(), last_error=None)
+            except Superseded:
+                return  # submitted again meanwhile: the new submission is queued and starts over
             except ExportError as error:
                 message = scrub(str(error), self._token)
-                self.journal.update(step, state="failed", last_error=message, attempts=entry["attempts"] + 1)
-                logger.error("Checkpoint %s cannot be pushed: %s", branch_name(step), message)
+                with contextlib.suppress(Superseded):
+                    self.journal.update(
+                        step, submission, state="failed", last_error=message, attempts=entry["attempts"] + 1
+                    )
+                    logger.error("Checkpoint %s cannot be pushed: %s", checkpoint_name(step), message)
                 return
             except Exception as error:
                 message = f"{type(error).__name__}: {scrub(str(error), self._token)}"
-                self.journal.update(step, last_error=message, attempts=entry["attempts"] + 1)
-                if attempt == self.max_attempts:
-                    logger.error(
-                        "Upload of %s to %s failed %d times (%s); it stays pending and is retried when a pusher "
-                        "starts on %s again.",
-                        branch_name(step),
-                        self.repo_id,
-                        attempt,
-                        message,
-                        self.output_dir,
-                    )
+                try:
+                    self.journal.update(step, submission, last_error=message, attempts=entry["attempts"] + 1)
+                except Superseded:
                     return
-                delay = min(self.max_delay, self.base_delay * 2 ** (attempt - 1))
-                logger.warning(
-                    "Upload of %s failed (%s); retry %d in %.1fs.", branch_name(step), message, attempt, delay
+            else:
+                self._confirmed(step)
+                return
+            if attempt == self.max_attempts:
+                logger.error(
+                    "Upload of %s to %s failed %d times (%s); it stays pending and is retried when a pusher starts on "
+                    "%s again.",
+                    checkpoint_name(step),
+                    self.repo_id,
+                    attempt,
+                    message,
+                    self.output_dir,
                 )
-                self._stop.wait(delay)
-                continue
-            self.journal.update(step, state="done", confirmed_at=_now(), last_error=None)
-            logger.info("Checkpoint %s is on the Hub: %s (branch %s).", step, self.repo_id, branch_name(step))
-            self._remove_unneeded_copies()
-            from genesis_hf.publish.export import EXPORT_MARKER_FILE
+                return
+            delay = min(self.max_delay, self.base_delay * 2 ** (attempt - 1))
+            logger.warning(
+                "Upload of %s failed (%s); retry %d in %.1fs.", checkpoint_name(step), message, attempt, delay
+            )
+            self._stop.wait(delay)
 
-            export_dir = self.output_dir / EXPORTS_DIR / branch_name(step)
-            # Only an export proves it is one (its marker); a folder a custom export_fn or the user left is kept.
-            if not self.keep_exports and (export_dir / EXPORT_MARKER_FILE).is_file():
-                shutil.rmtree(export_dir, ignore_errors=True)
-            return
+    def _confirmed(self, step: int) -> None:
+        logger.info("Checkpoint %s is on the Hub: %s (branch %s).", step, self.repo_id, checkpoint_name(step))
+        self._remove_unneeded_copies()
+        export_dir = self.output_dir / HUB_EXPORTS_DIR / checkpoint_name(step)
+        # Only an export proves it is one (its marker); a folder a custom export_fn or the user left is kept.
+        if not self.keep_exports and (export_dir / EXPORT_MARKER_FILE).is_file():
+            shutil.rmtree(export_dir, ignore_errors=True)
 
     def _remove_unneeded_copies(self) -> None:
         """Delete the `submit_copy` copies that no pending or failed upload names (also one whose step was then
-        submitted again from another folder, as the recipes do with `final/`). Only `.hub_staging/` is touched: the
-        pusher's own folder; the trainer's checkpoints never are."""
-        staging = self.output_dir / STAGING_DIR
+        submitted again from another folder, as `on_train_end` does with `final/`). Only `.hub_staging/` is touched:
+        the pusher's own folder; the trainer's checkpoints never are."""
+        staging = self.output_dir / HUB_STAGING_DIR
         with self._staging_lock:
             if not staging.is_dir():
                 return
@@ -514,54 +594,38 @@ class CheckpointPusher:
     def _default_export(self, checkpoint_dir: Path, out_dir: Path, step: int, branch: str) -> None:
         from genesis_hf.publish.export import export_checkpoint
 
+        # The export's card names this repo and branch (`from_pretrained(repo_id, revision=branch)`); the token is
+        # redacted from whatever the export writes.
+        hub_revision = {"repo_id": self.repo_id, "revision": branch, "step": step, "redact": [self._token]}
         export_checkpoint(
             checkpoint_dir,
             out_dir,
             export_format=self.export_format,
             dtype=self.dtype,
             max_shard_size=self.max_shard_size,
-            repo_id=self.repo_id,
-            revision=branch,
-            step=step,
             overwrite=True,
-            redact=[self._token],
             log=logger.info,
+            **hub_revision,
         )
 
+    # -----------------------------------------------------------------------------------------------------------------
+    # One upload
+
     def _upload(self, entry: dict) -> None:
-        step, branch = entry["step"], entry["branch"]
+        step, branch, submission = entry["step"], entry["branch"], entry["submission"]
         checkpoint_dir = Path(entry["checkpoint_dir"])
-        export_dir = self.output_dir / EXPORTS_DIR / branch
-        phases = entry["phases"]
-        if not export_dir.is_dir():
-            # export_checkpoint renames a verified folder into place, so an existing folder is a complete one.
+        export_dir = self.output_dir / HUB_EXPORTS_DIR / branch
+        phases = dict(entry["phases"])
+        if not phases["export"]:
+            # Made again for each submission: a folder left here may be an earlier submission's of this step.
             self._export_fn(checkpoint_dir, export_dir, step, branch)
+            self.journal.set_phases(step, submission, export=True)
         self._api.create_repo(self.repo_id, private=self.private, exist_ok=True)
+        if phases["commit"] is None:
+            phases["commit"], phases["branch"] = self._commit(step, submission, export_dir)
         if not phases["branch"]:
-            self._api.create_branch(self.repo_id, branch=branch, exist_ok=True)
-            self._api.upload_folder(
-                repo_id=self.repo_id,
-                folder_path=export_dir,
-                revision=branch,
-                commit_message=f"Checkpoint at step {step}",
-                delete_patterns="*",
-            )
-            self.journal.set_phase(step, "branch", True)
-        if not phases["main"]:
-            main_step = self.journal.data.get("main_step")
-            if self.update_main and (main_step is None or step >= main_step):
-                self._api.upload_folder(
-                    repo_id=self.repo_id,
-                    folder_path=export_dir,
-                    revision="main",
-                    commit_message=f"main now holds the checkpoint at step {step}",
-                    delete_patterns="*",
-                )
-                with self.journal._lock:
-                    self.journal.data["main_step"] = step
-                    self.journal.set_phase(step, "main", True)
-            else:
-                self.journal.set_phase(step, "main", None)  # a newer checkpoint is already on main
+            self._point_branch(branch, phases["commit"])
+            self.journal.set_phases(step, submission, branch=True)
         if phases.get("backup") is False:
             self._api.create_repo(self.backup_repo_id, private=True, exist_ok=True)
             self._api.upload_folder(
@@ -570,7 +634,55 @@ class CheckpointPusher:
                 path_in_repo=f"checkpoints/{branch}",
                 commit_message=f"Training state at step {step}",
             )
-            self.journal.set_phase(step, "backup", True)
+            self.journal.set_phases(step, submission, backup=True)
+
+    def _commit(self, step: int, submission: str, export_dir: Path) -> tuple[str, bool]:
+        """Upload the export in one commit; returns its id and whether that commit already is the branch's.
+
+        The newest checkpoint goes to `main` (its branch is then created at that commit). One older than `main`'s
+        (a resumed run's leftover) or any with `update_main=False` goes to its own branch only, so `main` never goes
+        back.
+
+        huggingface_hub 2.x has no separate `upload_large_folder`: `upload_folder` is its large-folder upload
+        (streamed through Xet, resumable, requests retried). It splits a folder of hundreds of files into several
+        commits, the last of which holds the whole checkpoint and is the one returned (an export has about a dozen
+        files: one commit). `parent_commit` makes the Hub refuse the commit if the target moved since we looked (e.g.
+        a commit of an interrupted run arriving late), rather than put an older checkpoint on top; the retry looks
+        again.
+        """
+        branch = checkpoint_name(step)
+        main_step = self.journal.data.get("main_step")
+        to_main = self.update_main and (main_step is None or step >= main_step)
+        if not to_main:
+            self._api.create_branch(self.repo_id, branch=branch, exist_ok=True)
+        revision = "main" if to_main else branch
+        commit = self._api.upload_folder(
+            repo_id=self.repo_id,
+            folder_path=export_dir,
+            revision=revision,
+            commit_message=f"Checkpoint at step {step}",
+            delete_patterns="*",
+            parent_commit=self._api.repo_info(self.repo_id, revision=revision).sha,
+        )
+        self.journal.set_phases(
+            step, submission, main_step=step if to_main else None, commit=commit.oid, branch=not to_main
+        )
+        return commit.oid, not to_main
+
+    def _point_branch(self, branch: str, commit: str) -> None:
+        """Create `branch` at `commit`; an existing branch elsewhere (an earlier run's) is moved there."""
+        try:
+            self._api.create_branch(self.repo_id, branch=branch, revision=commit)
+            return
+        except HfHubHTTPError as error:
+            if error.response is None or error.response.status_code != 409:
+                raise
+        # The branch exists: made by a try whose answer was lost (then it is right), or by an earlier run.
+        refs = self._api.list_repo_refs(self.repo_id).branches
+        if any(ref.name == branch and ref.target_commit == commit for ref in refs):
+            return
+        self._api.delete_branch(self.repo_id, branch=branch)
+        self._api.create_branch(self.repo_id, branch=branch, revision=commit)
 
 
 def _link_or_copy(source: str, target: str) -> None:
@@ -581,16 +693,17 @@ def _link_or_copy(source: str, target: str) -> None:
 
 
 def pusher_for_run(args, *, is_main_process: bool = True, endpoint: str | None = None) -> CheckpointPusher | None:
-    """The pusher of a training run, or `None` when `args.push_to_hub` is off; call it on every rank before training.
+    """The Hub pusher of a training run, or `None` (push_to_hub off, or not the main process); call it on every rank.
 
     Reads `push_to_hub`, `hub_model_id`, `output_dir` and, when the config has them, `hub_private_repo` and
     `hub_backup_repo_id` (TrainingArguments names). The token comes from `HF_TOKEN` or `hf auth login`, never from the
     config, which is copied into every checkpoint. Preflight runs here, so a bad repo id or token stops the run before
-    its first step. The trainer then passes the pusher as a `checkpoint_callbacks` entry, `pusher.may_delete` to its
-    retention, and calls `pusher.close()` at the end (which waits for the uploads).
+    its first step. The pusher is a `genesis_hf.events.TrainingCallback`: hand it to the run's subscribers
+    (`Events([..., pusher])` for pretraining, `TrainerEvents([..., pusher])` as a Trainer callback for SFT/DPO, whose
+    `finish(run_dir, final_dir, step, ...)` pushes `final/` and waits), nothing else.
 
     Every rank runs the checks, so that a bad token stops all of them at once instead of leaving the others waiting
-    in a collective; only the main process gets a pusher (checkpoint callbacks run on rank 0).
+    in a collective; only the main process gets a pusher (checkpoint events fire on the main process).
 
     Args:
         args: the run's arguments.
@@ -619,17 +732,12 @@ def pusher_for_run(args, *, is_main_process: bool = True, endpoint: str | None =
 
 
 __all__ = [
-    "EXPORTS_DIR",
-    "STAGING_DIR",
-    "JOURNAL_FILE",
     "CheckpointPusher",
     "PublishError",
     "UploadJournal",
-    "branch_name",
     "check_repo_id",
     "preflight",
     "pusher_for_run",
     "resolve_token",
     "scrub",
-    "step_from_path",
 ]
