@@ -1,6 +1,7 @@
 """Throughput and memory of the pretraining data pipeline; prints one JSON object.
 
     .venv/bin/python benchmarks/data.py [--vocab-size 8192] [--seq-len 2048] [--batch-size 8] [--repeats 5]
+    .venv/bin/python benchmarks/data.py --only rank_scaling      # just the last measurement below
 
 Measures, on the embedded stdlib corpus with the same tokenizer (`default_tokenizer(vocab_size)`) and the same text:
 
@@ -18,6 +19,11 @@ Measures, on the embedded stdlib corpus with the same tokenizer (`default_tokeni
 - `long_one_line_document`: one document of `--long-document-mb` MB without a newline (the corpus's text with its
   newlines turned into spaces), encoded by `TokenEncoder` as the loader does: seconds and peak RSS growth, in a fresh
   process; and a 2 MB one encoded in pieces and whole (one encoder call, as before pieces), side by side.
+- `rank_scaling`: the streaming loader on 1, 2 and 4 ranks of one machine (real processes joined by gloo), each run
+  over the same `--scaling-tokens` global tokens: what each rank encoded (documents, characters, tokens, seconds and
+  CPU seconds in the encoder, with the encoder on one thread) and its ratio to 1 rank, plus 4 ranks without sharing
+  (`share_tokenization=False`, how every rank worked before sharing). The rows of every rank are checked against
+  the single process's.
 
 The consumer to beat: Genesis 1B on 2x RTX 4090 trains at ~19,000 tokens/s in all.
 """
@@ -283,6 +289,107 @@ def bench_memory(args: argparse.Namespace, directory: Path) -> dict:
     return results
 
 
+def _rank_probe(rank: int, world_size: int, port: int, args: argparse.Namespace) -> None:
+    """Runs in one of `world_size` fresh processes: stream `--scaling-tokens` global tokens of the default mixture, one
+    row per rank and batch; print this rank's encoding work, loop seconds and a hash of its rows."""
+    import hashlib
+
+    import torch.distributed as dist
+
+    from genesis_hf.data import build_pretrain_loader
+
+    tokenizer = _tokenizer(args.vocab_size)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size)
+    started = time.perf_counter()
+    loader = build_pretrain_loader(
+        "default",
+        tokenizer,
+        seq_len=args.seq_len,
+        batch_size=1,
+        rank=rank,
+        world_size=world_size,
+        share_tokenization=not args.no_share,
+    )
+    rows = _scaling_rows(args) // world_size
+    digest = hashlib.sha256()
+    for _ in range(rows):
+        digest.update(loader.next_batch()["input_ids"].numpy().tobytes())
+    loader.close()
+    seconds = time.perf_counter() - started
+    dist.destroy_process_group()
+    print(json.dumps({**loader.tokenization_work, "loop_seconds": round(seconds, 2), "rows": digest.hexdigest()}))
+
+
+def _scaling_rows(args: argparse.Namespace) -> int:
+    """Global rows of the scaling runs: `--scaling-tokens` rounded down to whole rows for 4 ranks."""
+    return max(4, args.scaling_tokens // args.seq_len // 4 * 4)
+
+
+def _run_ranks(world_size: int, args: argparse.Namespace, share: bool = True) -> list[dict]:
+    """`_rank_probe` in `world_size` processes started together; each one's result, in rank order."""
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    command = [sys.executable, __file__, "--vocab-size", str(args.vocab_size), "--seq-len", str(args.seq_len)]
+    command += ["--scaling-tokens", str(args.scaling_tokens), "--world-size", str(world_size), "--port", str(port)]
+    command += [] if share else ["--no-share"]
+    # One encoder thread per rank, so that CPU seconds in the encoder are all of its work.
+    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
+    processes = [
+        subprocess.Popen([*command, "--rank-probe", str(rank)], stdout=subprocess.PIPE, text=True, env=env)
+        for rank in range(world_size)
+    ]
+    outputs = [process.communicate()[0] for process in processes]
+    if any(process.returncode for process in processes):
+        raise RuntimeError(f"A rank of the {world_size}-rank run failed: {[p.returncode for p in processes]}.")
+    return [json.loads(output.splitlines()[-1]) for output in outputs]
+
+
+def _expected_row_hashes(world_sizes: tuple[int, ...], args: argparse.Namespace) -> dict[int, list[str]]:
+    """For each world size, the hash `_rank_probe` must print on each rank, computed from one process's rows (this
+    also builds the tokenizer's cache before the ranks start)."""
+    import hashlib
+
+    from genesis_hf.data import build_pretrain_loader
+
+    loader = build_pretrain_loader("default", _tokenizer(args.vocab_size), seq_len=args.seq_len, batch_size=1)
+    rows = [loader.next_batch()["input_ids"].numpy().tobytes() for _ in range(_scaling_rows(args))]
+    loader.close()
+    expected = {}
+    for world_size in world_sizes:
+        digests = [hashlib.sha256() for _ in range(world_size)]
+        for index, row in enumerate(rows):
+            digests[index % world_size].update(row)
+        expected[world_size] = [digest.hexdigest() for digest in digests]
+    return expected
+
+
+def bench_rank_scaling(args: argparse.Namespace) -> dict:
+    """Per-rank encoding work of the streaming loader on 1, 2 and 4 ranks (and 4 without sharing), side by side."""
+    expected = _expected_row_hashes((1, 2, 4), args)
+    runs = {f"{n}_ranks": _run_ranks(n, args) for n in (1, 2, 4)}
+    runs["4_ranks_unshared"] = _run_ranks(4, args, share=False)
+    for label, results in runs.items():
+        if [result.pop("rows") for result in results] != expected[len(results)]:
+            raise RuntimeError(f"The rows of the {label} run differ from one process's rows.")
+    alone = runs["1_ranks"][0]
+    keys = ("documents", "characters", "tokens", "seconds", "cpu_seconds")
+    report: dict = {"global_tokens": _scaling_rows(args) * args.seq_len, "rows_match_one_process": True}
+    for label, results in runs.items():
+        report[label] = {
+            "per_rank": results,
+            "max_rank_over_1_rank": {
+                key: round(max(r[key] for r in results) / max(alone[key], 1e-9), 3) for key in keys
+            },
+            "all_ranks_over_1_rank": {
+                key: round(sum(r[key] for r in results) / max(alone[key], 1e-9), 3) for key in keys
+            },
+        }
+    return report
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--vocab-size", type=int, default=8192)
@@ -300,7 +407,21 @@ def main() -> None:
     )
     parser.add_argument("--long-document-probe", type=float, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--whole", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--scaling-tokens", type=int, default=1_000_000, help="Global tokens of each rank_scaling run."
+    )
+    parser.add_argument("--only", choices=("rank_scaling",), default=None, help="Run one measurement only.")
+    parser.add_argument("--rank-probe", type=int, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--world-size", type=int, default=1, help=argparse.SUPPRESS)
+    parser.add_argument("--port", type=int, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--no-share", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.rank_probe is not None:
+        _rank_probe(args.rank_probe, args.world_size, args.port, args)
+        return
+    if args.only == "rank_scaling":
+        print(json.dumps({"rank_scaling": bench_rank_scaling(args)}, indent=1))
+        return
     if args.long_document_probe:
         _long_document_probe(args.long_document_probe, args.vocab_size, args.whole)
         return
@@ -368,6 +489,7 @@ def main() -> None:
             "tracemalloc_peak": round(memory["4x"]["tracemalloc_peak_mib"] / memory["1x"]["tracemalloc_peak_mib"], 2),
         },
         "long_one_line_document": long_document,
+        "rank_scaling": bench_rank_scaling(args),
     }
     print(json.dumps(report, indent=1))
 

@@ -166,33 +166,12 @@ def prepare_tokenized(
         This shard's index (also written to `output_dir/index-XXXXX-of-XXXXX.json`).
     """
     mixture = mixture if isinstance(mixture, MixtureConfig) else load_mixture(mixture)
-    if not 0 <= shard_index < num_shards:
-        raise ConfigError(f"shard_index must be in [0, num_shards={num_shards}), got {shard_index}.")
-    if isinstance(num_proc, bool) or not isinstance(num_proc, int) or num_proc < 1:
-        raise ConfigError(f"num_proc must be a positive integer, got {num_proc!r}.")
-    if max_tokens is not None and max_tokens < 1:
-        raise ConfigError(f"max_tokens must be positive (or unset for no budget), got {max_tokens!r}.")
+    _check_prepare_arguments(shard_index, num_shards, num_proc, max_tokens)
     encoder = TokenEncoder(tokenizer)
     dtype = token_dtype(encoder.vocab_size)
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    pool = None
-    if num_proc > 1:
-        # fork: workers start at once and need nothing pickled but the tokenizer JSON; spawn where fork is missing.
-        method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
-        # Set while forking so `tokenizers` does not warn in every worker that its thread pool was used before the
-        # fork; restored right after, for this process's own encoding.
-        previous = os.environ.get("TOKENIZERS_PARALLELISM")
-        os.environ["TOKENIZERS_PARALLELISM"] = "false"
-        try:
-            pool = multiprocessing.get_context(method).Pool(
-                num_proc, initializer=_init_worker, initargs=(encoder.backend_json, encoder.eos_token_id)
-            )
-        finally:
-            if previous is None:
-                os.environ.pop("TOKENIZERS_PARALLELISM", None)
-            else:
-                os.environ["TOKENIZERS_PARALLELISM"] = previous
+    pool = _encoding_pool(encoder, num_proc)
     sources_index: dict[str, Any] = {}
     try:
         for source, weight in zip(mixture.sources, mixture.weights):
@@ -205,38 +184,108 @@ def prepare_tokenized(
             tasks = _tasks(source, mixture.holdout_every, shard_index, num_shards)
             results = _ordered_results(tasks, encoder.encode, pool, 2 * num_proc)
             for tokens, lengths, indices, flags in results:
-                # (documents + 1,) token offsets of each document in `tokens`.
-                offsets = np.concatenate([[0], np.cumsum(lengths)])
-                keep = np.ones(len(lengths), dtype=bool)
-                if budget is not None:
-                    # Stop after the training document that reaches the budget; validation documents read before it stay.
-                    train_ends = writers["train"].tokens + np.cumsum(np.where(flags, 0, lengths))
-                    reached = np.flatnonzero((train_ends >= budget) & ~flags)
-                    if len(reached):
-                        keep[reached[0] + 1 :] = False
-                for split, mask in (("train", ~flags & keep), ("validation", flags & keep)):
-                    if mask.any():
-                        pieces = [tokens[offsets[i] : offsets[i + 1]] for i in np.flatnonzero(mask)]
-                        writers[split].write(np.concatenate(pieces), lengths[mask], indices[mask])
-                if not keep.all():
+                if _write_documents(writers, tokens, lengths, indices, flags, budget):
                     break
             # Closing the generators closes the source reader now, also when the budget stopped it early.
             results.close()
             tasks.close()
-            entries = {split: writer.close() for split, writer in writers.items()}
-            sources_index[source.name] = entries
+            sources_index[source.name] = {split: writer.close() for split, writer in writers.items()}
             if log is not None:
-                seconds = time.perf_counter() - started
-                log(
-                    f"{source.name}: {entries['train']['tokens']:,} training tokens in {entries['train']['documents']:,}"
-                    f" documents, {entries['validation']['tokens']:,} validation tokens ({seconds:.1f}s, "
-                    f"{entries['train']['tokens'] / max(seconds, 1e-9):,.0f} tokens/s)"
-                )
+                log(_source_summary(source.name, sources_index[source.name], time.perf_counter() - started))
     finally:
         if pool is not None:
             pool.terminate()
             pool.join()
-    index = {
+    index = _shard_index(encoder, dtype, mixture, max_tokens, shard_index, num_shards, sources_index)
+    write_json(output_dir / shard_index_name(shard_index, num_shards), index)
+    if num_shards == 1:
+        merge_tokenized([output_dir], output_dir)
+    return index
+
+
+def _check_prepare_arguments(shard_index: int, num_shards: int, num_proc: int, max_tokens: int | None) -> None:
+    if not 0 <= shard_index < num_shards:
+        raise ConfigError(f"shard_index must be in [0, num_shards={num_shards}), got {shard_index}.")
+    if isinstance(num_proc, bool) or not isinstance(num_proc, int) or num_proc < 1:
+        raise ConfigError(f"num_proc must be a positive integer, got {num_proc!r}.")
+    if max_tokens is not None and max_tokens < 1:
+        raise ConfigError(f"max_tokens must be positive (or unset for no budget), got {max_tokens!r}.")
+
+
+def _encoding_pool(encoder: TokenEncoder, num_proc: int):
+    """`num_proc` encoding worker processes, or `None` to encode in this process."""
+    if num_proc == 1:
+        return None
+    # fork: workers start at once and need nothing pickled but the tokenizer JSON; spawn where fork is missing.
+    method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
+    # Set while forking so `tokenizers` does not warn in every worker that its thread pool was used before the
+    # fork; restored right after, for this process's own encoding.
+    previous = os.environ.get("TOKENIZERS_PARALLELISM")
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    try:
+        return multiprocessing.get_context(method).Pool(
+            num_proc, initializer=_init_worker, initargs=(encoder.backend_json, encoder.eos_token_id)
+        )
+    finally:
+        if previous is None:
+            os.environ.pop("TOKENIZERS_PARALLELISM", None)
+        else:
+            os.environ["TOKENIZERS_PARALLELISM"] = previous
+
+
+def _write_documents(
+    writers: dict[str, TokenFileWriter],
+    tokens: np.ndarray,
+    lengths: np.ndarray,
+    indices: np.ndarray,
+    flags: np.ndarray,
+    budget: int | None,
+) -> bool:
+    """Append one task's documents to the train and validation files; True when the training budget is reached.
+
+    Args:
+        writers: the source's writer of each split.
+        tokens: (sum(lengths),) the documents' tokens, eos included.
+        lengths: (documents,) token count of each document.
+        indices: (documents,) raw document indices.
+        flags: (documents,) whether each document is held out for validation.
+        budget: this shard's training tokens for the source, or `None`.
+    """
+    # (documents + 1,) token offsets of each document in `tokens`.
+    offsets = np.concatenate([[0], np.cumsum(lengths)])
+    keep = np.ones(len(lengths), dtype=bool)
+    if budget is not None:
+        # Stop after the training document that reaches the budget; validation documents read before it stay.
+        train_ends = writers["train"].tokens + np.cumsum(np.where(flags, 0, lengths))
+        reached = np.flatnonzero((train_ends >= budget) & ~flags)
+        if len(reached):
+            keep[reached[0] + 1 :] = False
+    for split, mask in (("train", ~flags & keep), ("validation", flags & keep)):
+        if mask.any():
+            pieces = [tokens[offsets[i] : offsets[i + 1]] for i in np.flatnonzero(mask)]
+            writers[split].write(np.concatenate(pieces), lengths[mask], indices[mask])
+    return not keep.all()
+
+
+def _source_summary(name: str, entries: dict[str, Any], seconds: float) -> str:
+    return (
+        f"{name}: {entries['train']['tokens']:,} training tokens in {entries['train']['documents']:,}"
+        f" documents, {entries['validation']['tokens']:,} validation tokens ({seconds:.1f}s, "
+        f"{entries['train']['tokens'] / max(seconds, 1e-9):,.0f} tokens/s)"
+    )
+
+
+def _shard_index(
+    encoder: TokenEncoder,
+    dtype: np.dtype,
+    mixture: MixtureConfig,
+    max_tokens: int | None,
+    shard_index: int,
+    num_shards: int,
+    sources_index: dict[str, Any],
+) -> dict[str, Any]:
+    """The shard's `index-XXXXX-of-XXXXX.json` (see `genesis_hf.data.tokenized`)."""
+    return {
         "format": FORMAT,
         "version": FORMAT_VERSION,
         "dtype": dtype.name,
@@ -250,10 +299,6 @@ def prepare_tokenized(
         "tokens_per_source": {name: entry["train"]["tokens"] for name, entry in sources_index.items()},
         "sources": sources_index,
     }
-    write_json(output_dir / shard_index_name(shard_index, num_shards), index)
-    if num_shards == 1:
-        merge_tokenized([output_dir], output_dir)
-    return index
 
 
 __all__ = ["parse_shard", "prepare_tokenized"]

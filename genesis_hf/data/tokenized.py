@@ -143,6 +143,35 @@ def merge_tokenized(input_dirs: list[str | Path], output_dir: str | Path) -> dic
     """
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
+    shards = _read_shard_indexes(input_dirs)
+    ordered = _check_shards_agree(shards)
+    first = ordered[0][1]
+    source_names = [source["name"] for source in first["mixture"]["sources"]]
+    merged_sources = {
+        name: {split: _merge_split(name, split, ordered, output_dir) for split in SPLITS} for name in source_names
+    }
+    merged = {
+        "format": FORMAT,
+        "version": FORMAT_VERSION,
+        **{key: first[key] for key in _SHARED_KEYS},
+        "num_shards": len(ordered),
+        "tokens_per_shard": [values["tokens"] for _, values in ordered],
+        "tokens_per_source": {name: merged_sources[name]["train"]["tokens"] for name in source_names},
+        "validation_tokens_per_source": {name: merged_sources[name]["validation"]["tokens"] for name in source_names},
+        "sources": merged_sources,
+    }
+    empty = [name for name in source_names if merged["tokens_per_source"][name] == 0]
+    if empty:
+        raise ConfigError(
+            f"Source(s) {', '.join(empty)} have no training tokens in any shard: the source is empty (or every "
+            "document is held out). Fix the source's location, or remove it from the mixture."
+        )
+    write_json(output_dir / INDEX_NAME, merged)
+    return merged
+
+
+def _read_shard_indexes(input_dirs: list[str | Path]) -> dict[int, tuple[Path, dict[str, Any]]]:
+    """Every per-shard index in `input_dirs`, by shard number, with its path."""
     shards: dict[int, tuple[Path, dict[str, Any]]] = {}
     for directory in map(Path, input_dirs):
         paths = _shard_indexes(directory)
@@ -157,6 +186,11 @@ def merge_tokenized(input_dirs: list[str | Path], output_dir: str | Path) -> dic
             if shard in shards:
                 raise ConfigError(f"Shard {shard} appears twice: in {str(shards[shard][0])!r} and {str(path)!r}.")
             shards[shard] = (path, values)
+    return shards
+
+
+def _check_shards_agree(shards: dict[int, tuple[Path, dict[str, Any]]]) -> list[tuple[Path, dict[str, Any]]]:
+    """The shards in order, after checking that they come from one preparation and that none is missing."""
     first = next(iter(shards.values()))[1]
     num_shards = first["shard"]["count"]
     for path, values in shards.values():
@@ -175,50 +209,32 @@ def merge_tokenized(input_dirs: list[str | Path], output_dir: str | Path) -> dic
             f"Shards {missing} of {num_shards} are missing; run `genesis-hf data prepare ... --shard i/{num_shards}` "
             "for each of them (e.g. the failed tasks of the SLURM array), then merge again."
         )
+    return [shards[index] for index in range(num_shards)]
 
-    ordered = [shards[index] for index in range(num_shards)]
-    source_names = [source["name"] for source in first["mixture"]["sources"]]
-    merged_sources: dict[str, Any] = {}
-    for name in source_names:
-        merged_sources[name] = {}
-        for split in SPLITS:
-            files, file_tokens, file_documents, documents_files = [], [], [], []
-            for path, values in ordered:
-                entry = values["sources"][name][split]
-                files.append(os.path.relpath(path.parent / entry["tokens_file"], output_dir))
-                documents_files.append(path.parent / entry["documents_file"])
-                file_tokens.append(entry["tokens"])
-                file_documents.append(entry["documents"])
-            order_file = None
-            if num_shards > 1:
-                order_file = f"{name}/{split}-order.npy"
-                (output_dir / name).mkdir(parents=True, exist_ok=True)
-                np.save(output_dir / order_file, _document_order(documents_files))
-            merged_sources[name][split] = {
-                "tokens": int(sum(file_tokens)),
-                "documents": int(sum(file_documents)),
-                "files": files,
-                "file_tokens": file_tokens,
-                "order": order_file,
-            }
-    merged = {
-        "format": FORMAT,
-        "version": FORMAT_VERSION,
-        **{key: first[key] for key in _SHARED_KEYS},
-        "num_shards": num_shards,
-        "tokens_per_shard": [values["tokens"] for _, values in ordered],
-        "tokens_per_source": {name: merged_sources[name]["train"]["tokens"] for name in source_names},
-        "validation_tokens_per_source": {name: merged_sources[name]["validation"]["tokens"] for name in source_names},
-        "sources": merged_sources,
+
+def _merge_split(
+    name: str, split: str, ordered: list[tuple[Path, dict[str, Any]]], output_dir: Path
+) -> dict[str, Any]:
+    """The merged index entry of one source split; with several shards, also write its document order table."""
+    files, file_tokens, file_documents, documents_files = [], [], [], []
+    for path, values in ordered:
+        entry = values["sources"][name][split]
+        files.append(os.path.relpath(path.parent / entry["tokens_file"], output_dir))
+        documents_files.append(path.parent / entry["documents_file"])
+        file_tokens.append(entry["tokens"])
+        file_documents.append(entry["documents"])
+    order_file = None
+    if len(ordered) > 1:
+        order_file = f"{name}/{split}-order.npy"
+        (output_dir / name).mkdir(parents=True, exist_ok=True)
+        np.save(output_dir / order_file, _document_order(documents_files))
+    return {
+        "tokens": int(sum(file_tokens)),
+        "documents": int(sum(file_documents)),
+        "files": files,
+        "file_tokens": file_tokens,
+        "order": order_file,
     }
-    empty = [name for name in source_names if merged["tokens_per_source"][name] == 0]
-    if empty:
-        raise ConfigError(
-            f"Source(s) {', '.join(empty)} have no training tokens in any shard: the source is empty (or every "
-            "document is held out). Fix the source's location, or remove it from the mixture."
-        )
-    write_json(output_dir / INDEX_NAME, merged)
-    return merged
 
 
 def _document_order(documents_files: list[Path]) -> np.ndarray:
