@@ -1,17 +1,20 @@
-"""One config idiom for every recipe and subcommand: dataclasses, `--config file.yaml` for defaults, CLI flags on top.
+"""One config idiom for every recipe and subcommand: `--config file.yaml` for defaults, CLI flags on top, unknown keys
+refused. Recipes parse dataclasses (`parse_args`); `genesis-hf` subcommands use `SubcommandParser`, which gives their
+options the same behaviour.
 
 This is what `trl.TrlParser` does, with one difference that matters for long runs: a YAML key that no dataclass
 knows is an error naming the valid keys, instead of being silently dropped (a typo such as `learning_rte` would
 otherwise train with the default).
 """
 
+import argparse
 import dataclasses
 import difflib
+import sys
 from pathlib import Path
 from typing import Any
 
 import yaml
-from transformers import HfArgumentParser
 
 
 class ConfigError(ValueError):
@@ -66,6 +69,8 @@ def parse_args(dataclass_types: tuple[type, ...], args: list[str] | None = None)
         dataclass_types: the argument dataclasses, in the order the instances are returned.
         args: the command line, `sys.argv[1:]` when `None`.
     """
+    from transformers import HfArgumentParser  # here: `genesis-hf --help` does not pay for transformers
+
     parser = HfArgumentParser(dataclass_types)
     parser.add_argument("--config", type=str, default=None, help="YAML file with default values for any flag.")
     namespace, _ = parser.parse_known_args(args=args)
@@ -84,3 +89,68 @@ def parse_args(dataclass_types: tuple[type, ...], args: list[str] | None = None)
         )
     # HfArgumentParser appends a Namespace holding the extra `--config` flag; keep only the dataclasses.
     return tuple(instance for instance in instances if dataclasses.is_dataclass(instance))
+
+
+class SubcommandParser(argparse.ArgumentParser):
+    """The parser of every `genesis-hf` subcommand: the same config idiom as the recipes.
+
+    `--config file.yaml` gives defaults for the subcommand's options (keys are their snake_case names, as in the
+    recipes' YAML files), flags given on the command line override them, and a key that names no option is an error
+    listing the valid ones. Flags are snake_case (`--max_shard_size`); the kebab-case spelling is accepted too, as
+    `HfArgumentParser` does for the recipes. Abbreviated flags are refused (`--round` does not mean `--rounds`).
+    """
+
+    def __init__(self, *args, **kwargs) -> None:
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
+
+    def add_argument(self, *names, **kwargs):
+        """`add_argument("--max_shard_size", ...)` also accepts `--max-shard-size` (and the other way round)."""
+        spellings = []
+        for name in names:
+            if name.startswith("--"):
+                snake = "--" + name[2:].replace("-", "_")
+                spellings += [snake] + ([snake.replace("_", "-")] if "_" in snake else [])
+            else:
+                spellings.append(name)
+        return super().add_argument(*dict.fromkeys(spellings), **kwargs)
+
+    def _is_leaf(self) -> bool:
+        # A parser with its own subcommands hands every later argument to them, `--config` included.
+        return not any(isinstance(action, argparse._SubParsersAction) for action in self._actions)
+
+    def parse_known_args(self, args=None, namespace=None):
+        args = list(sys.argv[1:] if args is None else args)
+        if self._is_leaf():
+            if not any(action.dest == "config" for action in self._actions):
+                self.add_argument("--config", default=None, help="YAML file with default values for any option.")
+            config = _config_path(args)
+            if config is not None:
+                self._apply_config(config)
+        return super().parse_known_args(args, namespace)
+
+    def _apply_config(self, path: str) -> None:
+        options = {action.dest: action for action in self._actions if action.option_strings and action.dest != "help"}
+        options.pop("config", None)
+        values = load_yaml(path)
+        unknown = sorted(set(values) - set(options))
+        if unknown:
+            hints = []
+            for key in unknown:
+                close = difflib.get_close_matches(key, list(options), n=1)
+                hints.append(f"{key!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+            raise ConfigError(
+                f"Unknown config key(s) in {path}: {', '.join(hints)}. Valid keys are: {', '.join(sorted(options))}."
+            )
+        for key in values:
+            options[key].required = False  # given by the file; a flag on the command line still overrides it
+        self.set_defaults(**values)
+
+
+def _config_path(args: list[str]) -> str | None:
+    for index, item in enumerate(args):
+        if item == "--config" and index + 1 < len(args):
+            return args[index + 1]
+        if item.startswith("--config="):
+            return item.split("=", 1)[1]
+    return None

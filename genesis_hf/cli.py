@@ -9,6 +9,8 @@ import argparse
 import importlib
 import sys
 
+from genesis_hf.args import ConfigError, SubcommandParser
+
 # subcommand name -> module that defines `register_cli(subparsers)`
 SUBCOMMANDS: dict[str, str] = {
     "tokenizer": "genesis_hf.tokenizer",
@@ -27,14 +29,19 @@ SUBCOMMANDS: dict[str, str] = {
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="genesis-hf", description=__doc__.splitlines()[0])
-    subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    # Every subcommand's parser (and theirs, for nested subcommands) is a SubcommandParser: --config, snake_case flags.
+    subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=SubcommandParser)
     for module_name in SUBCOMMANDS.values():
         importlib.import_module(module_name).register_cli(subparsers)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except ConfigError as error:  # a bad --config file: one line, like argparse's own errors
+        print(f"genesis-hf: error: {error}", file=sys.stderr)
+        return 2
     return int(args.func(args) or 0)
 
 

@@ -58,3 +58,43 @@ def test_missing_or_malformed_config_file(tmp_path):
     bad.write_text("- 1\n- 2\n")
     with pytest.raises(ConfigError, match="must hold a mapping"):
         parse_args((RunArguments,), ["--config", str(bad)])
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The same idiom for the genesis-hf subcommands (SubcommandParser)
+
+
+def parse_subcommand(argv: list[str]):
+    from genesis_hf import cli
+
+    return cli.build_parser().parse_args(argv)
+
+
+def test_subcommand_config_gives_defaults_flags_override_and_snake_or_kebab_spelling(tmp_path):
+    config = write_yaml(tmp_path / "export.yaml", {"max_shard_size": "5MB", "dtype": "fp32"})
+    args = parse_subcommand(["export", "ckpt", "out", "--config", config])
+    assert (args.max_shard_size, args.dtype, args.checkpoint) == ("5MB", "fp32", "ckpt")
+    args = parse_subcommand(["export", "ckpt", "out", "--config", config, "--max-shard-size", "7MB"])
+    assert (args.max_shard_size, args.dtype) == ("7MB", "fp32")
+    assert parse_subcommand(["export", "ckpt", "out", "--max_shard_size", "9MB"]).max_shard_size == "9MB"
+    # A required option may come from the file (genesis-hf report --output_dir).
+    args = parse_subcommand(["report", "a.json", "--config", write_yaml(tmp_path / "r.yaml", {"output_dir": "rep"})])
+    assert args.output_dir == "rep"
+    # Nested subcommands: the file belongs to the innermost one.
+    config = write_yaml(tmp_path / "tok.yaml", {"vocab_size": 640})
+    assert parse_subcommand(["tokenizer", "train", "--config", config, "--output_dir", "t"]).vocab_size == 640
+
+
+def test_subcommand_config_with_an_unknown_key_is_a_one_line_error(tmp_path, capsys):
+    from genesis_hf import cli
+
+    config = write_yaml(tmp_path / "export.yaml", {"max_shard_sise": "5MB"})
+    assert cli.main(["export", "ckpt", "out", "--config", config]) == 2
+    error = capsys.readouterr().err.strip()
+    assert len(error.splitlines()) == 1
+    assert "'max_shard_sise' (did you mean 'max_shard_size'?)" in error and "Valid keys are:" in error
+
+
+def test_subcommand_flags_are_not_abbreviated():
+    with pytest.raises(SystemExit):
+        parse_subcommand(["export", "ckpt", "out", "--max_shard", "5MB"])
