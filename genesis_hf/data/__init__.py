@@ -3,7 +3,8 @@
 - `load_mixture(name_or_path)`: the mixture (`"default"`: the embedded corpus, prose + code; `"genesis-1b"`: the
   ~60B-token Genesis 1B mixture of Hub datasets; or any YAML file), see `genesis_hf.data.mixture`.
 - `build_pretrain_loader(...)`: the infinite, rank-split, exactly resumable loader, streaming from the sources or
-  reading a pre-tokenized directory, see `genesis_hf.data.loader`.
+  reading a pre-tokenized directory, see `genesis_hf.data.loader`; in a `torch.distributed` run the ranks share the
+  streaming tokenization, see `genesis_hf.data.sharing`.
 - `build_validation_batches(...)`: batches of held-out documents.
 - `genesis-hf data prepare` / `genesis-hf data merge`: pre-tokenize (one SLURM array task per `--shard i/N`), see
   `genesis_hf.data.prepare`.
