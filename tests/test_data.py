@@ -10,6 +10,8 @@ import re
 import threading
 import time
 import warnings
+from concurrent.futures import ThreadPoolExecutor
+from types import SimpleNamespace
 
 import datasets
 import huggingface_hub
@@ -296,15 +298,16 @@ def test_close_does_not_wait_forever_for_an_exchange(mixture, tokenizer, monkeyp
         """Encodes the first chunk, then waits in the next "exchange" until released, like a rank whose peers stopped
         reading while it still runs."""
 
-        shared = True
-
         def encode(self, texts):
             if self.work.documents:
                 released.wait(30)
-            return super().encode(texts)
+            self.work.documents += len(texts)
+            return self.encoder.encode(texts)[0]
 
+    # The share's exchange thread, without a process group.
+    share = SimpleNamespace(thread=ThreadPoolExecutor(1))
     stream = loader_module.StreamingSourceTokens(
-        mixture.sources[1], StuckExchange(TokenEncoder(tokenizer)), lambda index: True, "training", 5
+        mixture.sources[1], StuckExchange(TokenEncoder(tokenizer), share), lambda index: True, "training", 5
     )
     started = time.perf_counter()
     with pytest.warns(UserWarning, match="a rank stopped reading before this one"):

@@ -44,7 +44,7 @@ import torch
 
 from genesis_hf.args import ConfigError
 from genesis_hf.data.mixture import MixtureConfig, SourceConfig, load_mixture
-from genesis_hf.data.sharing import ChunkEncoder, EncodingWork, tokenization_groups
+from genesis_hf.data.sharing import ChunkEncoder, EncodingWork, TokenizationShare, tokenization_share
 from genesis_hf.data.sources import DocumentReader, open_reader
 from genesis_hf.data.tokenized import TokenArray, TokenizedData
 from genesis_hf.data.tokens import TokenEncoder
@@ -144,10 +144,13 @@ class StreamingSourceTokens:
         self._epoch_from_start = position is None or int(position.get("index", 0)) == 0
         self._documents_in_epoch = 0
         self._reader: DocumentReader = open_reader(source, position)
-        self._prefetch = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"genesis-data-{source.name}")
+        share = self.chunk_encoder.share
+        # Shared encoding reads every source's chunks in the loader's one exchange thread; else each source has its own.
+        self._prefetch = share.thread if share is not None else ThreadPoolExecutor(1, f"genesis-data-{source.name}")
         self._next: Future | None = None
-        # The first chunk is read here, in this thread, so a bad source fails when the loader is built.
-        self._install(self._read_chunk(max_documents=state.get("chunk_documents")))
+        # The first chunk is read now, so a bad source fails when the loader is built.
+        first = self._prefetch.submit(self._read_chunk, max_documents=state.get("chunk_documents"))
+        self._install(first.result())
         self._chunk_offset = int(state.get("offset", 0))
         if self._chunk_offset > len(self._chunk):
             self.close()
@@ -253,11 +256,13 @@ class StreamingSourceTokens:
         With shared encoding the chunk being read ahead is not cancelled, since every rank asked for it and the others
         may already wait in its exchange; it may also wait for ranks that stopped reading earlier (they never ask for
         it): after `CLOSE_WAIT_SECONDS` this warns and returns, and the exchange ends when those ranks' processes exit
-        (or after the exchange timeout), closing the reader then.
+        (or after the exchange timeout), closing the reader then. The loader's exchange thread stays for the other
+        sources (it ends with the loader).
         """
         shared = self.chunk_encoder.shared
-        self._prefetch.shutdown(wait=not shared, cancel_futures=not shared)
-        if shared and self._next is not None:
+        if not shared:
+            self._prefetch.shutdown(wait=True, cancel_futures=True)
+        elif self._next is not None:
             if wait_for_futures([self._next], timeout=CLOSE_WAIT_SECONDS).not_done:
                 warnings.warn(
                     f"The {self.source.describe()} still waits for the other ranks' part of its next chunk after "
@@ -505,18 +510,16 @@ def _stream_factory(
     encoder: TokenEncoder,
     split: str,
     tokenized_dir: str | Path | None,
-    groups: dict[str, Any] | None = None,
+    share: TokenizationShare | None = None,
 ) -> tuple[Callable[[SourceConfig, dict[str, Any] | None], Any], str, str]:
-    """The per-source stream builder for a mode and split, plus the mode name and a data fingerprint. `groups` (one
-    process group per source name) shares the streaming encoding between ranks."""
+    """The per-source stream builder for a mode and split, plus the mode name and a data fingerprint. `share` shares
+    the streaming encoding between ranks."""
     purpose = "training" if split == "train" else "validation"
     if tokenized_dir is None:
         holdout = mixture.holdout_every
         wants_validation = split == "validation"
         # One ChunkEncoder per source for the loader's life: its work counts carry over a `load_state_dict`.
-        chunk_encoders = {
-            source.name: ChunkEncoder(encoder, (groups or {}).get(source.name)) for source in mixture.sources
-        }
+        chunk_encoders = {source.name: ChunkEncoder(encoder, share) for source in mixture.sources}
 
         def keep(index: int) -> bool:
             return is_validation_document(index, holdout) == wants_validation
@@ -575,12 +578,10 @@ def _packed_loader(
     """A `PackedLoader` over `split` of the mixture; `settings` are its keyword arguments from `seq_len` on."""
     mixture = _resolve_mixture(mixture)
     encoder = TokenEncoder(tokenizer)
-    groups = None
+    share = None
     if tokenized_dir is None:
-        groups = tokenization_groups(
-            mixture.source_names, settings["rank"], settings["world_size"], share_tokenization
-        )
-    make_stream, mode, fingerprint = _stream_factory(mixture, encoder, split, tokenized_dir, groups)
+        share = tokenization_share(settings["rank"], settings["world_size"], share_tokenization)
+    make_stream, mode, fingerprint = _stream_factory(mixture, encoder, split, tokenized_dir, share)
     return PackedLoader(
         mixture, make_stream, eos_token_id=encoder.eos_token_id, mode=mode, fingerprint=fingerprint, **settings
     )
@@ -615,7 +616,7 @@ def build_pretrain_loader(
         document_masking: also yield `position_ids` that restart at 0 after every eos.
         tokenized_dir: a directory from `genesis-hf data prepare` (merged); pre-tokenized mode when given.
         share_tokenization: in streaming mode, the ranks encode 1/world_size of every chunk each and exchange the
-            tokens over gloo groups of the loader's own (see `genesis_hf.data.sharing`); `None` does so when the
+            tokens over a gloo group of the loader's own (see `genesis_hf.data.sharing`); `None` does so when the
             default process group is these `world_size` ranks, `False` encodes everything on every rank. With
             sharing, every rank must build its loader at the same point and take as many batches.
     """

@@ -4,21 +4,24 @@ Without sharing, every rank of an N-rank run reads and encodes every document an
 encoding work. With sharing, every rank still reads every document of a chunk (which decides the chunk's documents
 and its resume position, so the state stays the same on every rank and for every world size), cuts the documents into
 the encoder's pieces (`TokenEncoder.split`), and encodes only its contiguous slice of the pieces, about 1/N of the
-characters (`share_bounds`). One `all_gather_object` per chunk, on a gloo group of the loader's own (`ChunkEncoder`),
-hands every rank the other slices; joined in rank order they give exactly the tokens of encoding the chunk alone,
-because a piece's ids never depend on the other pieces.
+characters (`share_bounds`). One `all_gather_object` per chunk, on a gloo group of the loader's own, hands every rank
+the other slices; joined in rank order they give exactly the tokens of encoding the chunk alone, because a piece's ids
+never depend on the other pieces.
 
-The collectives run in each source's read-ahead thread (and, for the first chunk, in the thread building the loader),
-never in the training thread, so each source gets a group of its own: two threads that issue collectives on one group
-pair them up in whatever order they arrive, on every rank differently. For every rank to issue the same exchanges in
-the same order, the ranks must read the same chunks in the same order: `PackedLoader.next_batch` walks past the rows of
-every rank up to the end of the global batch (see `PackedLoader._catch_up`), so after each batch the sources of all
-ranks stand at the same token, and a rank waiting for a chunk always waits for one that every other rank has asked for
-too (the ranks call `next_batch` equally often; the trainer's step does).
+The collectives run in one read-ahead thread per loader (`TokenizationShare.thread`), which reads the chunks of all
+sources, first chunks included, and is the only user of the group: never the training thread, whose collectives would
+otherwise pair up with the loader's in whatever order they arrive, on every rank differently. One group and one thread
+for all sources also keeps the sockets per rank at one per peer (30 sources on 64 ranks would otherwise hold ~1,900).
+For every rank to issue the same exchanges in the same order, the ranks ask for the same chunks in the same order:
+`PackedLoader.next_batch` walks past the rows of every rank up to the end of the global batch (see
+`PackedLoader._catch_up`), so after each batch the sources of all ranks stand at the same token, and a rank waiting for
+a chunk waits for one that every other rank has asked for too (the ranks call `next_batch` equally often; the
+trainer's steps do).
 """
 
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from datetime import timedelta
 from typing import Any
@@ -77,36 +80,49 @@ def share_bounds(sizes: list[int], world_size: int) -> list[int]:
     return np.searchsorted(owners, np.arange(world_size + 1), side="left").tolist()
 
 
+class TokenizationShare:
+    """What the ranks of one loader share: a gloo group for the exchanges, and the one thread that issues them.
+
+    Every source of the loader reads its chunks in `thread` (a single worker, so chunks are read in the order they
+    are asked for, which is the same on every rank), and only that thread uses `group`.
+
+    Args:
+        group: a gloo group of the loader's ranks, used by nothing else.
+    """
+
+    def __init__(self, group: dist.ProcessGroup) -> None:
+        self.group = group
+        self.rank, self.world_size = dist.get_rank(group), dist.get_world_size(group)
+        self.thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="genesis-data-shared")
+
+
 class ChunkEncoder:
     """Encodes the documents of one source's chunks, alone or together with the other ranks, and counts the work.
 
     Args:
         encoder: the document encoder.
-        group: the gloo process group of the ranks sharing this source's chunks (one group per source, used only
-            by this source's reading thread); `None` encodes every document here.
+        share: the loader's `TokenizationShare`; `None` encodes every document here.
     """
 
-    def __init__(self, encoder: TokenEncoder, group: dist.ProcessGroup | None = None) -> None:
-        self.encoder, self.group = encoder, group
-        self.rank = dist.get_rank(group) if group is not None else 0
-        self.world_size = dist.get_world_size(group) if group is not None else 1
+    def __init__(self, encoder: TokenEncoder, share: TokenizationShare | None = None) -> None:
+        self.encoder, self.share = encoder, share
         self.work = EncodingWork()
 
     @property
     def shared(self) -> bool:
-        return self.group is not None
+        return self.share is not None
 
     def encode(self, texts: list[str]) -> np.ndarray:
         """The tokens of `texts` (eos after each), the same on every rank; this rank encodes its slice only."""
-        if self.group is None:
+        if self.share is None:
             tokens = self._timed(lambda: self.encoder.encode(texts)[0])
             self._count(len(texts), sum(map(len, texts)), len(tokens) - len(texts))
             return tokens
         pieces = self.encoder.split(texts)
         flat = [piece for document in pieces for piece in document]
         sizes = [len(piece) for piece in flat]
-        bounds = share_bounds(sizes, self.world_size)
-        start, end = bounds[self.rank], bounds[self.rank + 1]
+        bounds = share_bounds(sizes, self.share.world_size)
+        start, end = bounds[self.share.rank], bounds[self.share.rank + 1]
         ids, lengths = self._timed(lambda: self.encoder.encode_pieces(flat[start:end]))
         # A document counts on the rank that encodes its first piece.
         first_pieces = np.cumsum([0, *map(len, pieces[:-1])])
@@ -132,22 +148,21 @@ class ChunkEncoder:
 
     def _exchange(self, mine: tuple) -> list[tuple]:
         """Every rank's `(pieces, characters, ids, lengths)`, in rank order, checked to describe the same chunk."""
-        gathered: list = [None] * self.world_size
-        dist.all_gather_object(gathered, mine, group=self.group)
+        gathered: list = [None] * self.share.world_size
+        dist.all_gather_object(gathered, mine, group=self.share.group)
         for rank, (pieces, characters, _, _) in enumerate(gathered):
             if (pieces, characters) != mine[:2]:
                 raise ConfigError(
-                    f"Rank {rank} read a chunk of {pieces} pieces and {characters} characters where rank {self.rank} "
+                    f"Rank {rank} read a chunk of {pieces} pieces and {characters} characters where rank "
+                    f"{self.share.rank} "
                     f"read {mine[0]} pieces and {mine[1]} characters: the ranks see different documents. Every rank "
                     "must read the same source files (a shared filesystem, or identical copies on every node)."
                 )
         return gathered
 
 
-def tokenization_groups(
-    source_names: list[str], rank: int, world_size: int, share: bool | None
-) -> dict[str, dist.ProcessGroup] | None:
-    """One new gloo group per source for sharing the tokenization, or `None` to encode every document on every rank.
+def tokenization_share(rank: int, world_size: int, share: bool | None) -> TokenizationShare | None:
+    """A new gloo group and exchange thread for sharing the tokenization, or `None` to encode everything on every rank.
 
     Sharing needs the default process group to be this loader's ranks: `share=None` shares when it is (and the world
     size is above one), `share=True` requires it, `share=False` never shares. Every rank must build its loader at the
@@ -165,7 +180,7 @@ def tokenization_groups(
                 "launch does), or pass share_tokenization=False."
             )
         return None
-    return {name: dist.new_group(backend="gloo", timeout=EXCHANGE_TIMEOUT) for name in source_names}
+    return TokenizationShare(dist.new_group(backend="gloo", timeout=EXCHANGE_TIMEOUT))
 
 
-__all__ = ["ChunkEncoder", "EncodingWork", "share_bounds", "tokenization_groups"]
+__all__ = ["ChunkEncoder", "EncodingWork", "TokenizationShare", "share_bounds", "tokenization_share"]
