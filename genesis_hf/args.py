@@ -121,9 +121,11 @@ class SubcommandParser(argparse.ArgumentParser):
 
     def parse_known_args(self, args=None, namespace=None):
         args = list(sys.argv[1:] if args is None else args)
-        if self._is_leaf():
-            if not any(action.dest == "config" for action in self._actions):
-                self.add_argument("--config", default=None, help="YAML file with default values for any option.")
+        # A subcommand that defines its own --config handles it (`genesis-hf plan --config` reads a recipe's config).
+        if self._is_leaf() and not any(action.dest == "config" for action in self._actions):
+            self.add_argument("--config", default=None, help="YAML file with default values for any option.")
+            self.config_is_defaults = True
+        if getattr(self, "config_is_defaults", False):
             config = _config_path(args)
             if config is not None:
                 self._apply_config(config)

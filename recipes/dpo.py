@@ -30,6 +30,7 @@ from genesis_hf.posttrain.config import DPODataArguments, TrainingEvalArguments,
 from genesis_hf.posttrain.data import build_preference_dataset
 from genesis_hf.posttrain.model import chat_model, lora_config
 from genesis_hf.posttrain.outputs import check_lora_topology, run_callbacks, train_and_write_final
+from genesis_hf.publish.push import pusher_for_run
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent / "configs" / "dpo" / "genesis-tiny.yaml"
 logger = logging.getLogger("genesis_hf.dpo")
@@ -66,7 +67,8 @@ def main(argv: list[str] | None = None) -> int:
         )
         peft_config = lora_config(model_args, setup, tied_embeddings=model.config.tie_word_embeddings)
         check_lora_topology(peft_config)
-        pusher = _pusher(push, training_args)
+        # Checks the repo id and token before anything loads; uploads each checkpoint in the background.
+        pusher = pusher_for_run(push, is_main_process=training_args.process_index == 0)
     # ConfigError and ConversationError are ValueErrors, as are TRL's own argument checks.
     except ValueError as error:
         print(f"recipes/dpo.py: error: {error}", file=sys.stderr, flush=True)
@@ -84,20 +86,12 @@ def main(argv: list[str] | None = None) -> int:
         train_dataset=dataset,
         processing_class=tokenizer,
         peft_config=peft_config,
-        callbacks=run_callbacks(pusher, peft_config),
+        callbacks=run_callbacks([pusher] if pusher is not None else []),
     )
     if evaluator is not None:
         trainer.add_callback(CheckpointEvalCallback(evaluator, trainer))
-    train_and_write_final(trainer, tokenizer, training_args, pusher, "Aligned model", logger)
+    train_and_write_final(trainer, tokenizer, training_args, "Aligned model", logger)
     return 0
-
-
-def _pusher(push: dict, training_args):
-    from types import SimpleNamespace
-
-    from genesis_hf.publish.push import pusher_for_run
-
-    return pusher_for_run(SimpleNamespace(**push), is_main_process=training_args.process_index == 0)
 
 
 if __name__ == "__main__":

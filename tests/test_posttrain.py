@@ -672,7 +672,7 @@ def test_readme_sft_benchmark_shortened(tmp_path):
 def test_sft_push_to_hub_publishes_one_branch_per_checkpoint(base_dir, tmp_path):
     import os
 
-    from genesis_hf.publish.push import STAGING_DIR
+    from genesis_hf.layout import HUB_STAGING_DIR as STAGING_DIR
     from genesis_hf.testing import HubServer
 
     server = HubServer().start()
@@ -707,10 +707,11 @@ def test_checkpoints_the_trainer_rotates_away_before_their_upload_still_reach_th
     from datasets import Dataset
     from safetensors.torch import load, load_file
 
-    from genesis_hf.posttrain.callbacks import CheckpointEventsCallback
+    from genesis_hf.events import TrainerEvents
+    from genesis_hf.layout import HUB_STAGING_DIR as STAGING_DIR
     from genesis_hf.publish.export import export_checkpoint
     from genesis_hf.publish.listing import list_run_checkpoints
-    from genesis_hf.publish.push import STAGING_DIR, CheckpointPusher
+    from genesis_hf.publish.push import CheckpointPusher
     from genesis_hf.testing import HubServer
 
     model, tokenizer, _ = chat_base(base_dir)
@@ -731,7 +732,7 @@ def test_checkpoints_the_trainer_rotates_away_before_their_upload_still_reach_th
             learning_rate=1e-2, save_strategy="steps", save_steps=1, save_total_limit=1, disable_tqdm=True,
         )  # fmt: skip
         record = lambda folder, step: saved.__setitem__(step, load_file(folder / "model.safetensors"))  # noqa: E731
-        trainer.add_callback(CheckpointEventsCallback([record, pusher.submit_copy]))
+        trainer.add_callback(TrainerEvents([record, pusher]))
         trainer.train()
         assert sorted(path.name for path in out.glob("checkpoint-*")) == ["checkpoint-3"]
         # The pusher's copies wait in a hidden folder that `genesis-hf checkpoints` does not list.

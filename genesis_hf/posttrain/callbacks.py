@@ -1,17 +1,14 @@
-"""Events out of TRL's trainers: `metrics.jsonl` lines and checkpoint announcements, as `TrainerCallback`s.
+"""`metrics.jsonl` out of TRL's trainers, as a `TrainerCallback`, in the format pretraining writes.
 
-TRL's `SFTTrainer` and `DPOTrainer` call transformers' callbacks, so publishing subscribes to a saved checkpoint the
-same way for pretraining, SFT and DPO: `CheckpointEventsCallback([pusher.submit_copy])` (the Trainer deletes old
-`checkpoint-N` folders beyond `save_total_limit` on its own, so the pusher uploads from a copy it owns).
+The run's other events (checkpoints saved, the end of the run) reach their subscribers, such as the Hub pusher,
+through `genesis_hf.events.TrainerEvents`, the same interface the pretraining loop calls.
 """
 
 import json
 import math
-from collections.abc import Callable
 from pathlib import Path
 
 from transformers import TrainerCallback
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from genesis_hf.layout import METRICS_FILE
 
@@ -40,23 +37,4 @@ class MetricsJsonlCallback(TrainerCallback):
             handle.write(json.dumps(record) + "\n")
 
 
-class CheckpointEventsCallback(TrainerCallback):
-    """Call each subscriber with `(checkpoint_dir, step)` once the trainer has saved a checkpoint (main process).
-
-    Args:
-        subscribers: callables such as `CheckpointPusher.submit_copy`.
-    """
-
-    def __init__(self, subscribers: list[Callable[[Path, int], None]]) -> None:
-        self.subscribers = list(subscribers)
-
-    def on_save(self, args, state, control, **kwargs):
-        if not state.is_world_process_zero:
-            return
-        checkpoint_dir = Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
-        if checkpoint_dir.is_dir():
-            for subscriber in self.subscribers:
-                subscriber(checkpoint_dir, state.global_step)
-
-
-__all__ = ["METRICS_FILE", "CheckpointEventsCallback", "MetricsJsonlCallback"]
+__all__ = ["MetricsJsonlCallback"]

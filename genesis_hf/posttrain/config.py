@@ -5,6 +5,7 @@ defaults, CLI flags override, unknown keys are an error naming the valid ones).
 
 import dataclasses
 from pathlib import Path
+from types import SimpleNamespace
 
 from genesis_hf.args import ConfigError, parse_args
 
@@ -106,9 +107,10 @@ def _multi_process_without_cuda() -> bool:
     return int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
 
 
-def hub_push_settings(training_args) -> dict:
+def hub_push_settings(training_args) -> SimpleNamespace:
     """Take `push_to_hub` away from the TRL trainer (it would push the output folder itself) and return the settings
-    for genesis_hf's per-checkpoint pusher (a branch per checkpoint, `main` = newest, verified exports)."""
+    for genesis_hf's per-checkpoint pusher (a branch per checkpoint, `main` = newest, verified exports), as
+    `genesis_hf.publish.push.pusher_for_run` takes them."""
     settings = {
         "push_to_hub": bool(training_args.push_to_hub),
         "hub_model_id": training_args.hub_model_id,
@@ -118,7 +120,7 @@ def hub_push_settings(training_args) -> dict:
     if settings["push_to_hub"] and not settings["hub_model_id"]:
         raise ConfigError("push_to_hub=true needs hub_model_id (e.g. --hub_model_id your-name/genesis-tiny-sft).")
     training_args.push_to_hub = False
-    return settings
+    return SimpleNamespace(**settings)
 
 
 __all__ = ["DPODataArguments", "SFTDataArguments", "TrainingEvalArguments", "hub_push_settings", "parse_recipe_args"]

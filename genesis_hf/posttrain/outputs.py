@@ -98,42 +98,47 @@ def write_final(
     return final_dir
 
 
-def run_callbacks(pusher, peft_config) -> list:
-    """The callbacks every post-training recipe starts with: `metrics.jsonl`, and with `--push_to_hub` (full
-    fine-tuning) each `checkpoint-N` handed to the pusher as a copy it owns (the Trainer may rotate the original)."""
-    from .callbacks import CheckpointEventsCallback, MetricsJsonlCallback
+def run_callbacks(subscribers=()) -> list:
+    """The callbacks every post-training recipe starts with: `metrics.jsonl`, and the run's events
+    (`genesis_hf.events.TrainerEvents`) for `subscribers` such as the Hub pusher, which takes each `checkpoint-N` as
+    a copy it owns (the Trainer may rotate the original) and the run's `final/` at the end."""
+    from genesis_hf.events import TrainerEvents
 
-    callbacks = [MetricsJsonlCallback()]
-    if pusher is not None and peft_config is None:
-        callbacks.append(CheckpointEventsCallback([pusher.submit_copy]))
-    return callbacks
+    from .callbacks import MetricsJsonlCallback
+
+    return [MetricsJsonlCallback(), TrainerEvents(subscribers)]
 
 
-def train_and_write_final(trainer, tokenizer, training_args, pusher, what: str, logger) -> None:
-    """Train, then on the main process write `<output_dir>/final` and push it; every process then ends the run.
+def train_and_write_final(trainer, tokenizer, training_args, what: str, logger) -> None:
+    """Train, then on the main process write `<output_dir>/final` and announce the end of the run (the pusher uploads
+    `final/` then and waits for its uploads); every process then ends the run.
 
     Args:
         trainer: a TRL trainer built with `run_callbacks`.
         tokenizer: the chat tokenizer.
         training_args: the trainer's `SFTConfig`/`DPOConfig`.
-        pusher: the Hub pusher, or `None`.
         what: how the log names the result ("Chat model", "Aligned model").
         logger: the recipe's logger.
     """
+    from genesis_hf.events import TrainerEvents
+
+    events = next(item for item in trainer.callback_handler.callbacks if isinstance(item, TrainerEvents))
     trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
     model = final_model(trainer, training_args.output_dir)
-    if trainer.accelerator.is_main_process:
-        final_dir = write_final(
-            model,
-            tokenizer,
-            training_args.output_dir,
-            step=trainer.state.global_step,
-            loss=last_loss(trainer),
-            dtype="bf16" if training_args.bf16 else "fp32",
-        )
-        logger.info("%s in %s.", what, final_dir)
-        if pusher is not None:
-            pusher.submit(final_dir, trainer.state.global_step)
-            pusher.close()
+    is_main = trainer.accelerator.is_main_process
+    final_dir = None
+    try:
+        if is_main:
+            final_dir = write_final(
+                model,
+                tokenizer,
+                training_args.output_dir,
+                step=trainer.state.global_step,
+                loss=last_loss(trainer),
+                dtype="bf16" if training_args.bf16 else "fp32",
+            )
+            logger.info("%s in %s.", what, final_dir)
+    finally:
+        events.finish(training_args.output_dir, final_dir, trainer.state.global_step, is_main_process=is_main)
     trainer.accelerator.wait_for_everyone()
     trainer.accelerator.end_training()
