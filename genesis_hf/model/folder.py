@@ -121,6 +121,13 @@ class VerificationResult:
     def ok(self) -> bool:
         return self.max_abs_diff <= self.tolerance and self.max_abs_diff_cached <= self.tolerance
 
+    def describe(self, export_format: str, dtype: str) -> str:
+        return (
+            f"Verified {export_format} ({dtype}) export: max |logit difference| = {self.max_abs_diff:.3g} "
+            f"(tolerance {self.tolerance:.3g}; {self.max_abs_diff_vs_fp32:.3g} vs the fp32 weights, the rounding to "
+            "the export dtype)."
+        )
+
 
 @dataclasses.dataclass
 class ExportResult:
@@ -726,21 +733,10 @@ def write_model_folder(
                 tolerance=tolerance,
                 gguf_file=gguf_file,
             )
-            log(
-                f"Verified {export_format} ({dtype}) export: max |logit difference| = {verification.max_abs_diff:.3g} "
-                f"(tolerance {verification.tolerance:.3g}; {verification.max_abs_diff_vs_fp32:.3g} vs the fp32 "
-                "weights, the rounding to the export dtype)."
-            )
-        settings = dict(
-            export_format=export_format,
-            dtype=dtype,
-            repo_id=repo_id,
-            revision=revision,
-            gguf_file=gguf_file,
-            eval_results_path=eval_results_path,
-            redact=redact,
-        )
-        _write_card(staging, source, out_dir, settings, verification)
+            log(verification.describe(export_format, dtype))
+        card = dict(export_format=export_format, dtype=dtype, repo_id=repo_id, revision=revision, redact=redact)
+        card.update(gguf_file=gguf_file, eval_results_path=eval_results_path)
+        _write_card(staging, source, out_dir, card, verification)
         for name, value in (extra_files or {}).items():
             (staging / name).write_text(json.dumps(value, indent=1) + "\n")
         write_export_marker(staging)
