@@ -122,7 +122,9 @@ class SubcommandParser(argparse.ArgumentParser):
     def parse_known_args(self, args=None, namespace=None):
         args = list(sys.argv[1:] if args is None else args)
         # A subcommand that defines its own --config handles it (`genesis-hf plan --config` reads a recipe's config).
-        if self._is_leaf() and not any(action.dest == "config" for action in self._actions):
+        # A forwarding parser (prefix `+`) hands every flag to a recipe-style dataclass parser, which has --config.
+        own_flags = "-" in self.prefix_chars and self._is_leaf()
+        if own_flags and not any(action.dest == "config" for action in self._actions):
             self.add_argument("--config", default=None, help="YAML file with default values for any option.")
             self.config_is_defaults = True
         if getattr(self, "config_is_defaults", False):
@@ -156,3 +158,35 @@ def _config_path(args: list[str]) -> str | None:
         if item.startswith("--config="):
             return item.split("=", 1)[1]
     return None
+
+
+def add_command(
+    subparsers: argparse._SubParsersAction,
+    name: str,
+    *,
+    help: str,
+    description: str | None = None,
+    func=None,
+    forward: bool = False,
+) -> argparse.ArgumentParser:
+    """Add the `genesis-hf` command (or nested subcommand) `name` and return its parser.
+
+    Args:
+        subparsers: what `add_subparsers()` returned.
+        name: the command's name.
+        help: one line for the list of commands.
+        description: shown by `--help` as written (the module docstring, usually).
+        func: run as `func(namespace)`; returns the exit code.
+        forward: hand every argument after the name, unparsed, to `func` as `namespace.argv` (commands whose options
+            are a dataclass parsed like a recipe's, `--help` included).
+    """
+    if forward:
+        # `+` as the only prefix: every `--flag` reaches the dataclass parser, which knows them.
+        parser = subparsers.add_parser(name, help=help, add_help=False, prefix_chars="+")
+        parser.add_argument("argv", nargs="*")
+    else:
+        formatter = argparse.RawDescriptionHelpFormatter
+        parser = subparsers.add_parser(name, help=help, description=description, formatter_class=formatter)
+    if func is not None:
+        parser.set_defaults(func=func)
+    return parser

@@ -28,6 +28,7 @@ from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, 
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
 from genesis_hf import corpus
+from genesis_hf.args import add_command
 from genesis_hf.layout import CHATML_TEMPLATE, CHATML_TOKENS, EOS_TOKEN
 
 # `<|im_start|>`/`<|im_end|>` are special: they frame messages and vanish with `skip_special_tokens=True`.
@@ -369,20 +370,13 @@ def _run_train(args: argparse.Namespace) -> int:
 
 
 def register_cli(subparsers: argparse._SubParsersAction) -> None:
-    """Add `genesis-hf tokenizer train`.
-
-    Args:
-        subparsers: the `add_subparsers()` object of the top-level `genesis-hf` parser.
-    """
-    parser = subparsers.add_parser(
-        "tokenizer", help="Train a byte-level BPE tokenizer.", description=__doc__.splitlines()[0]
-    )
+    """Add `genesis-hf tokenizer train` to the top-level `subparsers`."""
+    description = __doc__.splitlines()[0]
+    parser = add_command(subparsers, "tokenizer", help="Train a byte-level BPE tokenizer.", description=description)
     commands = parser.add_subparsers(dest="tokenizer_command", required=True, metavar="SUBCOMMAND")
-    train = commands.add_parser(
-        "train",
-        help="Train a tokenizer and save it with save_pretrained.",
-        description="Train a byte-level BPE tokenizer on --files (or the embedded stdlib corpus) and save it.",
-    )
+    description = "Train a byte-level BPE tokenizer on --files (or the embedded stdlib corpus) and save it."
+    help = "Train a tokenizer and save it with save_pretrained."
+    train = add_command(commands, "train", help=help, description=description, func=_run_train)
     train.add_argument("--output-dir", required=True, help="Directory to save the tokenizer in.")
     train.add_argument("--vocab-size", type=int, required=True, help="Exact vocabulary size, e.g. 49152.")
     train.add_argument(
@@ -397,7 +391,6 @@ def register_cli(subparsers: argparse._SubParsersAction) -> None:
     train.add_argument("--min-frequency", type=int, default=2, help="Minimum count of a pair to merge it.")
     train.add_argument("--model-max-length", type=int, default=DEFAULT_MODEL_MAX_LENGTH, help="Context length.")
     train.add_argument("--progress", action="store_true", help="Show training progress bars.")
-    train.set_defaults(func=_run_train)
 
 
 __all__ = [

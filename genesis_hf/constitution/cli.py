@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 from types import SimpleNamespace
 
-from genesis_hf.args import ConfigError, parse_args
+from genesis_hf.args import ConfigError, add_command, parse_args
 
 from .backends import BackendArguments, BackendError, build_backend, check_backend_arguments
 from .pairs import pair_or_reason, sft_example
@@ -173,35 +173,15 @@ def forward_to(main_function):
 
 
 def register_cli(subparsers: argparse._SubParsersAction) -> None:
-    """Add `genesis-hf constitution generate` and `genesis-hf constitution harmbench`.
-
-    Args:
-        subparsers: the `add_subparsers()` object of the top-level `genesis-hf` parser.
-    """
-    parser = subparsers.add_parser(
-        "constitution",
-        help="Critique-and-revise data for SFT and DPO.",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    """Add `genesis-hf constitution generate` and `genesis-hf constitution harmbench` to the top-level `subparsers`."""
+    help = "Critique-and-revise data for SFT and DPO."
+    parser = add_command(subparsers, "constitution", help=help, description=__doc__)
     commands = parser.add_subparsers(dest="constitution_command", required=True, metavar="SUBCOMMAND")
-    # `+` as the only prefix: every `--flag` reaches `main`, whose dataclass parser knows them (and prints --help).
-    generate = commands.add_parser(
-        "generate",
-        help="Answer, critique and revise; write sft.jsonl and dpo.jsonl.",
-        add_help=False,
-        prefix_chars="+",
-    )
-    generate.add_argument("argv", nargs="*")
-    generate.set_defaults(func=forward_to(main))
-    harmbench = commands.add_parser(
-        "harmbench",
-        help="HarmBench-style attack success rate from local behaviours and a local classifier.",
-        add_help=False,
-        prefix_chars="+",
-    )
-    harmbench.add_argument("argv", nargs="*")
-    harmbench.set_defaults(func=lambda namespace: _harmbench_main(namespace.argv))
+    # Their options are dataclasses parsed like a recipe's (`main`, `harmbench.main`), --help and --config included.
+    help = "Answer, critique and revise; write sft.jsonl and dpo.jsonl."
+    add_command(commands, "generate", help=help, func=forward_to(main), forward=True)
+    help = "HarmBench-style attack success rate from local behaviours and a local classifier."
+    add_command(commands, "harmbench", help=help, func=lambda namespace: _harmbench_main(namespace.argv), forward=True)
 
 
 def _harmbench_main(argv: list[str]) -> int:

@@ -17,7 +17,7 @@ import re
 import sys
 from pathlib import Path
 
-from genesis_hf.args import ConfigError, parse_args
+from genesis_hf.args import ConfigError, add_command, parse_args
 
 from .backends import BackendArguments, BackendError, build_backend, check_backend_arguments
 from .cli import forward_to
@@ -246,13 +246,6 @@ def main(argv: list[str]) -> int:
 
 
 def register_cli(subparsers: argparse._SubParsersAction) -> None:
-    """Add `genesis-hf engagement`.
-
-    Args:
-        subparsers: the `add_subparsers()` object of the top-level `genesis-hf` parser.
-    """
-    parser = subparsers.add_parser(
-        "engagement", help="Score follow-ups, hedging and refusals per category.", add_help=False, prefix_chars="+"
-    )
-    parser.add_argument("argv", nargs="*")
-    parser.set_defaults(func=forward_to(main))
+    """Add `genesis-hf engagement` to the top-level `subparsers` (options: `EngagementArguments`, as a recipe's)."""
+    help = "Score follow-ups, hedging and refusals per category."
+    add_command(subparsers, "engagement", help=help, func=forward_to(main), forward=True)

@@ -19,7 +19,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from genesis_hf.args import ConfigError, check_keys, load_yaml
+from genesis_hf.args import ConfigError, add_command, check_keys, load_yaml
 from genesis_hf.evaluate.tasks import RANDOM_BASELINES, SEED_TASKS
 
 DEFAULT_OUTPUT_DIR = "outputs/eval"
@@ -187,17 +187,9 @@ def _run(namespace: argparse.Namespace) -> int:
 
 
 def register_cli(subparsers: argparse._SubParsersAction) -> None:
-    """Add `genesis-hf eval`.
-
-    Args:
-        subparsers: the `add_subparsers()` object of the top-level `genesis-hf` parser.
-    """
-    parser = subparsers.add_parser(
-        "eval",
-        help="Evaluate any checkpoint with lm-eval (seed suite by default), behind a sanity gate.",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    """Add `genesis-hf eval` to the top-level `subparsers`."""
+    help = "Evaluate any checkpoint with lm-eval (seed suite by default), behind a sanity gate."
+    parser = add_command(subparsers, "eval", help=help, description=__doc__, func=_run)
     parser.add_argument(
         "model", nargs="?", default=None, help=EvalArguments.__dataclass_fields__["model"].metadata["help"]
     )
@@ -212,7 +204,6 @@ def register_cli(subparsers: argparse._SubParsersAction) -> None:
         else:
             kind = {"num_fewshot": int, "limit": float}.get(field.name, str)
             parser.add_argument(f"--{field.name}", type=kind, default=None, help=help_text)
-    parser.set_defaults(func=_run)
 
 
 __all__ = ["EvalArguments", "parse_eval_arguments", "register_cli", "results_path", "run_eval"]

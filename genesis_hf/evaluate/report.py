@@ -15,6 +15,7 @@ import math
 import sys
 from pathlib import Path
 
+from genesis_hf.args import add_command
 from genesis_hf.evaluate.tasks import RANDOM_BASELINES
 
 REPORT_MARKDOWN = "report.md"
@@ -171,20 +172,11 @@ def _run_report(args: argparse.Namespace) -> int:
 
 
 def register_cli(subparsers: argparse._SubParsersAction) -> None:
-    """Add `genesis-hf report`.
-
-    Args:
-        subparsers: the `add_subparsers()` object of the top-level `genesis-hf` parser.
-    """
-    parser = subparsers.add_parser(
-        "report",
-        help="Markdown table and bar chart over evaluation results files (base vs SFT vs DPO).",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    """Add `genesis-hf report` to the top-level `subparsers`."""
+    help = "Markdown table and bar chart over evaluation results files (base vs SFT vs DPO)."
+    parser = add_command(subparsers, "report", help=help, description=__doc__, func=_run_report)
     parser.add_argument("results", nargs="+", help="Results JSON files; the first is the reference for deltas.")
     parser.add_argument("--output_dir", required=True, help="Folder for report.md and report.png.")
-    parser.set_defaults(func=_run_report)
 
 
 __all__ = [

@@ -15,6 +15,8 @@ from pathlib import Path
 
 import yaml
 
+from genesis_hf.args import add_command
+
 # The seed's published suite (step 40,000 base model), in its table order.
 SEED_TASKS = ("arc_challenge", "arc_easy", "hellaswag", "piqa", "winogrande", "lambada_openai", "mmlu")
 # For SFT/DPO models: honesty (TruthfulQA mc2) and instruction following (IFEval), as the `aligned` group.
@@ -190,17 +192,9 @@ def _run_eval_tasks(args: argparse.Namespace) -> int:
 
 
 def register_cli(subparsers: argparse._SubParsersAction) -> None:
-    """Add `genesis-hf eval_tasks`.
-
-    Args:
-        subparsers: the `add_subparsers()` object of the top-level `genesis-hf` parser.
-    """
-    parser = subparsers.add_parser(
-        "eval_tasks",
-        help="Write lm-eval task YAMLs that read local copies of the benchmarks (offline evaluation).",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    """Add `genesis-hf eval_tasks` to the top-level `subparsers`."""
+    help = "Write lm-eval task YAMLs that read local copies of the benchmarks (offline evaluation)."
+    parser = add_command(subparsers, "eval_tasks", help=help, description=__doc__, func=_run_eval_tasks)
     parser.add_argument("--data_dir", required=True, help="Folder of <task>/<split>.jsonl benchmark files.")
     parser.add_argument("--output_dir", required=True, help="Task folder to write; pass it as --include_path.")
     parser.add_argument(
@@ -208,7 +202,6 @@ def register_cli(subparsers: argparse._SubParsersAction) -> None:
         help="MMLU only: write just these subjects (comma-separated, e.g. anatomy,astronomy) and no mmlu group; by "
         "default all 57 subjects' files must be in DATA_DIR/mmlu.",
     )
-    parser.set_defaults(func=_run_eval_tasks)
 
 
 __all__ = [

@@ -34,6 +34,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from genesis_hf.args import add_command
 from genesis_hf.playground.api import register_api, user_errors
 from genesis_hf.playground.generation import (
     MAX_NEW_TOKENS,
@@ -460,16 +461,9 @@ def _add_source_arguments(parser: argparse.ArgumentParser, required: bool) -> No
 
 
 def register_cli(subparsers: argparse._SubParsersAction) -> None:
-    """Add `genesis-hf playground` (serve locally) and `genesis-hf playground deploy` (publish as a Space).
-
-    Args:
-        subparsers: the `add_subparsers()` object of the top-level `genesis-hf` parser.
-    """
-    parser = subparsers.add_parser(
-        "playground",
-        help="Browse a run's checkpoints and talk to them in a Gradio app (or deploy it as a Space).",
-        description=__doc__.split("\n\n")[0],
-    )
+    """Add `genesis-hf playground` (serve locally) and `genesis-hf playground deploy` (publish as a Space)."""
+    help = "Browse a run's checkpoints and talk to them in a Gradio app (or deploy it as a Space)."
+    parser = add_command(subparsers, "playground", help=help, description=__doc__.split("\n\n")[0])
     _add_source_arguments(parser, required=False)
     parser.add_argument("--host", default="127.0.0.1", help="Interface to listen on (0.0.0.0 shares it).")
     parser.add_argument("--port", type=int, default=None, help="Port (default: 7860 or the next free one).")
@@ -477,15 +471,12 @@ def register_cli(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--concurrency", type=int, default=DEFAULT_CONCURRENCY, help="Generations at once.")
     parser.set_defaults(func=_run_playground_or_usage, playground_parser=parser)
     commands = parser.add_subparsers(dest="playground_command", metavar="SUBCOMMAND")
-    deploy = commands.add_parser(
-        "deploy",
-        help="Create or update a Hugging Face Space running the playground.",
-        description="Create or update a Gradio Space running the playground on a Hub model repo (or a shipped run).",
-    )
+    description = "Create or update a Gradio Space running the playground on a Hub model repo (or a shipped run)."
+    help = "Create or update a Hugging Face Space running the playground."
+    deploy = add_command(commands, "deploy", help=help, description=description, func=_run_deploy)
     deploy.add_argument("--space", required=True, metavar="ID", help="The Space, e.g. you/genesis-playground.")
     _add_source_arguments(deploy, required=True)
     deploy.add_argument("--private", action="store_true", help="Create the Space private.")
-    deploy.set_defaults(func=_run_deploy)
 
 
 def _run_playground_or_usage(args: argparse.Namespace) -> int:

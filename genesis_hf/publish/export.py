@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 from transformers import AutoTokenizer, LlamaForCausalLM
 
+from genesis_hf.args import add_command
 from genesis_hf.layout import CHECKPOINT_METADATA_FILE, RUN_CONFIG_FILE, TRAINER_STATE_FILE, WEIGHT_FILES, has_weights
 from genesis_hf.model.convert import from_llama
 from genesis_hf.model.folder import (
@@ -306,17 +307,9 @@ def _run_export(args: argparse.Namespace) -> int:
 
 
 def register_cli(subparsers: argparse._SubParsersAction) -> None:
-    """Add `genesis-hf export`.
-
-    Args:
-        subparsers: the `add_subparsers()` object of the top-level `genesis-hf` parser.
-    """
-    parser = subparsers.add_parser(
-        "export",
-        help="Export a checkpoint (hf, llama or gguf) and verify it reloads with the same logits.",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    """Add `genesis-hf export` to the top-level `subparsers`."""
+    help = "Export a checkpoint (hf, llama or gguf) and verify it reloads with the same logits."
+    parser = add_command(subparsers, "export", help=help, description=__doc__, func=_run_export)
     parser.add_argument("checkpoint", help="Training checkpoint directory or Hugging Face model folder.")
     parser.add_argument("out", help="Output folder (created; must not exist or be empty unless --overwrite).")
     parser.add_argument("--format", choices=EXPORT_FORMATS, default="hf", help="Export format (default: hf).")
@@ -333,7 +326,6 @@ def register_cli(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--overwrite", action="store_true", help="Replace OUT if it holds an earlier export (and nothing else)."
     )
-    parser.set_defaults(func=_run_export)
 
 
 __all__ = [

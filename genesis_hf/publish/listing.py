@@ -15,6 +15,7 @@ import json
 import sys
 from pathlib import Path
 
+from genesis_hf.args import add_command
 from genesis_hf.layout import (
     CHECKPOINT_METADATA_FILE,
     FINAL_POINTER_FILE,
@@ -325,17 +326,11 @@ def _run_checkpoints(args: argparse.Namespace) -> int:
 
 
 def register_cli(subparsers: argparse._SubParsersAction) -> None:
-    """Add `genesis-hf checkpoints`.
-
-    Args:
-        subparsers: the `add_subparsers()` object of the top-level `genesis-hf` parser.
-    """
-    parser = subparsers.add_parser(
-        "checkpoints", help="List the checkpoints of a local run or of a Hub repo.", description=__doc__
-    )
+    """Add `genesis-hf checkpoints` to the top-level `subparsers`."""
+    help = "List the checkpoints of a local run or of a Hub repo."
+    parser = add_command(subparsers, "checkpoints", help=help, description=__doc__, func=_run_checkpoints)
     parser.add_argument("source", help="A run's output directory, or a Hub repo id (uses HF_TOKEN for private repos).")
     parser.add_argument("--json", action="store_true", help="Print JSON instead of a table.")
-    parser.set_defaults(func=_run_checkpoints)
 
 
 __all__ = [
