@@ -327,6 +327,113 @@ def test_resume_falls_back_from_a_truncated_checkpoint_and_replays_the_same_loss
     assert (output_dir / "final" / "config.json").is_file()
 
 
+def test_async_save_is_published_only_once_its_shards_and_checksums_are_written(tmp_path, monkeypatch):
+    """`dcp.async_save` in one process, its shard writes held back: training goes on, nothing is visible (a kill now
+    resumes from the previous checkpoint), and once released `poll` publishes the weights of the step that was saved."""
+    import threading
+    import time
+
+    from tokenizers import Tokenizer, models
+    from torch.distributed.checkpoint.filesystem import _FileSystemWriter
+    from transformers import PreTrainedTokenizerFast
+
+    from genesis_hf import GenesisConfig, GenesisForCausalLM
+    from genesis_hf.events import Events, TrainingCallback
+
+    class Recorder(TrainingCallback):
+        def __init__(self) -> None:
+            self.calls = []
+
+        def on_checkpoint_staged(self, staging_dir: Path, step: int) -> None:
+            # What a subscriber (and the fault injector's kill) sees just before the rename: a complete checkpoint.
+            self.calls.append(("staged", step, ckpt.validate_checkpoint(staging_dir, checksums=True, resumable=True)))
+
+        def on_checkpoint_saved(self, checkpoint_dir: Path, step: int) -> None:
+            self.calls.append(("saved", step, checkpoint_dir.name))
+
+    torch.manual_seed(0)
+    config = GenesisConfig.from_preset("debug", vocab_size=99)
+    model = GenesisForCausalLM(config)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    recorder = Recorder()
+    manager = ckpt.CheckpointManager(
+        tmp_path, save_total_limit=None, milestone_steps=None, async_save=True, events=Events([recorder]),
+        run_config={}, model_config=config,
+        tokenizer=PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.BPE()), eos_token="<|endoftext|>"),
+    )  # fmt: skip
+
+    def train_and_save(step: int | None) -> None:
+        input_ids = torch.randint(0, config.vocab_size, (1, 8))
+        model(input_ids=input_ids, labels=input_ids).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        if step is not None:
+            state = {"step": step, "optimizer_steps": step, "tokens_seen": 8 * step, "loss": 1.0, "scheduler": {}}
+            manager.save(step, model, optimizer, state, {"data_loader": {}, "rng": ckpt.capture_rng_state()})
+
+    train_and_save(1)
+    manager.wait()
+    assert steps_of(tmp_path) == [1]
+
+    release = threading.Event()
+    write_data = _FileSystemWriter.write_data
+
+    def held_write_data(self, *args, **kwargs):
+        assert release.wait(timeout=60)
+        return write_data(self, *args, **kwargs)
+
+    monkeypatch.setattr(_FileSystemWriter, "write_data", held_write_data)
+    train_and_save(2)
+    saved = {name: parameter.detach().clone() for name, parameter in model.named_parameters()}
+    train_and_save(None)  # the live weights move on; the checkpoint must hold step 2's
+    manager.poll()
+    (staging,) = (tmp_path / "checkpoints").glob("step-0000002.tmp-*")
+    assert not list(staging.glob("*/*.distcp")) and not (staging / "checksums.json").exists()
+    assert steps_of(tmp_path) == [1] and ckpt.select_checkpoint(tmp_path)[0].step == 1
+
+    release.set()
+    deadline = time.monotonic() + 60
+    while manager.pending is not None:  # the training loop's once-per-step call publishes the finished save
+        assert time.monotonic() < deadline
+        manager.poll()
+        time.sleep(0.01)
+    manager.close()
+    assert recorder.calls == [
+        ("staged", 1, None), ("saved", 1, "step-0000001"), ("staged", 2, None), ("saved", 2, "step-0000002"),
+    ]  # fmt: skip
+    newest = tmp_path / "checkpoints" / "step-0000002"
+    shards = {file.relative_to(newest).as_posix() for file in newest.glob("*/*") if file.parent.name != "tokenizer"}
+    assert set(json.loads((newest / "checksums.json").read_text())["crc32"]) == shards
+    restored, _, _ = ckpt.load_model_from_checkpoint(newest)
+    for name, parameter in restored.named_parameters():
+        torch.testing.assert_close(parameter, saved[name], rtol=0, atol=0)
+
+
+@pytest.mark.slow
+def test_a_run_killed_during_an_async_save_resumes_from_the_previous_checkpoint(tmp_path, run_env, debug_run):
+    output_dir, config = copy_run(debug_run, tmp_path)
+    shutil.rmtree(output_dir / "checkpoints" / "step-0000004")
+    shutil.rmtree(output_dir / "final")
+    # Resumed from step 2, killed at the end of step 4's async save: written and checksummed, never renamed.
+    result = run_recipe(run_env, config, "--async_save", "true", fault="kill_during_save:4")
+    assert result.returncode != 0 and "killing this process at step 4" in result.stderr, result.stderr[-3000:]
+    (staging,) = (output_dir / "checkpoints").glob("step-0000004.tmp-*")
+    assert (staging / "checksums.json").is_file() and steps_of(output_dir) == [2]
+
+    result = run_recipe(run_env, config, "--async_save", "true")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "Resumed from" in result.stderr and "step-0000002" in result.stderr
+    records = read_metrics(output_dir)
+    assert [record["step"] for record in records] == [1, 2, 3, 4, 3, 4, 3, 4]
+    for replayed in (records[4:6], records[6:8]):
+        assert replayed == [
+            dict(r, step_time=n["step_time"], tokens_per_second=n["tokens_per_second"])
+            for r, n in zip(records[2:4], replayed)
+        ]
+    assert steps_of(output_dir) == [2, 4] and (output_dir / "final" / "config.json").is_file()
+    assert not list((output_dir / "checkpoints").glob("*.tmp-*"))
+
+
 def test_optimizer_state_is_checked(tmp_path, debug_run):
     """`load_training_checkpoint` in one process: present and consistent AdamW state loads; missing or stale fails."""
     from genesis_hf.pretrain.trainer import build_model, build_model_config, build_optimizer

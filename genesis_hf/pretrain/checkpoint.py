@@ -19,8 +19,9 @@ Why it is built this way:
   sharded), and the few collectives a save needs go over a dedicated gloo group, never NCCL.
 - A checkpoint is written to `step-XXXXXXX.tmp-<run id>` and renamed to `step-XXXXXXX` by rank 0 only after every
   rank's shards are on disk; a crash at any moment leaves either the complete checkpoint or an ignored `.tmp-*`.
-  With `async_save`, the state is copied to CPU memory synchronously and written by a background thread; the rename
-  happens when the write is done (`CheckpointManager.poll`).
+  With `async_save`, `torch.distributed.checkpoint.async_save` copies the state to CPU memory synchronously and
+  writes it from a thread of its own (one upload per DCP folder, each on its own gloo group); the rename happens once
+  both uploads are done (`CheckpointManager.poll`, once per step).
 - The seed run once restored the weights without the AdamW state: the loss looked fine for ~50 steps, then diverged,
   and ~1,000 steps were lost. `load_training_checkpoint` refuses a checkpoint whose optimizer state is missing or
   does not match the model (`OptimizerStateError`) unless `allow_fresh_optimizer` is set.
@@ -49,6 +50,7 @@ import uuid
 import warnings
 import zlib
 from collections.abc import Sequence
+from concurrent import futures
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -77,6 +79,7 @@ from genesis_hf.layout import (
     checkpoint_name,
     checkpoints_root,
 )
+from genesis_hf.model.configuration_genesis import SIZE_FIELDS
 
 from . import distributed
 
@@ -85,17 +88,11 @@ logger = logging.getLogger(__name__)
 # DCP warns on every call without a process group that it assumes a single process; in one process that is the intent.
 warnings.filterwarnings("ignore", message=r"torch\.distributed is (disabled|unavailable).*single process")
 # GenesisConfig fields that change the shapes or the function of the weights: a checkpoint is only compatible with a
-# model that agrees on all of them.
+# model that agrees on all of them. Every size is one.
 ARCHITECTURE_FIELDS = (
-    "vocab_size",
-    "hidden_size",
-    "intermediate_size",
-    "num_hidden_layers",
-    "num_attention_heads",
-    "num_key_value_heads",
+    *SIZE_FIELDS,
     "head_dim",
     "hidden_act",
-    "max_position_embeddings",
     "rms_norm_eps",
     "rope_parameters",
     "tie_word_embeddings",
@@ -307,12 +304,6 @@ def _state_problem(path: Path, resumable: bool) -> str | None:
     return None
 
 
-def _shard_files(path: Path) -> list[Path]:
-    return sorted(
-        file for part in (MODEL_DIR, OPTIMIZER_DIR) if (path / part).is_dir() for file in (path / part).iterdir()
-    )
-
-
 def _crc32(path: Path) -> str:
     checksum = 0
     with open(path, "rb") as handle:
@@ -328,11 +319,24 @@ def _checksums(path: Path, files: list[str]) -> dict[str, str]:
         return dict(zip(files, pool.map(lambda name: _crc32(path / name), files)))
 
 
-def write_checksums(path: Path) -> None:
+def folder_checksums(folder: Path) -> dict[str, str]:
+    """CRC-32 of every file of a DCP folder, keyed as in `checksums.json` (`model/__0_0.distcp`)."""
+    names = sorted(file.name for file in folder.iterdir() if file.is_file()) if folder.is_dir() else []
+    return {f"{folder.name}/{name}": checksum for name, checksum in _checksums(folder, names).items()}
+
+
+def write_checksums(path: Path, checksums: dict[str, str] | None = None) -> None:
     """Record the CRC-32 of every file of `model/` and `optimizer/` in `checksums.json` (rank 0, once the shards of
-    every rank are written, before the rename that makes the checkpoint visible)."""
-    files = [file.relative_to(path).as_posix() for file in _shard_files(path) if file.is_file()]
-    _write_json(path / CHECKSUMS_FILE, {"crc32": _checksums(path, files)})
+    every rank are written, before the rename that makes the checkpoint visible).
+
+    Args:
+        path: the staging folder of a checkpoint.
+        checksums: the `folder_checksums` of both DCP folders, when they were taken already (by an async save's
+            writer threads); computed here otherwise.
+    """
+    if checksums is None:
+        checksums = {**folder_checksums(path / MODEL_DIR), **folder_checksums(path / OPTIMIZER_DIR)}
+    _write_json(path / CHECKSUMS_FILE, {"crc32": dict(sorted(checksums.items()))})
 
 
 def checksum_problem(path: str | Path, parts: tuple[str, ...] = (MODEL_DIR, OPTIMIZER_DIR)) -> str | None:
@@ -503,11 +507,46 @@ def _write_json(path: Path, value: Any) -> None:
         handle.write("\n")
 
 
+def _checksumming_writer_class():
+    from torch.distributed.checkpoint import FileSystemWriter
+
+    class ChecksummingFileSystemWriter(FileSystemWriter):
+        """DCP's file writer that also takes the CRC-32 of its folder's files once they are all written.
+
+        `finish` runs on the coordinator (rank 0) only, after every rank reported its shards written and the
+        `.metadata` is in place, and in the thread that runs the save: for `dcp.async_save`, off the training thread.
+        """
+
+        checksums: dict[str, str] = {}
+
+        def finish(self, metadata, results) -> None:
+            super().finish(metadata, results)
+            self.checksums = folder_checksums(Path(self.path))
+
+    return ChecksummingFileSystemWriter
+
+
 @dataclass
 class _PendingSave:
+    """An async save in flight: one `dcp.async_save` upload per DCP folder, with the writer that checksums it."""
+
     step: int
     staging_dir: Path
-    future: Future
+    uploads: list[tuple[Future, Any]]
+
+    def done(self) -> bool:
+        return all(future.done() for future, _ in self.uploads)
+
+    def wait(self) -> None:
+        futures.wait([future for future, _ in self.uploads])
+
+    def checksums(self) -> dict[str, str]:
+        """The CRC-32 of both folders (rank 0; empty elsewhere); re-raises the error of a failed upload."""
+        checksums: dict[str, str] = {}
+        for future, writer in self.uploads:
+            future.result()
+            checksums.update(writer.checksums)
+        return checksums
 
 
 class CheckpointManager:
@@ -517,7 +556,7 @@ class CheckpointManager:
         output_dir: the run's output directory.
         save_total_limit: keep the newest N checkpoints that are not milestones; `None` keeps all.
         milestone_steps: checkpoints at multiples of this step are never deleted.
-        async_save: copy the state to CPU memory and write it in a background thread.
+        async_save: copy the state to CPU memory and write it in the background (`dcp.async_save`).
         events: the run's subscribers (`genesis_hf.events.Events`): `on_checkpoint_staged` on every rank before a
             checkpoint is made visible, `on_checkpoint_saved` on rank 0 after, `may_delete` before rotation.
         run_config: the resolved arguments, written to `run_config.yaml`.
@@ -552,7 +591,11 @@ class CheckpointManager:
         # Without a process group DCP would warn on every call that it assumes a single process; say so instead.
         self.no_dist = not dist.is_initialized()
         self.run_id = distributed.broadcast_object(uuid.uuid4().hex[:8], group=self.group)
-        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint") if async_save else None
+        # An async save writes model/ and optimizer/ in two threads at once: each gets its own gloo group, since the
+        # collectives of two threads sharing one group could pair up in a different order on each rank.
+        self.upload_groups = {MODEL_DIR: self.group, OPTIMIZER_DIR: self.group}
+        if async_save and dist.is_initialized():
+            self.upload_groups[OPTIMIZER_DIR] = dist.new_group(backend="gloo")
         self.pending: _PendingSave | None = None
         self.last_saved_step: int | None = None
 
@@ -585,23 +628,16 @@ class CheckpointManager:
             self._write_metadata_files(staging_dir, trainer_state, rank_states)
         model_state, optimizer_state = get_state_dict(model, optimizer)
         state = {MODEL_DIR: {"model": model_state}, OPTIMIZER_DIR: {"optimizer": optimizer_state}}
-        if self.executor is None:
+        if self.async_save:
+            self.pending = _PendingSave(step, staging_dir, self._start_uploads(state, staging_dir))
+        else:
             self._write_shards(state, staging_dir)
             distributed.barrier(self.group)
             self._publish(step, staging_dir)
-        else:
-            from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
-
-            # A private copy in CPU memory (the live tensors keep training); only the disk write is deferred.
-            stager = DefaultStager(StagingOptions(False, False, False, False))
-            staged = {name: stager.stage(part) for name, part in state.items()}
-            stager.close()
-            future = self.executor.submit(self._write_shards, staged, staging_dir)
-            self.pending = _PendingSave(step, staging_dir, future)
         logger.info(
             "Checkpoint of step %d %s in %.2fs.",
             step,
-            "staged" if self.executor else "written",
+            "staged" if self.async_save else "written",
             time.perf_counter() - started,
         )
 
@@ -621,27 +657,59 @@ class CheckpointManager:
 
         for name, part in state.items():
             dcp.save(part, checkpoint_id=str(staging_dir / name), process_group=self.group, no_dist=self.no_dist)
-        # Rank 0's DCP save returns once every rank's shards are written; hashing here keeps it off the training
-        # thread for async saves.
+        # Rank 0's DCP save returns once every rank's shards are written.
         if self.is_main:
             write_checksums(staging_dir)
 
+    def _start_uploads(self, state: dict[str, dict], staging_dir: Path) -> list[tuple[Future, Any]]:
+        """`dcp.async_save` of each DCP folder: copied to CPU memory here (the live tensors keep training), written by
+        a thread of DCP's own; returns each upload's future and writer."""
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
+        from torch.distributed.checkpoint.state_dict_saver import AsyncCheckpointerType, AsyncSaveResponse
+
+        # async_save's own default stager, made explicit because the writer below would otherwise stage: a blocking
+        # copy into fresh CPU memory (no pinned or shared buffers kept between saves).
+        stager = DefaultStager(StagingOptions(False, False, False, False))
+        writer_class = _checksumming_writer_class()
+        uploads = []
+        try:
+            for name, part in state.items():
+                writer = writer_class(staging_dir / name)
+                response = dcp.async_save(
+                    part,
+                    storage_writer=writer,
+                    process_group=self.upload_groups[name],
+                    # A thread, not a process: the writer's checksums and the CPU copy stay in this process.
+                    async_checkpointer_type=AsyncCheckpointerType.THREAD,
+                    async_stager=stager,
+                    no_dist=self.no_dist,
+                )
+                # A blocking stager gives the upload's Future; a non-blocking one would give an AsyncSaveResponse.
+                future = response.upload_completion if isinstance(response, AsyncSaveResponse) else response
+                uploads.append((future, writer))
+        finally:
+            stager.close()  # staging is done (it blocks); the staged copies live on in the uploads
+        return uploads
+
     def poll(self) -> None:
-        """Publish a finished background save (call once per step on every rank; only rank 0 does anything)."""
-        if self.pending is not None and self.pending.future.done():
+        """Publish a finished background save (call once per step on every rank; only rank 0 renames)."""
+        if self.pending is not None and self.pending.done():
             self._finish_pending()
 
     def wait(self) -> None:
         """Block until a background save is written and published."""
         if self.pending is not None:
-            self.pending.future.result()
+            self.pending.wait()
             self._finish_pending()
 
     def _finish_pending(self) -> None:
         pending, self.pending = self.pending, None
-        pending.future.result()  # re-raises a failed write
-        # Rank 0's DCP save returns only after every rank reported its shards written (DCP's finish step gathers
-        # them), so rank 0 can publish without another collective.
+        checksums = pending.checksums()  # re-raises a failed write
+        # Rank 0's uploads return only after every rank reported its shards written (DCP's finish step gathers them),
+        # so rank 0 can publish without another collective; its writers have taken the checksums by then.
+        if self.is_main:
+            write_checksums(pending.staging_dir, checksums)
         self._publish(pending.step, pending.staging_dir)
 
     def _publish(self, step: int, staging_dir: Path) -> None:
@@ -680,8 +748,6 @@ class CheckpointManager:
 
     def close(self) -> None:
         self.wait()
-        if self.executor is not None:
-            self.executor.shutdown()
 
 
 def _fsync_dir(path: Path) -> None:
