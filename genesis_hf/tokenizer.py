@@ -10,7 +10,7 @@ Layout of the vocabulary (for `vocab_size=49152`):
     257 .. 49151  learned merges
     49152 ..      <|im_start|> <|im_end|> <think> </think>, appended by `add_chat_tokens` before fine-tuning
 
-Command line: `genesis-hf tokenizer train --output-dir DIR --vocab-size N [--files F ...] [--chat-tokens]`.
+Command line: `genesis-hf tokenizer train --output_dir DIR --vocab_size N [--files F ...] [--chat_tokens]`.
 """
 
 import argparse
@@ -321,13 +321,13 @@ def _jsonl_text(line: str, text_field: str, where: str) -> str:
         found = f"fields: {', '.join(sorted(record))}" if isinstance(record, dict) else type(record).__name__
         raise _UsageError(
             f"--files: {where} has no field {text_field!r} (found {found}); "
-            "pass --text-field with the name of the field that holds the text."
+            "pass --text_field with the name of the field that holds the text."
         )
     text = record[text_field]
     if not isinstance(text, str):
         raise _UsageError(
             f"--files: {where} field {text_field!r} is of type {type(text).__name__}, not str; "
-            "pass --text-field with the name of the field that holds the text."
+            "pass --text_field with the name of the field that holds the text."
         )
     return text
 
@@ -337,9 +337,9 @@ def _run_train(args: argparse.Namespace) -> int:
     try:
         _check_vocab_size(args.vocab_size)
         if args.model_max_length < 1:
-            raise _UsageError(f"--model-max-length {args.model_max_length} must be positive, e.g. 2048.")
+            raise _UsageError(f"--model_max_length {args.model_max_length} must be positive, e.g. 2048.")
         if Path(args.output_dir).exists() and not Path(args.output_dir).is_dir():
-            raise _UsageError(f"--output-dir {args.output_dir!r} is a file; pass a directory (it is created).")
+            raise _UsageError(f"--output_dir {args.output_dir!r} is a file; pass a directory (it is created).")
         train_kwargs = {
             "min_frequency": args.min_frequency,
             "show_progress": args.progress,
@@ -377,8 +377,8 @@ def register_cli(subparsers: argparse._SubParsersAction) -> None:
     description = "Train a byte-level BPE tokenizer on --files (or the embedded stdlib corpus) and save it."
     help = "Train a tokenizer and save it with save_pretrained."
     train = add_command(commands, "train", help=help, description=description, func=_run_train)
-    train.add_argument("--output-dir", required=True, help="Directory to save the tokenizer in.")
-    train.add_argument("--vocab-size", type=int, required=True, help="Exact vocabulary size, e.g. 49152.")
+    train.add_argument("--output_dir", required=True, help="Directory to save the tokenizer in.")
+    train.add_argument("--vocab_size", type=int, required=True, help="Exact vocabulary size, e.g. 49152.")
     train.add_argument(
         "--files",
         nargs="+",
@@ -386,10 +386,10 @@ def register_cli(subparsers: argparse._SubParsersAction) -> None:
         help="Training files: plain text (one document per file) or .jsonl (one document per line). "
         "Default: the embedded stdlib corpus.",
     )
-    train.add_argument("--text-field", default="text", help="Field holding the text in .jsonl files.")
-    train.add_argument("--chat-tokens", action="store_true", help="Append the ChatML tokens and chat template.")
-    train.add_argument("--min-frequency", type=int, default=2, help="Minimum count of a pair to merge it.")
-    train.add_argument("--model-max-length", type=int, default=DEFAULT_MODEL_MAX_LENGTH, help="Context length.")
+    train.add_argument("--text_field", default="text", help="Field holding the text in .jsonl files.")
+    train.add_argument("--chat_tokens", action="store_true", help="Append the ChatML tokens and chat template.")
+    train.add_argument("--min_frequency", type=int, default=2, help="Minimum count of a pair to merge it.")
+    train.add_argument("--model_max_length", type=int, default=DEFAULT_MODEL_MAX_LENGTH, help="Context length.")
     train.add_argument("--progress", action="store_true", help="Show training progress bars.")
 
 

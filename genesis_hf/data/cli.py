@@ -1,8 +1,8 @@
 """`genesis-hf data prepare` (tokenize a mixture into token shards) and `genesis-hf data merge` (join shards).
 
-    genesis-hf data prepare --mixture default --tokenizer default:4096 --output-dir runs/tokens --num-proc 2
+    genesis-hf data prepare --mixture default --tokenizer default:4096 --output_dir runs/tokens --num_proc 2
     genesis-hf data prepare --config prepare.yaml --shard 3/32          # any flag may come from the YAML
-    genesis-hf data merge runs/tokens-a runs/tokens-b --output-dir runs/tokens
+    genesis-hf data merge runs/tokens-a runs/tokens-b --output_dir runs/tokens
 
 See `genesis_hf.data.prepare` for the SLURM array recipe.
 """
@@ -14,7 +14,7 @@ import sys
 import time
 from pathlib import Path
 
-from genesis_hf.args import ConfigError, check_keys, load_yaml
+from genesis_hf.args import ConfigError, add_command, check_keys, load_yaml
 
 
 @dataclasses.dataclass
@@ -59,7 +59,7 @@ def load_tokenizer(spec: str):
     if not path.is_dir():
         raise ConfigError(
             f"--tokenizer {spec!r} is neither a tokenizer folder nor a tokenizer.json; train one with "
-            "`genesis-hf tokenizer train --output-dir DIR --vocab-size N`, or pass default:VOCAB."
+            "`genesis-hf tokenizer train --output_dir DIR --vocab_size N`, or pass default:VOCAB."
         )
     return AutoTokenizer.from_pretrained(path)
 
@@ -107,7 +107,7 @@ def _run_prepare(namespace: argparse.Namespace) -> int:
         "tokens_per_source": index["tokens_per_source"],
         "seconds": round(seconds, 2),
         "tokens_per_second": round(index["tokens"] / max(seconds, 1e-9)),
-        "next": None if num_shards == 1 else f"genesis-hf data merge {arguments.output_dir} --output-dir DIR",
+        "next": None if num_shards == 1 else f"genesis-hf data merge {arguments.output_dir} --output_dir DIR",
     }
     print(json.dumps(summary))
     return 0
@@ -132,41 +132,25 @@ def _run_merge(namespace: argparse.Namespace) -> int:
 
 
 def register_cli(subparsers: argparse._SubParsersAction) -> None:
-    """Add `genesis-hf data prepare` and `genesis-hf data merge`.
-
-    Args:
-        subparsers: the `add_subparsers()` object of the top-level `genesis-hf` parser.
-    """
-    parser = subparsers.add_parser(
-        "data", help="Tokenize a data mixture into shards; merge shards.", description=__doc__
+    """Add `genesis-hf data prepare` and `genesis-hf data merge` to the top-level `subparsers`."""
+    help = "Tokenize a data mixture into shards; merge shards."
+    commands = add_command(subparsers, "data", help=help, description=__doc__).add_subparsers(
+        dest="data_command", required=True, metavar="SUBCOMMAND"
     )
-    commands = parser.add_subparsers(dest="data_command", required=True, metavar="SUBCOMMAND")
-    prepare = commands.add_parser(
-        "prepare",
-        help="Tokenize every source of a mixture into token shards (--shard i/N for one slice).",
-        description="Tokenize every source of a mixture into token shards. See genesis_hf/data/prepare.py.",
-    )
+    help = "Tokenize every source of a mixture into token shards (--shard i/N for one slice)."
+    description = "Tokenize every source of a mixture into token shards. See genesis_hf/data/prepare.py."
+    prepare = add_command(commands, "prepare", help=help, description=description, func=_run_prepare)
     prepare.add_argument("--config", default=None, help="YAML file with default values for any flag below.")
     # One flag per PrepareArguments field; default None marks "not given", so the YAML value (or the field's
     # default) applies.
     for field in dataclasses.fields(PrepareArguments):
         field_type = int if field.name in ("num_proc", "max_tokens") else str
-        prepare.add_argument(
-            f"--{field.name.replace('_', '-')}",
-            dest=field.name,
-            type=field_type,
-            default=None,
-            help=field.metadata["help"],
-        )
-    prepare.set_defaults(func=_run_prepare)
-    merge = commands.add_parser(
-        "merge",
-        help="Merge the per-shard indexes of prepare runs into one index.json (no token is copied).",
-        description="Merge the per-shard indexes of `prepare --shard i/N` runs into OUTPUT_DIR/index.json.",
-    )
+        prepare.add_argument(f"--{field.name}", type=field_type, default=None, help=field.metadata["help"])
+    help = "Merge the per-shard indexes of prepare runs into one index.json (no token is copied)."
+    description = "Merge the per-shard indexes of `prepare --shard i/N` runs into OUTPUT_DIR/index.json."
+    merge = add_command(commands, "merge", help=help, description=description, func=_run_merge)
     merge.add_argument("input_dirs", nargs="+", help="Directories written by prepare runs.")
-    merge.add_argument("--output-dir", required=True, help="Where index.json goes (may be an input directory).")
-    merge.set_defaults(func=_run_merge)
+    merge.add_argument("--output_dir", required=True, help="Where index.json goes (may be an input directory).")
 
 
 __all__ = ["PrepareArguments", "load_tokenizer", "register_cli"]

@@ -1,15 +1,15 @@
 """Pre-tokenized mode: tokenize a mixture once, then train with near-zero data-loading CPU.
 
-    genesis-hf data prepare --mixture genesis-1b --tokenizer ./tokenizer --output-dir /data/genesis-1b-tokens \\
-        --num-proc 16 --max-tokens 60000000000
+    genesis-hf data prepare --mixture genesis-1b --tokenizer ./tokenizer --output_dir /data/genesis-1b-tokens \\
+        --num_proc 16 --max_tokens 60000000000
 
-reads every source once, encodes documents on `--num-proc` worker processes (in order, so the result does not
+reads every source once, encodes documents on `--num_proc` worker processes (in order, so the result does not
 depend on the process count), and writes flat token files plus JSON indexes (see `genesis_hf.data.tokenized`). Train
 with `build_pretrain_loader(..., tokenized_dir=DIR)` (the trainer's `tokenized_dir` option): rows are `np.memmap`
 slices, and the stream is token for token the one streaming mode yields from the same mixture (with the tokens cut
-at the `--max-tokens` budget, if one is given).
+at the `--max_tokens` budget, if one is given).
 
-Each source's documents go to `train` or `validation` by the mixture's hold-out rule; `--max-tokens` is a total
+Each source's documents go to `train` or `validation` by the mixture's hold-out rule; `--max_tokens` is a total
 training-token budget split by the weights (each source stops after the document that reaches its share, so its
 validation split only holds the held-out documents read until then). Write each preparation to a fresh directory:
 `merge` joins every per-shard index it finds there.
@@ -18,10 +18,10 @@ Fanning out (SLURM array, one task per slice; `--shard i/N` takes documents `i, 
 each task streams the whole source but only encodes its slice):
 
     #SBATCH --array=0-31 --cpus-per-task=16
-    genesis-hf data prepare --mixture genesis-1b --tokenizer ./tokenizer --output-dir /data/tokens \\
-        --shard ${SLURM_ARRAY_TASK_ID}/32 --num-proc 16 --max-tokens 60000000000
+    genesis-hf data prepare --mixture genesis-1b --tokenizer ./tokenizer --output_dir /data/tokens \\
+        --shard ${SLURM_ARRAY_TASK_ID}/32 --num_proc 16 --max_tokens 60000000000
 
-then once, after the array: `genesis-hf data merge /data/tokens --output-dir /data/tokens`. Merging reads only the
+then once, after the array: `genesis-hf data merge /data/tokens --output_dir /data/tokens`. Merging reads only the
 small per-document indexes: shards stay where they were written (several directories may be merged), and the merged
 directory reads exactly like one unsharded run. For corpus-scale work (deduplication, quality filters, dozens of
 nodes) use datatrove (https://github.com/huggingface/datatrove) upstream and point the mixture at its jsonl/parquet

@@ -375,7 +375,7 @@ def open_hub_dataset(source: SourceConfig):
                 f"Cannot reach the Hub dataset {source.target!r} for the {source.describe()}"
                 + (" (HF_HUB_OFFLINE is set)" if offline else " (no network?)")
                 + f": {message}. On a machine with network, run `genesis-hf data prepare --mixture ... --tokenizer "
-                "... --output-dir DIR` and train with tokenized_dir=DIR, or download the dataset and set the "
+                "... --output_dir DIR` and train with tokenized_dir=DIR, or download the dataset and set the "
                 "source's location to the local files."
             ) from None
         raise ConfigError(

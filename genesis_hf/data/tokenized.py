@@ -8,7 +8,7 @@ One `genesis-hf data prepare --shard i/N` run writes, for every source and split
     DIR/<source>/<split>-0000i-of-0000N.docs   int64 pairs (raw document index, end offset in the .bin)
 
 and a run with `N == 1` also writes `DIR/index.json`, the index the loader reads. Shard `i` holds documents
-`i, i + N, i + 2N, ...` of every source. `genesis-hf data merge DIR1 [DIR2 ...] --output-dir OUT` reads only the
+`i, i + N, i + 2N, ...` of every source. `genesis-hf data merge DIR1 [DIR2 ...] --output_dir OUT` reads only the
 small per-shard indexes and `.docs` files, never the tokens: it writes `OUT/index.json` pointing at the shards' files
 where they are, plus, when `N > 1`, one `OUT/<source>/<split>-order.npy` per source and split: a (3, documents)
 int64 table (file number, start in that file, cumulative end) listing the documents in raw order. Reading the
@@ -331,11 +331,11 @@ class TokenizedData:
             if shard_files:
                 raise ConfigError(
                     f"{str(self.directory)!r} holds {len(shard_files)} per-shard index file(s) but no {INDEX_NAME}; "
-                    f"merge them first: `genesis-hf data merge {self.directory} --output-dir {self.directory}`."
+                    f"merge them first: `genesis-hf data merge {self.directory} --output_dir {self.directory}`."
                 )
             raise ConfigError(
                 f"{str(self.directory)!r} is not a tokenized directory (no {INDEX_NAME}); create one with "
-                "`genesis-hf data prepare --mixture M --tokenizer T --output-dir DIR`."
+                "`genesis-hf data prepare --mixture M --tokenizer T --output_dir DIR`."
             )
         self.index = _load_json(index_path)
         self.dtype = np.dtype(self.index["dtype"])

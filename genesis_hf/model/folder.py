@@ -188,7 +188,7 @@ def _parse_shard_size(max_shard_size: str | int) -> int:
         size = 0
     if size <= 0:
         raise ExportError(
-            f"--max-shard-size {max_shard_size!r} is not a size; write a positive number with a unit, e.g. 2GB, 500MB."
+            f"--max_shard_size {max_shard_size!r} is not a size; write a positive number with a unit, e.g. 2GB, 500MB."
         )
     return size
 

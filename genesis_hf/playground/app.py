@@ -467,7 +467,7 @@ def register_cli(subparsers: argparse._SubParsersAction) -> None:
     _add_source_arguments(parser, required=False)
     parser.add_argument("--host", default="127.0.0.1", help="Interface to listen on (0.0.0.0 shares it).")
     parser.add_argument("--port", type=int, default=None, help="Port (default: 7860 or the next free one).")
-    parser.add_argument("--cache-size", type=int, default=DEFAULT_CACHE_SIZE, help="Models kept loaded.")
+    parser.add_argument("--cache_size", type=int, default=DEFAULT_CACHE_SIZE, help="Models kept loaded.")
     parser.add_argument("--concurrency", type=int, default=DEFAULT_CONCURRENCY, help="Generations at once.")
     parser.set_defaults(func=_run_playground_or_usage, playground_parser=parser)
     commands = parser.add_subparsers(dest="playground_command", metavar="SUBCOMMAND")

@@ -1,6 +1,6 @@
 """`genesis-hf plan`: will this model train on these GPUs? A per-GPU memory estimate before you rent or launch.
 
-    genesis-hf plan --preset genesis-1b --gpus 2 --gpu "RTX 4090" --micro-batch 4 --seq-len 2048
+    genesis-hf plan --preset genesis-1b --gpus 2 --gpu "RTX 4090" --micro_batch 4 --seq_len 2048
     genesis-hf plan --config recipes/configs/pretrain/genesis-1b.yaml --gpus 2 --json
 
 The estimate (`estimate_memory`) assumes the seed project's setup: FSDP2 full sharding across `gpus` with mixed
@@ -48,7 +48,7 @@ import sys
 from dataclasses import dataclass
 from typing import Any
 
-from genesis_hf.args import ConfigError, load_yaml
+from genesis_hf.args import ConfigError, add_command, load_yaml
 from genesis_hf.model.configuration_genesis import GENESIS_PRESETS, GenesisConfig
 from genesis_hf.pretrain.flops import attention_widths, flops_per_token, parameter_counts
 
@@ -485,16 +485,9 @@ def _run_plan(args: argparse.Namespace) -> int:
 
 
 def register_cli(subparsers: argparse._SubParsersAction) -> None:
-    """Add `genesis-hf plan`.
-
-    Args:
-        subparsers: the `add_subparsers()` object of the top-level `genesis-hf` parser.
-    """
-    parser = subparsers.add_parser(
-        "plan",
-        help="Estimate per-GPU memory of a pretraining setting and whether it fits.",
-        description=__doc__.split("\n\n")[0],
-    )
+    """Add `genesis-hf plan` to the top-level `subparsers`."""
+    help = "Estimate per-GPU memory of a pretraining setting and whether it fits."
+    parser = add_command(subparsers, "plan", help=help, description=__doc__.split("\n\n")[0], func=_run_plan)
     parser.add_argument(
         "--preset", default=None, help=f"Model preset: {', '.join(sorted(GENESIS_PRESETS))} (default genesis-1b)."
     )
@@ -509,19 +502,19 @@ def register_cli(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--gpu", default=None, help=f"GPU kind for the verdict: {', '.join(GPU_MEMORY_BYTES)} (default: show all)."
     )
-    parser.add_argument("--micro-batch", dest="micro_batch", type=int, default=None, help="Sequences per GPU (4).")
+    parser.add_argument("--micro_batch", dest="micro_batch", type=int, default=None, help="Sequences per GPU (4).")
     parser.add_argument(
-        "--seq-len", dest="seq_len", type=int, default=None, help="Tokens per sequence (the model's context)."
+        "--seq_len", dest="seq_len", type=int, default=None, help="Tokens per sequence (the model's context)."
     )
     parser.add_argument(
-        "--activation-checkpointing",
+        "--activation_checkpointing",
         dest="activation_checkpointing",
         action=argparse.BooleanOptionalAction,
         default=None,
         help="Checkpoint every decoder block (default on); --no-activation-checkpointing turns it off.",
     )
     parser.add_argument(
-        "--sync-every-micro-batch",
+        "--sync_every_micro_batch",
         dest="sync_every_micro_batch",
         action="store_true",
         help="Estimate for a trainer that reduce-scatters gradients after every micro-batch (less memory, more "
@@ -534,7 +527,6 @@ def register_cli(subparsers: argparse._SubParsersAction) -> None:
         help="pretrain, sft (ChatML tokens added) or dpo (pairs in one forward, plus a reference model).",
     )
     parser.add_argument("--json", action="store_true", help="Print the estimate as JSON (sizes in bytes).")
-    parser.set_defaults(func=_run_plan)
 
 
 __all__ = [

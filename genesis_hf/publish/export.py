@@ -315,14 +315,14 @@ def register_cli(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--format", choices=EXPORT_FORMATS, default="hf", help="Export format (default: hf).")
     parser.add_argument("--dtype", choices=tuple(EXPORT_DTYPES), default="bf16", help="Weight dtype (default: bf16).")
     parser.add_argument(
-        "--max-shard-size", default=DEFAULT_MAX_SHARD_SIZE, help="Safetensors shard size, e.g. 2GB (hf, llama)."
+        "--max_shard_size", default=DEFAULT_MAX_SHARD_SIZE, help="Safetensors shard size, e.g. 2GB (hf, llama)."
     )
     parser.add_argument(
         "--tolerance", type=float, default=DEFAULT_TOLERANCE, help="Largest acceptable |logit difference|."
     )
     parser.add_argument("--tokenizer", default=None, help="Tokenizer folder to publish instead of the checkpoint's.")
-    parser.add_argument("--repo-id", default=None, help="Repo id used in the model card's usage snippet.")
-    parser.add_argument("--eval-results", default=None, help="lm-evaluation-harness results JSON for the card.")
+    parser.add_argument("--repo_id", default=None, help="Repo id used in the model card's usage snippet.")
+    parser.add_argument("--eval_results", default=None, help="lm-evaluation-harness results JSON for the card.")
     parser.add_argument(
         "--overwrite", action="store_true", help="Replace OUT if it holds an earlier export (and nothing else)."
     )
