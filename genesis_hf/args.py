@@ -62,6 +62,18 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     return values
 
 
+def config_and_flags(namespace, dataclass_type: type) -> dict[str, Any]:
+    """The values of `dataclass_type`'s fields for a subcommand whose options mirror them: `namespace.config`'s YAML
+    values (unknown keys refused) as defaults, the flags given on the command line (not `None`) on top."""
+    names = [field.name for field in dataclasses.fields(dataclass_type)]
+    values = {}
+    if namespace.config is not None:
+        values = load_yaml(namespace.config)
+        check_keys(values, (dataclass_type,), source=namespace.config)
+    values.update({name: getattr(namespace, name) for name in names if getattr(namespace, name) is not None})
+    return values
+
+
 def parse_args(dataclass_types: tuple[type, ...], args: list[str] | None = None) -> tuple[Any, ...]:
     """Parse `--config file.yaml` (defaults) and CLI flags (overrides) into instances of `dataclass_types`.
 

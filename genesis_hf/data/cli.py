@@ -14,7 +14,7 @@ import sys
 import time
 from pathlib import Path
 
-from genesis_hf.args import ConfigError, add_command, check_keys, load_yaml
+from genesis_hf.args import ConfigError, add_command, config_and_flags
 
 
 @dataclasses.dataclass
@@ -66,12 +66,7 @@ def load_tokenizer(spec: str):
 
 def _prepare_arguments(namespace: argparse.Namespace) -> PrepareArguments:
     """`--config` YAML values as defaults, command-line flags on top (the project's config idiom)."""
-    fields = [field.name for field in dataclasses.fields(PrepareArguments)]
-    values = {}
-    if namespace.config is not None:
-        values = load_yaml(namespace.config)
-        check_keys(values, (PrepareArguments,), source=namespace.config)
-    values.update({name: getattr(namespace, name) for name in fields if getattr(namespace, name) is not None})
+    values = config_and_flags(namespace, PrepareArguments)
     missing = [f"--{name.replace('_', '-')}" for name in ("tokenizer", "output_dir") if values.get(name) is None]
     if missing:
         raise ConfigError(f"{' and '.join(missing)} required (on the command line or in the --config YAML).")

@@ -19,7 +19,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from genesis_hf.args import ConfigError, add_command, check_keys, load_yaml
+from genesis_hf.args import ConfigError, add_command, config_and_flags
 from genesis_hf.evaluate.tasks import RANDOM_BASELINES, SEED_TASKS
 
 DEFAULT_OUTPUT_DIR = "outputs/eval"
@@ -58,12 +58,7 @@ class EvalArguments:
 
 def parse_eval_arguments(namespace: argparse.Namespace) -> EvalArguments:
     """`--config` YAML values as defaults, command-line flags on top; checks everything cheap to check."""
-    names = [field.name for field in dataclasses.fields(EvalArguments)]
-    values = {}
-    if namespace.config is not None:
-        values = load_yaml(namespace.config)
-        check_keys(values, (EvalArguments,), source=namespace.config)
-    values.update({name: getattr(namespace, name) for name in names if getattr(namespace, name) is not None})
+    values = config_and_flags(namespace, EvalArguments)
     arguments = EvalArguments(**values)
     if not arguments.model:
         raise ConfigError(
