@@ -79,6 +79,18 @@ def holds_training_state(path: str | Path) -> bool:
     return (path / TRAINER_STATE_FILE).is_file() or (path / MODEL_DIR / DCP_METADATA_FILE).is_file()
 
 
+def is_pretraining_checkpoint(path: str | Path) -> bool:
+    """`trainer_state.json` with DCP shards under `model/`, and no safetensors weights (a TRL `checkpoint-N` has
+    those, or a LoRA adapter's)."""
+    path = Path(path)
+    adapter = path / "adapter_model.safetensors"
+    return (
+        (path / TRAINER_STATE_FILE).is_file()
+        and (path / MODEL_DIR).is_dir()
+        and not (has_weights(path) or adapter.is_file())
+    )
+
+
 def is_run_folder(path: str | Path) -> bool:
     """A run's output directory (its checkpoints or its metrics)."""
     path = Path(path)

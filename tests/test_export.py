@@ -230,7 +230,7 @@ def test_export_from_a_training_checkpoint(tiny, tmp_path, capsys):
     manager.save(7, model, optimizer, state, {"data_loader": {}, "rng": ckpt.capture_rng_state()})
     manager.close()
     checkpoint = tmp_path / "run" / "checkpoints" / "step-0000007"
-    assert export.is_training_checkpoint(checkpoint)
+    assert layout.is_pretraining_checkpoint(checkpoint)
     rc = cli.main(["export", str(checkpoint), str(tmp_path / "out"), "--dtype", "fp32"])
     output = capsys.readouterr().out
     assert rc == 0 and _printed_diff(output) < 1e-5

@@ -376,7 +376,7 @@ def test_metrics_jsonl_stays_json_and_marks_nonfinite_values_and_restarts(tmp_pa
 def test_max_shard_size_and_a_busy_port_are_one_line_errors(tiny_run, tmp_path, capsys):
     model_dir, run_dir = tiny_run
     assert cli.main(["export", str(model_dir), str(tmp_path / "out"), "--max-shard-size", "banana"]) == 2
-    assert "--max-shard-size 'banana' is not a size" in capsys.readouterr().err
+    assert "--max_shard_size 'banana' is not a size" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))

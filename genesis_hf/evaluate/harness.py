@@ -19,7 +19,13 @@ import yaml
 
 from genesis_hf.evaluate.sanity import SanityReport, run_sanity_gate
 from genesis_hf.evaluate.tasks import PACKAGED_TASKS_DIR
-from genesis_hf.layout import CHECKPOINT_METADATA_FILE, FINAL_POINTER_FILE
+from genesis_hf.layout import (
+    CHECKPOINT_METADATA_FILE,
+    FINAL_POINTER_FILE,
+    RUN_CONFIG_FILE,
+    TRAINER_STATE_FILE,
+    is_pretraining_checkpoint,
+)
 
 _RUN_FILES_DEPTH = 3  # a checkpoint's run files sit in it, its parent or its grandparent (checkpoints/step-X)
 
@@ -70,8 +76,8 @@ def _run_metadata(target: EvalTarget, folder: Path) -> EvalTarget:
     # A pretraining run's final/ names the checkpoint it was saved from (training_checkpoint.json).
     source = _read_json(folder / FINAL_POINTER_FILE).get("checkpoint")
     source_dir = Path(source) if isinstance(source, str) and Path(source).is_dir() else None
-    state = _read_json(source_dir / "trainer_state.json") if source_dir else {}
-    state = {**state, **_read_json(folder / "trainer_state.json"), **_read_json(folder / CHECKPOINT_METADATA_FILE)}
+    state = _read_json(source_dir / TRAINER_STATE_FILE) if source_dir else {}
+    state = {**state, **_read_json(folder / TRAINER_STATE_FILE), **_read_json(folder / CHECKPOINT_METADATA_FILE)}
     history = [entry for entry in state.get("log_history") or [] if isinstance(entry, dict)]  # TRL's trainer_state
     target.step = state.get("step", state.get("global_step"))
     target.tokens_seen = state.get("tokens_seen")
@@ -83,8 +89,8 @@ def _run_metadata(target: EvalTarget, folder: Path) -> EvalTarget:
             target.recorded_loss, target.recorded_loss_kind = float(value), kind
             break
     for directory in ([source_dir] if source_dir else []) + [folder, *folder.parents][:_RUN_FILES_DEPTH]:
-        if (directory / "run_config.yaml").is_file():
-            run_config = yaml.safe_load((directory / "run_config.yaml").read_text(encoding="utf-8")) or {}
+        if (directory / RUN_CONFIG_FILE).is_file():
+            run_config = yaml.safe_load((directory / RUN_CONFIG_FILE).read_text(encoding="utf-8")) or {}
             mixture = run_config.get("mixture") if isinstance(run_config, dict) else None
             target.mixture = mixture if isinstance(mixture, str) and not run_config.get("tokenized_dir") else None
             break
@@ -140,13 +146,6 @@ def _export_training_checkpoint(checkpoint: Path, workdir: Path, dtype: str, log
     return out_dir
 
 
-def is_training_checkpoint(path: Path) -> bool:
-    """A training checkpoint holds `trainer_state.json` and DCP shards under `model/`, no safetensors weights."""
-    return (
-        (path / "trainer_state.json").is_file() and (path / "model").is_dir() and not any(path.glob("*.safetensors"))
-    )
-
-
 def resolve_target(model: str, workdir: Path, *, log: Callable[[str], None]) -> EvalTarget:
     """Find out what `model` is and how to load it (cheap: a training checkpoint is exported later, by
     `export_for_evaluation`).
@@ -172,7 +171,7 @@ def resolve_target(model: str, workdir: Path, *, log: Callable[[str], None]) -> 
                 raise EvalError(f"Run folder {model!r} has no complete checkpoint yet (checkpoints/ is empty).")
             log(f"{model}: evaluating its newest checkpoint, {checkpoints[-1].path.name}.")
             path = checkpoints[-1].path
-        if is_training_checkpoint(path):
+        if is_pretraining_checkpoint(path):
             target = EvalTarget(model, "training-checkpoint", str(path.resolve()), trust_remote_code=True)
             return _run_metadata(target, path)  # exported by `export_for_evaluation`, once the tasks are checked
         if (path / "config.json").is_file():

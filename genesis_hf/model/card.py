@@ -19,6 +19,8 @@ from typing import Any
 import yaml
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
+from genesis_hf.layout import EVAL_RESULTS_FILE, METRICS_FILE, RUN_CONFIG_FILE
+
 LICENSE = "apache-2.0"
 LOSS_CURVE_FILE = "loss_curve.png"
 # Config keys whose values are credentials; compared after lower-casing.
@@ -451,7 +453,7 @@ def find_run_files(checkpoint_dir: str | Path) -> dict[str, Path]:
     checkpoint_dir = Path(checkpoint_dir)
     candidates = [checkpoint_dir, checkpoint_dir.parent, checkpoint_dir.parent.parent]
     found = {}
-    for name in ("run_config.yaml", "metrics.jsonl", "eval_results.json"):
+    for name in (RUN_CONFIG_FILE, METRICS_FILE, EVAL_RESULTS_FILE):
         for directory in candidates:
             if (directory / name).is_file():
                 found[name] = directory / name

@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from genesis_hf.args import ConfigError
+from genesis_hf.layout import is_pretraining_checkpoint
 
 from .chat import ChatSetup, prepare_chat_model
 
@@ -86,7 +87,7 @@ def load_starting_point(
     path = Path(name_or_path).expanduser()
     if path.is_dir():
         path = _resolve_local(path)
-        if _is_training_checkpoint(path):
+        if is_pretraining_checkpoint(path):
             from genesis_hf.pretrain.checkpoint import load_model_from_checkpoint
 
             model, tokenizer, _ = load_model_from_checkpoint(path, dtype=_DTYPES[dtype] or torch.float32)
@@ -105,12 +106,6 @@ def load_starting_point(
     except OSError as error:
         raise ConfigError(f"Cannot load the starting model {source!r}: {str(error).splitlines()[0]}") from None
     return model, tokenizer, source
-
-
-def _is_training_checkpoint(path: Path) -> bool:
-    """A pretraining checkpoint has `trainer_state.json` and DCP shards; a Trainer checkpoint has safetensors too."""
-    weights = ("model.safetensors", "model.safetensors.index.json", "adapter_model.safetensors")
-    return (path / "trainer_state.json").is_file() and not any((path / name).is_file() for name in weights)
 
 
 def _with_attention(model, attn_implementation: str | None):

@@ -19,7 +19,14 @@ import torch
 from transformers import AutoTokenizer, LlamaForCausalLM
 
 from genesis_hf.args import add_command
-from genesis_hf.layout import CHECKPOINT_METADATA_FILE, RUN_CONFIG_FILE, TRAINER_STATE_FILE, WEIGHT_FILES, has_weights
+from genesis_hf.layout import (
+    CHECKPOINT_METADATA_FILE,
+    RUN_CONFIG_FILE,
+    TRAINER_STATE_FILE,
+    WEIGHT_FILES,
+    has_weights,
+    is_pretraining_checkpoint,
+)
 from genesis_hf.model.convert import from_llama
 from genesis_hf.model.folder import (
     DEFAULT_MAX_SHARD_SIZE,
@@ -36,12 +43,6 @@ from genesis_hf.model.folder import (
     write_model_folder,
 )
 from genesis_hf.model.modeling_genesis import GenesisForCausalLM
-
-
-def is_training_checkpoint(path: str | Path) -> bool:
-    """A training checkpoint holds `trainer_state.json` and DCP shards (`.metadata`), not safetensors weights."""
-    path = Path(path)
-    return (path / TRAINER_STATE_FILE).is_file() and not has_weights(path)
 
 
 def _check_model_folder(path: Path) -> None:
@@ -142,7 +143,7 @@ def load_checkpoint(checkpoint: str | Path, tokenizer_path: str | Path | None = 
             "`genesis-hf checkpoints <output_dir>` lists them."
         )
     trainer_state = None
-    if is_training_checkpoint(path):
+    if is_pretraining_checkpoint(path):
         try:
             from genesis_hf.pretrain.checkpoint import load_model_from_checkpoint
         except ImportError as error:
@@ -333,7 +334,6 @@ __all__ = [
     "ExportMismatchError",
     "check_tokenizer_fits",
     "export_checkpoint",
-    "is_training_checkpoint",
     "load_checkpoint",
     "register_cli",
 ]

@@ -20,6 +20,7 @@ from genesis_hf.layout import (
     CHECKPOINT_METADATA_FILE,
     FINAL_POINTER_FILE,
     TRAINER_STATE_FILE,
+    checkpoints_root,
     has_weights,
     step_of,
 )
@@ -97,7 +98,7 @@ def _is_model_folder(folder: Path) -> bool:
 
 
 def _is_training_checkpoint(folder: Path) -> bool:
-    return (folder / "trainer_state.json").is_file() and not has_weights(folder)
+    return (folder / TRAINER_STATE_FILE).is_file() and not has_weights(folder)
 
 
 def _folder_metadata(folder: Path) -> dict:
@@ -148,7 +149,7 @@ def _training_checkpoints(run_dir: Path) -> list[CheckpointEntry]:
             )
             for info in infos
         ]
-    folders = sorted((run_dir / "checkpoints").glob("step-*/"))
+    folders = sorted(checkpoints_root(run_dir).glob("step-*/"))
     return [
         _entry_from_folder(folder, folder.name, "training") for folder in folders if _is_training_checkpoint(folder)
     ]
