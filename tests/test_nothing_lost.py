@@ -224,6 +224,31 @@ def test_a_final_folder_of_the_users_and_a_file_as_output_dir_are_refused(tmp_pa
 # 3. Only checkpoints that validate count
 
 
+def test_final_of_an_earlier_genesis_hf_is_replaced_and_a_file_of_the_users_in_final_stops_the_export(
+    tmp_path, finished_run
+):
+    from genesis_hf.model.folder import ExportError
+    from genesis_hf.pretrain.final import export_final
+
+    output_dir, _ = copy_run(finished_run, tmp_path)
+    newest = ckpt.list_checkpoints(output_dir)[-1].path
+    final = output_dir / "final"
+    shutil.rmtree(final, ignore_errors=True)
+    final.mkdir()  # what genesis-hf wrote before the one model-folder writer: the pointer, no export marker
+    (final / "training_checkpoint.json").write_text(json.dumps({"checkpoint": str(newest)}))
+    (final / "model.safetensors").write_bytes(b"the earlier export")
+    export_final(output_dir, newest)
+    assert (final / layout.EXPORT_MARKER_FILE).is_file()
+    assert (final / "model.safetensors").read_bytes() != b"the earlier export"
+    assert sorted(path.name for path in output_dir.iterdir() if path.name.startswith("final")) == ["final"]
+    export_final(output_dir, newest)  # this version's own export is replaced in place
+    (final / "notes.txt").write_text("mine")
+    before = snapshot(final)
+    with pytest.raises(ExportError, match="notes.txt"):
+        export_final(output_dir, newest)
+    assert snapshot(final) == before
+
+
 def test_rotation_and_the_final_export_skip_a_stub_checkpoint(tmp_path, run_env, finished_run):
     output_dir, config = copy_run(finished_run, tmp_path)
     stub = output_dir / "checkpoints" / "step-0000009"

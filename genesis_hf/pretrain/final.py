@@ -7,11 +7,14 @@ tokenizer, generation config, card, and `training_checkpoint.json` naming the ch
 (reloaded through its remote code, logits compared) and swapped in atomically.
 """
 
+import os
+import shutil
+import tempfile
 from pathlib import Path
 
 from genesis_hf.args import ConfigError
 from genesis_hf.events import TrainingCallback
-from genesis_hf.layout import FINAL_DIR, FINAL_POINTER_FILE
+from genesis_hf.layout import EXPORT_MARKER_FILE, FINAL_DIR, FINAL_POINTER_FILE
 from genesis_hf.model.folder import LoadedCheckpoint, write_model_folder
 
 from . import checkpoint as ckpt
@@ -34,7 +37,9 @@ def export_final(output_dir: Path, checkpoint_path: Path) -> Path:
     """Write `<output_dir>/final/` from a sharded checkpoint and return it.
 
     An existing `final/` is replaced only if it holds `training_checkpoint.json` and is an unchanged earlier export;
-    anything else there is the user's and stops the export (`check_output_dir` refuses it before training).
+    anything else there is the user's and stops the export (`check_output_dir` refuses it before training). A
+    `final/` of an earlier genesis-hf (the pointer file, no export marker) is replaced once the new one is verified,
+    as that version replaced its own.
 
     Raises:
         ConfigError: `final/` exists and was not written by genesis-hf.
@@ -42,13 +47,21 @@ def export_final(output_dir: Path, checkpoint_path: Path) -> Path:
     final_dir = output_dir / FINAL_DIR
     if final_dir.is_symlink() or (final_dir.exists() and not (final_dir / FINAL_POINTER_FILE).is_file()):
         raise ConfigError(f"{final_dir} was not written by genesis-hf; move it elsewhere and relaunch to export.")
+    earlier_format = final_dir.exists() and not (final_dir / EXPORT_MARKER_FILE).is_file()
+    target = output_dir / f"{FINAL_DIR}.new-{os.getpid()}" if earlier_format else final_dir
     write_checkpoint_folder(
         checkpoint_path,
-        final_dir,
+        target,
         repo_id=output_dir.name,
         overwrite=True,
         extra_files={FINAL_POINTER_FILE: {"checkpoint": str(checkpoint_path)}},
     )
+    if earlier_format:
+        # Moved aside before it is deleted: a crash leaves one complete final/ (old or new), never a half-deleted one.
+        old = Path(tempfile.mkdtemp(prefix=f"{FINAL_DIR}.old-", dir=output_dir))
+        os.rename(final_dir, old / FINAL_DIR)
+        os.rename(target, final_dir)
+        shutil.rmtree(old)
     return final_dir
 
 
