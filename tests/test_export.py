@@ -211,6 +211,16 @@ def test_card_has_architecture_training_config_evals_and_no_secrets(tiny, tmp_pa
         assert expected in text, expected
 
 
+@pytest.mark.parametrize("biases", [False, True])
+def test_card_parameter_count_is_the_models(biases):
+    from genesis_hf import GenesisConfig, GenesisForCausalLM
+    from genesis_hf.model.card import architecture_rows
+
+    config = GenesisConfig.from_preset("debug", attention_bias=biases, mlp_bias=biases, tie_word_embeddings=not biases)
+    rows = dict(architecture_rows(config))
+    assert rows["parameters"] == f"{sum(parameter.numel() for parameter in GenesisForCausalLM(config).parameters()):,}"
+
+
 def test_export_from_a_training_checkpoint(tiny, tmp_path, capsys):
     from genesis_hf.pretrain import checkpoint as ckpt
 

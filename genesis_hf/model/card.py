@@ -21,6 +21,8 @@ from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
 from genesis_hf.layout import EVAL_RESULTS_FILE, METRICS_FILE, RUN_CONFIG_FILE
 
+from .sizes import parameter_counts
+
 LICENSE = "apache-2.0"
 LOSS_CURVE_FILE = "loss_curve.png"
 # Config keys whose values are credentials; compared after lower-casing.
@@ -236,24 +238,13 @@ def _human_count(count: int) -> str:
     return str(count)
 
 
-def _parameter_count(config) -> int:
-    """Parameters of a Llama-style decoder from its config (tied embeddings counted once)."""
-    hidden, layers = config.hidden_size, config.num_hidden_layers
-    head_dim = getattr(config, "head_dim", None) or hidden // config.num_attention_heads
-    attention = hidden * head_dim * (2 * config.num_attention_heads + 2 * config.num_key_value_heads)
-    mlp = 3 * hidden * config.intermediate_size
-    per_layer = attention + mlp + 2 * hidden
-    embeddings = config.vocab_size * hidden * (1 if config.tie_word_embeddings else 2)
-    return layers * per_layer + embeddings + hidden
-
-
 def architecture_rows(config) -> list[tuple[str, str]]:
     """`(field, value)` rows describing the architecture, from a Genesis or Llama config."""
     rope = getattr(config, "rope_parameters", None) or {}
     rows = []
     for field, label in ARCHITECTURE_FIELDS:
         if field == "parameters":
-            rows.append(("parameters", f"{_parameter_count(config):,}"))
+            rows.append(("parameters", f"{parameter_counts(config).total:,}"))
             continue
         value = rope.get("rope_theta") if field == "rope_theta" else getattr(config, field, None)
         if value is not None:
@@ -379,7 +370,7 @@ def _introduction_section(
     config, model_name: str, export_format: str, dtype: str, step: int | None, tokens_seen: int | None
 ) -> list[str]:
     """The title, what the model is (size, checkpoint step) and the format of the export."""
-    parameters = _parameter_count(config)
+    parameters = parameter_counts(config).total
     summary = f"A {_human_count(parameters)}-parameter Llama-style decoder-only language model trained from scratch"
     summary += " with genesis_hf."
     if step is not None:
