@@ -27,7 +27,11 @@ def valid_keys(dataclass_types: tuple[type, ...]) -> list[str]:
 
 def check_keys(values: dict[str, Any], dataclass_types: tuple[type, ...], source: str) -> None:
     """Raise `ConfigError` for keys that no dataclass defines, listing the valid ones and the closest match."""
-    known = valid_keys(dataclass_types)
+    check_known_keys(values, valid_keys(dataclass_types), source)
+
+
+def check_known_keys(values: dict[str, Any], known: list[str], source: str) -> None:
+    """Raise `ConfigError` for keys of `values` not in `known`, listing the valid ones and the closest match."""
     unknown = [key for key in values if key not in known]
     if not unknown:
         return
@@ -149,15 +153,7 @@ class SubcommandParser(argparse.ArgumentParser):
         options = {action.dest: action for action in self._actions if action.option_strings and action.dest != "help"}
         options.pop("config", None)
         values = load_yaml(path)
-        unknown = sorted(set(values) - set(options))
-        if unknown:
-            hints = []
-            for key in unknown:
-                close = difflib.get_close_matches(key, list(options), n=1)
-                hints.append(f"{key!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
-            raise ConfigError(
-                f"Unknown config key(s) in {path}: {', '.join(hints)}. Valid keys are: {', '.join(sorted(options))}."
-            )
+        check_known_keys(values, sorted(options), source=path)
         for key in values:
             options[key].required = False  # given by the file; a flag on the command line still overrides it
         self.set_defaults(**values)

@@ -25,8 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from transformers import TrainerCallback
-
-from genesis_hf.layout import TRL_CHECKPOINT
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 
 class TrainingCallback:
@@ -179,8 +178,8 @@ class TrainerEvents(TrainerCallback):
     def on_save(self, args, state, control, **kwargs):
         if not state.is_world_process_zero:
             return
-        checkpoint_dir = Path(args.output_dir) / f"checkpoint-{state.global_step}"
-        if checkpoint_dir.is_dir() and TRL_CHECKPOINT.match(checkpoint_dir.name):
+        checkpoint_dir = Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
+        if checkpoint_dir.is_dir():
             self.events.on_checkpoint_saved(checkpoint_dir, state.global_step)
 
     def finish(self, run_dir: str | Path, final_dir: Path | None, step: int, *, is_main_process: bool) -> None:

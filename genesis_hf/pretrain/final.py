@@ -12,14 +12,17 @@ import shutil
 import tempfile
 from pathlib import Path
 
+import torch
+
 from genesis_hf.args import ConfigError
 from genesis_hf.events import TrainingCallback
-from genesis_hf.layout import EXPORT_MARKER_FILE, FINAL_DIR, FINAL_POINTER_FILE
-from genesis_hf.model.folder import LoadedCheckpoint, write_model_folder
+from genesis_hf.layout import EXPORT_MARKER_FILE, FINAL_DIR, FINAL_POINTER_FILE, RUN_CONFIG_FILE
+from genesis_hf.model.folder import EXPORT_DTYPES, LoadedCheckpoint, read_yaml_mapping, write_model_folder
 
 from . import checkpoint as ckpt
 
-_DTYPE_NAMES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
+# "bfloat16" -> "bf16": the export dtype that keeps the model's own.
+_DTYPE_NAMES = {str(dtype).removeprefix("torch."): name for name, dtype in EXPORT_DTYPES.items()}
 
 
 class FinalExport(TrainingCallback):
@@ -65,8 +68,30 @@ def export_final(output_dir: Path, checkpoint_path: Path) -> Path:
     return final_dir
 
 
+def checkpoint_source(checkpoint_path: str | Path) -> LoadedCheckpoint:
+    """A training checkpoint as the model-folder writer's source, loaded in this process from its shards: the model in
+    fp32 (eval mode, on CPU), its tokenizer, trainer state and run config.
+
+    Raises:
+        CheckpointError: the checkpoint is not intact or not for this model.
+    """
+    path = Path(checkpoint_path)
+    model, tokenizer, trainer_state = ckpt.load_model_from_checkpoint(path, dtype=torch.float32)
+    return LoadedCheckpoint(
+        model=model.float().eval(),
+        tokenizer=tokenizer,
+        path=path,
+        kind="training",
+        step=trainer_state.get("step"),
+        tokens_seen=trainer_state.get("tokens_seen"),
+        loss=trainer_state.get("loss"),
+        trainer_state=trainer_state,
+        run_config=read_yaml_mapping(path / RUN_CONFIG_FILE),
+    )
+
+
 def write_checkpoint_folder(checkpoint_path: Path, out_dir: Path, *, dtype: str | None = None, **folder_options):
-    """Load a training checkpoint's shards in this process and write them as a verified model folder at `out_dir`.
+    """Write a training checkpoint (`checkpoint_source`) as a verified model folder at `out_dir`.
 
     Args:
         checkpoint_path: a `step-XXXXXXX` folder.
@@ -78,19 +103,9 @@ def write_checkpoint_folder(checkpoint_path: Path, out_dir: Path, *, dtype: str 
         CheckpointError: the checkpoint is not intact or not for this model.
         ExportError: `out_dir` may not be written, or the written folder does not reproduce the model.
     """
-    model, tokenizer, trainer_state = ckpt.load_model_from_checkpoint(checkpoint_path)
-    source = LoadedCheckpoint(
-        model=model.float().eval(),
-        tokenizer=tokenizer,
-        path=Path(checkpoint_path),
-        kind="training",
-        step=trainer_state.get("step"),
-        tokens_seen=trainer_state.get("tokens_seen"),
-        loss=trainer_state.get("loss"),
-        trainer_state=trainer_state,
-    )
-    dtype = dtype or _DTYPE_NAMES.get(str(model.config.dtype).removeprefix("torch."), "fp32")
+    source = checkpoint_source(checkpoint_path)
+    dtype = dtype or _DTYPE_NAMES.get(str(source.model.config.dtype).removeprefix("torch."), "fp32")
     return write_model_folder(source, out_dir, dtype=dtype, **folder_options)
 
 
-__all__ = ["FinalExport", "export_final", "write_checkpoint_folder"]
+__all__ = ["FinalExport", "checkpoint_source", "export_final", "write_checkpoint_folder"]

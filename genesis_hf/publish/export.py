@@ -142,61 +142,52 @@ def load_checkpoint(checkpoint: str | Path, tokenizer_path: str | Path | None = 
             "(<output_dir>/checkpoints/step-XXXXXXX) or a folder written by save_pretrained; "
             "`genesis-hf checkpoints <output_dir>` lists them."
         )
-    trainer_state = None
     if is_pretraining_checkpoint(path):
-        try:
-            from genesis_hf.pretrain.checkpoint import load_model_from_checkpoint
-        except ImportError as error:
-            raise ExportError(
-                f"{str(path)!r} is a training checkpoint, but genesis_hf.pretrain.checkpoint cannot be imported "
-                f"({error}); update genesis_hf."
-            ) from None
         if not (path / "config.json").is_file():
             raise ExportError(
                 f"Training checkpoint {str(path)!r} is partial: config.json is missing. Checkpoints become visible "
                 "only once complete; pick another step (`genesis-hf checkpoints`) or copy this one again."
             )
+        from genesis_hf.pretrain.final import checkpoint_source  # here: the CLI's start-up does not load pretraining
+
         try:
-            model, tokenizer, trainer_state = load_model_from_checkpoint(path, dtype=torch.float32)
+            loaded = checkpoint_source(path)
         except (OSError, RuntimeError, ValueError, KeyError) as error:
             raise ExportError(
                 f"Could not load training checkpoint {str(path)!r}: {error}. The DCP shards may be incomplete or from "
                 "another model config; pick another step or copy the checkpoint again."
             ) from None
-        model = model.float().eval()
-        kind = "training"
     else:
         _check_model_folder(path)
-        model = _load_model_folder(path)
-        tokenizer = None
-        kind = "hf"
+        loaded = _loaded_model_folder(path)
     if tokenizer_path is not None:
-        tokenizer = _load_tokenizer(Path(tokenizer_path))
-    elif tokenizer is None:
+        loaded.tokenizer = _load_tokenizer(Path(tokenizer_path))
+    elif loaded.tokenizer is None:
         tokenizer_dir = _find_tokenizer_dir(path)
         if tokenizer_dir is None:
             raise ExportError(
                 f"No tokenizer in {str(path)!r} (no tokenizer.json, tokenizer_config.json or tokenizer/ folder). "
                 "Pass --tokenizer with the folder of the tokenizer the model was trained with."
             )
-        tokenizer = _load_tokenizer(tokenizer_dir)
-    check_tokenizer_fits(model.config, tokenizer, source=str(tokenizer_path or path))
+        loaded.tokenizer = _load_tokenizer(tokenizer_dir)
+    check_tokenizer_fits(loaded.model.config, loaded.tokenizer, source=str(tokenizer_path or path))
+    return loaded
 
-    metadata = {}
-    if (path / CHECKPOINT_METADATA_FILE).is_file():
-        metadata = json.loads((path / CHECKPOINT_METADATA_FILE).read_text())
-    state = trainer_state or metadata
-    if trainer_state is None and (path / TRAINER_STATE_FILE).is_file():
-        state = {**json.loads((path / TRAINER_STATE_FILE).read_text()), **metadata}
+
+def _loaded_model_folder(path: Path) -> LoadedCheckpoint:
+    """A model folder (no tokenizer yet), with the step, tokens and loss its metadata or trainer state records."""
+    state = {}
+    for name in (TRAINER_STATE_FILE, CHECKPOINT_METADATA_FILE):  # genesis_hf's own metadata wins
+        if (path / name).is_file():
+            state.update(json.loads((path / name).read_text()))
     return LoadedCheckpoint(
-        model=model,
-        tokenizer=tokenizer,
+        model=_load_model_folder(path),
+        tokenizer=None,
         path=path,
-        kind=kind,
+        kind="hf",
         step=state.get("step"),
         tokens_seen=state.get("tokens_seen"),
         loss=state.get("loss"),
-        trainer_state=trainer_state,
         run_config=read_yaml_mapping(path / RUN_CONFIG_FILE),
     )
 
