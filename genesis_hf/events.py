@@ -56,7 +56,8 @@ class TrainingCallback:
         return True
 
     def on_train_end(self, run_dir: Path, checkpoint_dir: Path | None, step: int) -> None:
-        """The run finished; `checkpoint_dir` is its last good checkpoint (pretraining) or its `final/` (SFT/DPO)."""
+        """The run finished; `checkpoint_dir` is its last good checkpoint (pretraining) or its `final/` (SFT/DPO), and
+        `step` the step that folder holds."""
 
     def close(self) -> None:
         """The run is over, normally or not: finish or hand over background work."""

@@ -13,13 +13,13 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from genesis_hf import GenesisConfig, GenesisForCausalLM
 from genesis_hf.args import ConfigError
 from genesis_hf.cli import main as cli_main
+from genesis_hf.model.sizes import parameter_counts
 from genesis_hf.pretrain.flops import (
     PEAK_FLOPS,
     PEAK_FLOPS_ENV,
     detect_peak_flops,
     flops_per_token,
     mfu,
-    parameter_counts,
     peak_flops_for_name,
 )
 from genesis_hf.pretrain.plan import GPU_MEMORY_BYTES, activation_bytes_per_token_per_layer, estimate_memory

@@ -13,13 +13,11 @@ from genesis_hf.playground.app import (
     launch_app,
     load_space_config,
     playground_from_config,
-    register_cli,
 )
 from genesis_hf.playground.generation import (
     MAX_NEW_TOKENS,
     MAX_PROMPT_CHARS,
     SamplingSettings,
-    TextStream,
     chat_display_messages,
     decode_tokens,
     normalize_history,
@@ -37,7 +35,6 @@ __all__ = [
     "Playground",
     "PlaygroundError",
     "SamplingSettings",
-    "TextStream",
     "build_app",
     "chat_display_messages",
     "checkpoint_label",
@@ -46,6 +43,5 @@ __all__ = [
     "load_space_config",
     "normalize_history",
     "playground_from_config",
-    "register_cli",
     "split_thinking",
 ]

@@ -6,8 +6,9 @@ from collections.abc import Iterator
 from typing import Any
 
 import torch
-from transformers import AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from genesis_hf.model.sizes import parameter_counts
 from genesis_hf.playground.generation import SamplingSettings, TextStream, check_prompt, normalize_history
 from genesis_hf.playground.sources import (
     DEFAULT_CACHE_SIZE,
@@ -102,10 +103,7 @@ class Playground:
         # Keyed by the whole entry: a Hub `main` that moved on to a newer step is a different checkpoint.
         if checkpoint not in self._facts:
             config = self.source.load_config(checkpoint)
-            # A model on the meta device has shapes and no memory: counting its parameters costs nothing.
-            with torch.device("meta"):
-                skeleton = AutoModelForCausalLM.from_config(config, trust_remote_code=False)
-            parameters = sum(parameter.numel() for parameter in skeleton.parameters())
+            parameters = parameter_counts(config).total
             self._facts[checkpoint] = {
                 **public_fields(checkpoint),
                 "revision": checkpoint.revision or self.source.location(checkpoint),
@@ -157,9 +155,10 @@ class Playground:
 
     # Generation -------------------------------------------------------------------------------------------------------
 
-    def _stream(self, name: str, input_ids: list[int], settings: SamplingSettings, what: str) -> TextStream:
-        model, tokenizer = self.model(name)
-        context = getattr(model.config, "max_position_embeddings", None) or 10**9
+    def _stream(self, name: str, loaded, input_ids: list[int], settings: SamplingSettings, what: str) -> TextStream:
+        """`loaded` is `self.model(name)`, looked up once by the caller (the cache may evict it between lookups)."""
+        model, tokenizer = loaded
+        context = _context_length(model)
         if not input_ids:
             # An empty prompt starts a new document, which is how pretraining data begins after a separator.
             input_ids = [tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0]
@@ -174,8 +173,9 @@ class Playground:
     def generate_stream(self, name: str, prompt: str, settings: SamplingSettings) -> TextStream:
         """A `TextStream` continuing `prompt` with the checkpoint called `name`."""
         prompt = check_prompt(prompt)
-        _, tokenizer = self.model(name)
-        return self._stream(name, tokenizer(prompt, add_special_tokens=False)["input_ids"], settings, "prompt")
+        model, tokenizer = self.model(name)
+        input_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        return self._stream(name, (model, tokenizer), input_ids, settings, "prompt")
 
     def compare_stream(
         self, name_a: str, name_b: str, prompt: str, settings: SamplingSettings
@@ -208,7 +208,7 @@ class Playground:
                 f"Checkpoint {name} has no chat template: it is a base model. Use the Generate tab, or pick a "
                 "checkpoint fine-tuned for chat."
             )
-        context = getattr(model.config, "max_position_embeddings", None) or 10**9
+        context = _context_length(model)
         system = [{"role": "system", "content": system_prompt}] if system_prompt.strip() else []
         while True:
             input_ids = tokenizer.apply_chat_template(
@@ -218,4 +218,9 @@ class Playground:
             if len(input_ids) + min(settings.max_new_tokens, context // 4) <= context or len(turns) == 1:
                 break
             turns = turns[2:] if len(turns) > 2 else turns[1:]
-        return self._stream(name, list(input_ids), settings, "conversation")
+        return self._stream(name, (model, tokenizer), list(input_ids), settings, "conversation")
+
+
+def _context_length(model) -> int:
+    """Tokens the model attends over (prompt and reply together); unbounded when its config does not say."""
+    return getattr(model.config, "max_position_embeddings", None) or 10**9

@@ -666,7 +666,7 @@ class CheckpointManager:
         a thread of DCP's own; returns each upload's future and writer."""
         import torch.distributed.checkpoint as dcp
         from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
-        from torch.distributed.checkpoint.state_dict_saver import AsyncCheckpointerType, AsyncSaveResponse
+        from torch.distributed.checkpoint.state_dict_saver import AsyncCheckpointerType
 
         # async_save's own default stager, made explicit because the writer below would otherwise stage: a blocking
         # copy into fresh CPU memory (no pinned or shared buffers kept between saves).
@@ -676,7 +676,7 @@ class CheckpointManager:
         try:
             for name, part in state.items():
                 writer = writer_class(staging_dir / name)
-                response = dcp.async_save(
+                future = dcp.async_save(
                     part,
                     storage_writer=writer,
                     process_group=self.upload_groups[name],
@@ -685,8 +685,7 @@ class CheckpointManager:
                     async_stager=stager,
                     no_dist=self.no_dist,
                 )
-                # A blocking stager gives the upload's Future; a non-blocking one would give an AsyncSaveResponse.
-                future = response.upload_completion if isinstance(response, AsyncSaveResponse) else response
+                # With a blocking stager, async_save returns the upload's Future (not an AsyncSaveResponse).
                 uploads.append((future, writer))
         finally:
             stager.close()  # staging is done (it blocks); the staged copies live on in the uploads

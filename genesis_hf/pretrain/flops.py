@@ -32,7 +32,7 @@ import re
 import torch
 
 from genesis_hf.args import ConfigError
-from genesis_hf.model.sizes import ParameterCounts, attention_widths, parameter_counts
+from genesis_hf.model.sizes import attention_widths, parameter_counts
 
 PEAK_FLOPS_ENV = "GENESIS_HF_PEAK_FLOPS"
 
@@ -153,11 +153,8 @@ def mfu(
 __all__ = [
     "PEAK_FLOPS",
     "PEAK_FLOPS_ENV",
-    "ParameterCounts",
-    "attention_widths",
     "detect_peak_flops",
     "flops_per_token",
     "mfu",
-    "parameter_counts",
     "peak_flops_for_name",
 ]

@@ -50,7 +50,8 @@ from typing import Any
 
 from genesis_hf.args import ConfigError, add_command, load_yaml
 from genesis_hf.model.configuration_genesis import GENESIS_PRESETS, GenesisConfig
-from genesis_hf.pretrain.flops import attention_widths, flops_per_token, parameter_counts
+from genesis_hf.model.sizes import attention_widths, parameter_counts
+from genesis_hf.pretrain.flops import flops_per_token
 
 GIB = 1024**3
 

@@ -821,7 +821,7 @@ def run_pretraining(
             newest, warnings = ckpt.select_checkpoint(args.output_dir)
             for warning in warnings:
                 logger.warning(warning)
-            events.on_train_end(Path(args.output_dir), newest.path, run.state.step)
+            events.on_train_end(Path(args.output_dir), newest.path, newest.step)
     finally:
         run.checkpoints.close()
         try:

@@ -47,11 +47,9 @@ from genesis_hf.layout import (
     HUB_EXPORTS_DIR,
     HUB_JOURNAL_FILE,
     HUB_STAGING_DIR,
-    STEP_DIR,
     TRL_CHECKPOINT,
     checkpoint_name,
     has_weights,
-    step_of,
 )
 
 logger = logging.getLogger(__name__)
@@ -367,12 +365,10 @@ class CheckpointPusher(TrainingCallback):
 
     def on_train_end(self, run_dir: Path, checkpoint_dir: Path | None, step: int) -> None:
         """Queue the run's last model: SFT/DPO's `final/`. A pretraining run ends on its last checkpoint, which
-        `on_checkpoint_saved` queued already; it is queued here only if it was not (under its own step)."""
+        `on_checkpoint_saved` queued already; it is queued here only if it was not."""
         if checkpoint_dir is None:
             return
         checkpoint_dir = Path(checkpoint_dir)
-        if STEP_DIR.match(checkpoint_dir.name):
-            step = step_of(checkpoint_dir)
         entry = self.journal.entry(step)
         if entry is None or entry["checkpoint_dir"] != str(checkpoint_dir.resolve()):
             self.submit(checkpoint_dir, step)
@@ -596,7 +592,6 @@ class CheckpointPusher(TrainingCallback):
 
         # The export's card names this repo and branch (`from_pretrained(repo_id, revision=branch)`); the token is
         # redacted from whatever the export writes.
-        hub_revision = {"repo_id": self.repo_id, "revision": branch, "step": step, "redact": [self._token]}
         export_checkpoint(
             checkpoint_dir,
             out_dir,
@@ -605,7 +600,10 @@ class CheckpointPusher(TrainingCallback):
             max_shard_size=self.max_shard_size,
             overwrite=True,
             log=logger.info,
-            **hub_revision,
+            repo_id=self.repo_id,
+            revision=branch,
+            step=step,
+            redact=[self._token],
         )
 
     # -----------------------------------------------------------------------------------------------------------------
