@@ -156,7 +156,8 @@ class TrainerEvents(TrainerCallback):
 
     Args:
         subscribers: as for `Events`.
-        metrics_sink: receives what `on_checkpoint_saved` subscribers return (e.g. `trainer.log`).
+        metrics_sink: receives `(step, metrics)` from `on_checkpoint_saved` subscribers (post-training sets it to log
+            through the trainer).
     """
 
     def __init__(

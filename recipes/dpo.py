@@ -25,7 +25,7 @@ from pathlib import Path
 
 from trl import DPOConfig, DPOTrainer, ModelConfig
 
-from genesis_hf.evaluate.during_training import CheckpointEvalCallback, checkpoint_evaluator
+from genesis_hf.evaluate.during_training import checkpoint_evaluator
 from genesis_hf.posttrain.config import DPODataArguments, TrainingEvalArguments, hub_push_settings, parse_recipe_args
 from genesis_hf.posttrain.data import build_preference_dataset
 from genesis_hf.posttrain.model import chat_model, lora_config
@@ -86,10 +86,8 @@ def main(argv: list[str] | None = None) -> int:
         train_dataset=dataset,
         processing_class=tokenizer,
         peft_config=peft_config,
-        callbacks=run_callbacks([pusher] if pusher is not None else []),
+        callbacks=run_callbacks([pusher, evaluator]),
     )
-    if evaluator is not None:
-        trainer.add_callback(CheckpointEvalCallback(evaluator, trainer))
     train_and_write_final(trainer, tokenizer, training_args, "Aligned model", logger)
     return 0
 

@@ -23,7 +23,7 @@ from pathlib import Path
 
 from trl import ModelConfig, SFTConfig, SFTTrainer
 
-from genesis_hf.evaluate.during_training import CheckpointEvalCallback, checkpoint_evaluator
+from genesis_hf.evaluate.during_training import checkpoint_evaluator
 from genesis_hf.posttrain.chat import check_generation_markers
 from genesis_hf.posttrain.config import SFTDataArguments, TrainingEvalArguments, hub_push_settings, parse_recipe_args
 from genesis_hf.posttrain.data import (
@@ -100,10 +100,8 @@ def main(argv: list[str] | None = None) -> int:
         train_dataset=dataset.remove_columns("source"),
         processing_class=tokenizer,
         peft_config=peft_config,
-        callbacks=run_callbacks([pusher] if pusher is not None else []),
+        callbacks=run_callbacks([pusher, evaluator]),
     )
-    if evaluator is not None:
-        trainer.add_callback(CheckpointEvalCallback(evaluator, trainer))
     train_and_write_final(trainer, tokenizer, training_args, "Chat model", logger)
     return 0
 

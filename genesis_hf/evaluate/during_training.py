@@ -4,26 +4,20 @@ Pretraining and post-training never import this stage; the recipes build a subsc
 
 - `CheckpointEvaluator`: checks the task names when it is built (before training starts). Called as
   `evaluator(checkpoint_dir, step)`, it evaluates that checkpoint the way `genesis-hf eval CHECKPOINT --limit N
-  --no_sanity_gate` does and returns `{"eval/<task>/<metric>": value}`. Pretraining's checkpoint callbacks may return
-  such a dict: the trainer logs it to `metrics.jsonl` (an `"event": "eval"` record with the step) and its trackers.
-- `CheckpointEvalCallback`: the same evaluator as a `transformers.TrainerCallback` for TRL's trainers; on each save it
-  evaluates the saved checkpoint and logs the scores through `Trainer.log`, so they reach `state.log_history`,
-  `metrics.jsonl` and the `report_to` trackers.
+  --no_sanity_gate` does and returns `{"eval/<task>/<metric>": value}`. It subscribes to `on_checkpoint_saved`
+  (`genesis_hf.events`), pretraining's and, through `TrainerEvents`, TRL's: pretraining logs the dict to
+  `metrics.jsonl` (an `"event": "eval"` record with the step) and its trackers, post-training through `Trainer.log`
+  (`state.log_history`, `metrics.jsonl`, the `report_to` trackers).
 
 The evaluation runs on the training device in a single-process run and on the CPU of rank 0 otherwise (the other
 ranks wait for it at their next collective, so keep `--eval_limit` small). lm-eval seeds python, numpy and torch;
 the generators are restored afterwards, so training draws the same random numbers with or without these evals.
 """
 
-import functools
 import logging
 import tempfile
 import time
-from collections.abc import Callable
 from pathlib import Path
-
-from transformers import Trainer, TrainerCallback
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from genesis_hf.evaluate import harness
 from genesis_hf.evaluate.harness import EvalError
@@ -143,29 +137,7 @@ def checkpoint_evaluator(
     return CheckpointEvaluator(tasks, limit=eval_limit, include_path=split_tasks(eval_include_path))
 
 
-class CheckpointEvalCallback(TrainerCallback):
-    """Evaluate every checkpoint a transformers/TRL trainer saves and log the scores with the step (main process).
-
-    Args:
-        evaluator: a `CheckpointEvaluator`.
-        trainer: the trainer whose `state.log_history`, callbacks (`metrics.jsonl`) and trackers receive the scores.
-    """
-
-    def __init__(self, evaluator: CheckpointEvaluator, trainer: Trainer) -> None:
-        self.evaluator = evaluator
-        # transformers' own `Trainer.log`: TRL's override would fold its running training averages (and clear them)
-        # into this record.
-        self.log: Callable[[dict], None] = functools.partial(Trainer.log, trainer)
-
-    def on_save(self, args, state, control, **kwargs):
-        if not state.is_world_process_zero:
-            return
-        checkpoint_dir = Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
-        self.log(self.evaluator(checkpoint_dir, state.global_step))
-
-
 __all__ = [
-    "CheckpointEvalCallback",
     "CheckpointEvaluator",
     "checkpoint_evaluator",
     "flatten_results",

@@ -101,12 +101,13 @@ def write_final(
 def run_callbacks(subscribers=()) -> list:
     """The callbacks every post-training recipe starts with: `metrics.jsonl`, and the run's events
     (`genesis_hf.events.TrainerEvents`) for `subscribers` such as the Hub pusher, which takes each `checkpoint-N` as
-    a copy it owns (the Trainer may rotate the original) and the run's `final/` at the end."""
+    a copy it owns (the Trainer may rotate the original) and the run's `final/` at the end, or the checkpoint
+    evaluator, whose scores `train_and_write_final` logs through the trainer. `None` entries are skipped."""
     from genesis_hf.events import TrainerEvents
 
     from .callbacks import MetricsJsonlCallback
 
-    return [MetricsJsonlCallback(), TrainerEvents(subscribers)]
+    return [MetricsJsonlCallback(), TrainerEvents([item for item in subscribers if item is not None])]
 
 
 def train_and_write_final(trainer, tokenizer, training_args, what: str, logger) -> None:
@@ -120,9 +121,15 @@ def train_and_write_final(trainer, tokenizer, training_args, what: str, logger) 
         what: how the log names the result ("Chat model", "Aligned model").
         logger: the recipe's logger.
     """
+    from transformers import Trainer
+
     from genesis_hf.events import TrainerEvents
 
     events = next(item for item in trainer.callback_handler.callbacks if isinstance(item, TrainerEvents))
+    # What a checkpoint subscriber measures (evaluation scores) goes through transformers' own `Trainer.log`, to
+    # `state.log_history`, `metrics.jsonl` and the trackers; TRL's override would fold its running training averages
+    # (and clear them) into this record.
+    events.events.metrics_sink = lambda step, metrics: Trainer.log(trainer, metrics)
     trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
     model = final_model(trainer, training_args.output_dir)
     is_main = trainer.accelerator.is_main_process
