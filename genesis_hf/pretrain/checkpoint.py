@@ -325,17 +325,14 @@ def folder_checksums(folder: Path) -> dict[str, str]:
     return {f"{folder.name}/{name}": checksum for name, checksum in _checksums(folder, names).items()}
 
 
-def write_checksums(path: Path, checksums: dict[str, str] | None = None) -> None:
+def write_checksums(path: Path, checksums: dict[str, str]) -> None:
     """Record the CRC-32 of every file of `model/` and `optimizer/` in `checksums.json` (rank 0, once the shards of
     every rank are written, before the rename that makes the checkpoint visible).
 
     Args:
         path: the staging folder of a checkpoint.
-        checksums: the `folder_checksums` of both DCP folders, when they were taken already (by an async save's
-            writer threads); computed here otherwise.
+        checksums: the `folder_checksums` of both DCP folders, taken by their writers (`_checksumming_writer_class`).
     """
-    if checksums is None:
-        checksums = {**folder_checksums(path / MODEL_DIR), **folder_checksums(path / OPTIMIZER_DIR)}
     _write_json(path / CHECKSUMS_FILE, {"crc32": dict(sorted(checksums.items()))})
 
 
@@ -655,11 +652,14 @@ class CheckpointManager:
     def _write_shards(self, state: dict[str, dict], staging_dir: Path) -> None:
         import torch.distributed.checkpoint as dcp
 
+        writer_class, checksums = _checksumming_writer_class(), {}
         for name, part in state.items():
-            dcp.save(part, checkpoint_id=str(staging_dir / name), process_group=self.group, no_dist=self.no_dist)
-        # Rank 0's DCP save returns once every rank's shards are written.
+            writer = writer_class(staging_dir / name)
+            dcp.save(part, storage_writer=writer, process_group=self.group, no_dist=self.no_dist)
+            checksums.update(writer.checksums)
+        # Rank 0's DCP save returns once every rank's shards are written; its writers have taken the checksums.
         if self.is_main:
-            write_checksums(staging_dir)
+            write_checksums(staging_dir, checksums)
 
     def _start_uploads(self, state: dict[str, dict], staging_dir: Path) -> list[tuple[Future, Any]]:
         """`dcp.async_save` of each DCP folder: copied to CPU memory here (the live tensors keep training), written by
