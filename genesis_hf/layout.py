@@ -128,6 +128,18 @@ THINK_START = "<think>"
 THINK_END = "</think>"
 # Appended to a base tokenizer for chat, in this order (ids 49152-49155 for Genesis 1B).
 CHATML_TOKENS = (IM_START, IM_END, THINK_START, THINK_END)
+
+
+def eos_token_ids(tokenizer) -> list[int]:
+    """Where generation stops: the tokenizer's eos id, then `<|im_end|>` when the tokenizer has it (chat models stop
+    on it). The exported generation config and the playground use it."""
+    ids = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    im_end = tokenizer.get_vocab().get(IM_END)
+    if im_end is not None and im_end not in ids:
+        ids.append(im_end)
+    return ids
+
+
 # The chat template of ChatML tokenizers: assistant turns are wrapped in `{% generation %}` so that TRL's
 # `assistant_only_loss` can mask everything else.
 CHATML_TEMPLATE = (

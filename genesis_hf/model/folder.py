@@ -58,6 +58,7 @@ from genesis_hf.layout import (
     REMOTE_CODE_FILES,
     RUN_CONFIG_FILE,
     STEP_ANY,
+    eos_token_ids,
     holds_training_state,
     is_run_folder,
 )
@@ -150,15 +151,6 @@ def _parse_dtype(dtype: str) -> torch.dtype:
     if dtype not in EXPORT_DTYPES:
         raise ExportError(f"Unknown export dtype {dtype!r}; choose one of {', '.join(EXPORT_DTYPES)}.")
     return EXPORT_DTYPES[dtype]
-
-
-def eos_token_ids(tokenizer) -> list[int]:
-    """The tokenizer's eos id, then `<|im_end|>` when the tokenizer has it (chat models stop on it)."""
-    ids = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
-    im_end = tokenizer.get_vocab().get(IM_END)
-    if im_end is not None and im_end not in ids:
-        ids.append(im_end)
-    return ids
 
 
 def generation_config_for(config, tokenizer) -> GenerationConfig:
@@ -775,7 +767,6 @@ __all__ = [
     "cached_generation_difference",
     "check_export_settings",
     "check_output_folder",
-    "eos_token_ids",
     "generation_config_for",
     "gguf_permute",
     "verify_export",

@@ -20,7 +20,7 @@ from transformers import (
     TopPLogitsWarper,
 )
 
-from genesis_hf.layout import IM_END, THINK_END, THINK_START
+from genesis_hf.layout import THINK_END, THINK_START, eos_token_ids
 from genesis_hf.playground.sources import PlaygroundError
 
 try:
@@ -219,11 +219,7 @@ class TextStream:
         self.model, self.tokenizer, self.input_ids, self.settings = model, tokenizer, input_ids, settings
         self.max_new_tokens, self.requested_new_tokens = max_new_tokens, requested_new_tokens
         self.text, self.num_tokens, self.seconds, self.stop_reason = "", 0, 0.0, None
-        self.stop_ids = frozenset(
-            token_id
-            for token_id in (tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids(IM_END))
-            if isinstance(token_id, int) and token_id != tokenizer.unk_token_id
-        )
+        self.stop_ids = frozenset(eos_token_ids(tokenizer))
 
     def __iter__(self) -> Iterator[str]:
         started = time.perf_counter()
