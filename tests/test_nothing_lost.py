@@ -414,6 +414,7 @@ def test_max_shard_size_and_a_busy_port_are_one_line_errors(tiny_run, tmp_path, 
 
 def test_a_mistyped_run_path_and_a_symlinked_checkpoint_are_named(tiny_run, tmp_path, capsys, monkeypatch):
     from genesis_hf.playground import CheckpointSource, Playground, PlaygroundError
+    from genesis_hf.publish.space import SpaceError, stage_space
 
     _, run_dir = tiny_run
     monkeypatch.chdir(run_dir.parent.parent)
@@ -429,6 +430,13 @@ def test_a_mistyped_run_path_and_a_symlinked_checkpoint_are_named(tiny_run, tmp_
     playground = Playground(CheckpointSource(runs=linked))
     with pytest.raises(PlaygroundError, match="is a symlink to .* outside the run folder"):
         playground.model("step-0000003")
+    # Shipping a run in a Space follows the same rule: a linked model folder is not copied from outside the run.
+    model_dir, _ = tiny_run
+    (linked / "final").symlink_to(model_dir)
+    (tmp_path / "space").mkdir()
+    with pytest.raises(SpaceError, match="final.* is a symlink to .* outside the run folder"):
+        stage_space(tmp_path / "space", runs=linked)
+    assert not (tmp_path / "space" / "run" / "final").exists()
 
 
 def test_a_non_utf8_text_file_is_named(tmp_path):

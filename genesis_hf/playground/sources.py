@@ -22,7 +22,7 @@ from transformers import (
 
 import genesis_hf  # noqa: F401 - registers GenesisConfig/GenesisForCausalLM with the Auto classes
 from genesis_hf.layout import METRICS_FILE, MODEL_CONFIG_FILE
-from genesis_hf.publish.listing import CheckpointEntry, CheckpointsError, list_run_checkpoints
+from genesis_hf.publish.listing import CheckpointEntry, CheckpointsError, list_run_checkpoints, path_in_run
 
 # Models kept in memory (least recently used evicted first) and requests that may run a model at the same time.
 DEFAULT_CACHE_SIZE = 2
@@ -151,15 +151,10 @@ class CheckpointSource:
     def location(self, checkpoint: CheckpointEntry) -> str:
         """Where a checkpoint lives, for people: its folder relative to the run, or `repo@revision`."""
         if checkpoint.path is not None and self.run_dir is not None:
-            path = Path(checkpoint.path)
-            if not path.resolve().is_relative_to(self.run_dir):
-                link = next((part for part in [path, *path.parents] if part.is_symlink()), path)
-                raise PlaygroundError(
-                    f"Refused checkpoint {checkpoint.name!r}: {link} is a symlink to {link.resolve()}, outside the run "
-                    f"folder {self.run_dir}; the playground serves only what lies inside --runs. Copy the folder in "
-                    "instead of linking it, or pass its own run with --runs."
-                )
-            return path.resolve().relative_to(self.run_dir).as_posix() or "."
+            try:
+                return path_in_run(self.run_dir, checkpoint).as_posix() or "."
+            except CheckpointsError as error:
+                raise PlaygroundError(str(error)) from None
         return f"{self.repo_id}@{checkpoint.revision}"
 
     def _pretrained_kwargs(self, checkpoint: CheckpointEntry) -> tuple[str, dict]:

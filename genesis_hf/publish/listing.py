@@ -259,6 +259,24 @@ def _refuse_missing_local_path(source: str, path: Path) -> None:
     )
 
 
+def path_in_run(run_dir: Path, entry: CheckpointEntry) -> Path:
+    """A listed local checkpoint's folder relative to `run_dir`, which must hold it: serving or shipping a run never
+    reaches outside it through a symlink.
+
+    Raises:
+        CheckpointsError: the folder lies outside `run_dir`; the message names the symlink.
+    """
+    path = Path(entry.path)
+    if not path.resolve().is_relative_to(run_dir):
+        link = next((part for part in [path, *path.parents] if part.is_symlink()), path)
+        raise CheckpointsError(
+            f"Refused checkpoint {entry.name!r}: {link} is a symlink to {link.resolve()}, outside the run folder "
+            f"{run_dir}; only what lies inside the run is served or shipped. Copy the folder into the run instead of "
+            "linking it."
+        )
+    return path.resolve().relative_to(run_dir)
+
+
 def list_run_checkpoints(
     source: str | Path, *, token: str | None = None, endpoint: str | None = None
 ) -> list[CheckpointEntry]:
@@ -341,5 +359,6 @@ __all__ = [
     "list_hub_checkpoints",
     "list_local_checkpoints",
     "list_run_checkpoints",
+    "path_in_run",
     "register_cli",
 ]

@@ -19,7 +19,7 @@ from typing import Any
 
 import genesis_hf
 from genesis_hf.layout import METRICS_FILE
-from genesis_hf.publish.listing import CheckpointsError, list_run_checkpoints
+from genesis_hf.publish.listing import CheckpointsError, list_run_checkpoints, path_in_run
 
 # The file written next to the Space's app.py, telling it what to browse (`genesis_hf.playground.load_space_config`).
 SPACE_CONFIG_FILE = "playground.json"
@@ -74,13 +74,11 @@ def _stage_run(runs: str | Path, target: Path) -> None:
             "deploy with --repo ID."
         )
     for checkpoint in exported:
-        folder = Path(checkpoint.path).resolve()
-        if not folder.is_relative_to(run_dir):
-            raise SpaceError(
-                f"Refused checkpoint {checkpoint.name!r}: it links to {folder}, outside the run folder {run_dir}. "
-                "Copy the folder into the run instead of linking it, and deploy again."
-            )
-        shutil.copytree(folder, target / folder.relative_to(run_dir))
+        try:
+            relative = path_in_run(run_dir, checkpoint)
+        except CheckpointsError as error:
+            raise SpaceError(f"{error} Then deploy again.") from None
+        shutil.copytree(run_dir / relative, target / relative)
     if (run_dir / METRICS_FILE).is_file():
         shutil.copy2(run_dir / METRICS_FILE, target / METRICS_FILE)
 
