@@ -228,9 +228,10 @@ class UploadJournal:
             Superseded: the step was submitted again since `expected_submission`.
         """
         with self._lock:
-            entry = self.data["uploads"].setdefault(checkpoint_name(step), {"step": step})
-            if expected_submission is not None and entry.get("submission") != expected_submission:
-                raise Superseded(step)
+            if expected_submission is not None:
+                entry = self._entry_of(step, expected_submission)
+            else:
+                entry = self.data["uploads"].setdefault(checkpoint_name(step), {"step": step})
             entry.update(values)
             self.save()
             return entry
@@ -238,13 +239,22 @@ class UploadJournal:
     def set_phases(self, step: int, submission: str, main_step: int | None = None, **phases) -> None:
         """Record finished phases of `submission` (and that `main` now holds `main_step`) in one write."""
         with self._lock:
-            entry = self.entry(step)
-            if entry is None or entry.get("submission") != submission:
-                raise Superseded(step)
+            entry = self._entry_of(step, submission)
             entry["phases"] = {**entry["phases"], **phases}
             if main_step is not None:
                 self.data["main_step"] = main_step
             self.save()
+
+    def _entry_of(self, step: int, submission: str) -> dict:
+        """The entry of `step`, if `submission` is still its submission (call with the lock held).
+
+        Raises:
+            Superseded: the step was submitted again since `submission` (or is not in the journal).
+        """
+        entry = self.data["uploads"].get(checkpoint_name(step))
+        if entry is None or entry.get("submission") != submission:
+            raise Superseded(step)
+        return entry
 
     def steps(self, state: str | None = None) -> list[int]:
         with self._lock:
