@@ -131,6 +131,7 @@ def bench_pack_only(tokenizer, seq_len: int, batch_size: int) -> dict:
 
     from genesis_hf.data import load_mixture
     from genesis_hf.data.loader import PackedLoader, StreamingSourceTokens, is_validation_document
+    from genesis_hf.data.sharing import ChunkEncoder
     from genesis_hf.data.tokens import TokenEncoder
 
     documents = _documents()
@@ -150,7 +151,7 @@ def bench_pack_only(tokenizer, seq_len: int, batch_size: int) -> dict:
         def keep(index):
             return not is_validation_document(index, mixture.holdout_every)
 
-        return StreamingSourceTokens(source, lookup, keep, "training", mixture.holdout_every, state)
+        return StreamingSourceTokens(source, ChunkEncoder(lookup), keep, "training", mixture.holdout_every, state)
 
     started = time.perf_counter()
     loader = PackedLoader(

@@ -116,7 +116,7 @@ class StreamingSourceTokens:
 
     Args:
         source: the source.
-        encoder: the document encoder, or a `ChunkEncoder` (which may share the encoding with the other ranks).
+        encoder: the `ChunkEncoder` of this source (which may share the encoding with the other ranks).
         keep: whether a raw document index belongs to this stream (training or validation documents).
         purpose: `"training"` or `"validation"`, for error messages.
         holdout_every: the mixture's hold-out period, for error messages.
@@ -126,13 +126,13 @@ class StreamingSourceTokens:
     def __init__(
         self,
         source: SourceConfig,
-        encoder: TokenEncoder,
+        encoder: ChunkEncoder,
         keep: Callable[[int], bool],
         purpose: str,
         holdout_every: int,
         state: dict[str, Any] | None = None,
     ) -> None:
-        self.chunk_encoder = encoder if isinstance(encoder, ChunkEncoder) else ChunkEncoder(encoder)
+        self.chunk_encoder = encoder
         self.source, self.keep = source, keep
         self.purpose, self.holdout_every = purpose, holdout_every
         state = state or {}
