@@ -107,6 +107,22 @@ class LoadedCheckpoint:
     trainer_state: dict | None = None
     run_config: dict | None = None
 
+    @classmethod
+    def from_folder(cls, model, tokenizer, path: Path, kind: str, state: dict, **fields) -> "LoadedCheckpoint":
+        """A model loaded from `path`, with the step, tokens and loss its recorded `state` (a trainer state or
+        `genesis_checkpoint.json`) says and the run config saved next to it."""
+        return cls(
+            model=model,
+            tokenizer=tokenizer,
+            path=path,
+            kind=kind,
+            step=state.get("step"),
+            tokens_seen=state.get("tokens_seen"),
+            loss=state.get("loss"),
+            run_config=read_yaml_mapping(path / RUN_CONFIG_FILE),
+            **fields,
+        )
+
 
 @dataclasses.dataclass
 class VerificationResult:

@@ -16,8 +16,8 @@ import torch
 
 from genesis_hf.args import ConfigError
 from genesis_hf.events import TrainingCallback
-from genesis_hf.layout import EXPORT_MARKER_FILE, FINAL_DIR, FINAL_POINTER_FILE, RUN_CONFIG_FILE
-from genesis_hf.model.folder import EXPORT_DTYPES, LoadedCheckpoint, read_yaml_mapping, write_model_folder
+from genesis_hf.layout import EXPORT_MARKER_FILE, FINAL_DIR, FINAL_POINTER_FILE
+from genesis_hf.model.folder import EXPORT_DTYPES, LoadedCheckpoint, write_model_folder
 
 from . import checkpoint as ckpt
 
@@ -77,17 +77,8 @@ def checkpoint_source(checkpoint_path: str | Path) -> LoadedCheckpoint:
     """
     path = Path(checkpoint_path)
     model, tokenizer, trainer_state = ckpt.load_model_from_checkpoint(path, dtype=torch.float32)
-    return LoadedCheckpoint(
-        model=model.float().eval(),
-        tokenizer=tokenizer,
-        path=path,
-        kind="training",
-        step=trainer_state.get("step"),
-        tokens_seen=trainer_state.get("tokens_seen"),
-        loss=trainer_state.get("loss"),
-        trainer_state=trainer_state,
-        run_config=read_yaml_mapping(path / RUN_CONFIG_FILE),
-    )
+    model = model.float().eval()
+    return LoadedCheckpoint.from_folder(model, tokenizer, path, "training", trainer_state, trainer_state=trainer_state)
 
 
 def write_checkpoint_folder(checkpoint_path: Path, out_dir: Path, *, dtype: str | None = None, **folder_options):

@@ -21,7 +21,6 @@ from transformers import AutoTokenizer, LlamaForCausalLM
 from genesis_hf.args import add_command
 from genesis_hf.layout import (
     CHECKPOINT_METADATA_FILE,
-    RUN_CONFIG_FILE,
     TRAINER_STATE_FILE,
     WEIGHT_FILES,
     has_weights,
@@ -39,7 +38,6 @@ from genesis_hf.model.folder import (
     LoadedCheckpoint,
     check_export_settings,
     check_output_folder,
-    read_yaml_mapping,
     write_model_folder,
 )
 from genesis_hf.model.modeling_genesis import GenesisForCausalLM
@@ -180,16 +178,7 @@ def _loaded_model_folder(path: Path) -> LoadedCheckpoint:
     for name in (TRAINER_STATE_FILE, CHECKPOINT_METADATA_FILE):  # genesis_hf's own metadata wins
         if (path / name).is_file():
             state.update(json.loads((path / name).read_text()))
-    return LoadedCheckpoint(
-        model=_load_model_folder(path),
-        tokenizer=None,
-        path=path,
-        kind="hf",
-        step=state.get("step"),
-        tokens_seen=state.get("tokens_seen"),
-        loss=state.get("loss"),
-        run_config=read_yaml_mapping(path / RUN_CONFIG_FILE),
-    )
+    return LoadedCheckpoint.from_folder(_load_model_folder(path), None, path, "hf", state)
 
 
 def check_tokenizer_fits(config, tokenizer, source: str = "the tokenizer") -> None:
