@@ -194,7 +194,10 @@ def prepare_tokenized(
                 log(_source_summary(source.name, sources_index[source.name], time.perf_counter() - started))
     finally:
         if pool is not None:
-            pool.terminate()
+            # close + join, never terminate: terminate kills the workers while the pool's task thread may still be
+            # sending them a task, and that thread then blocks on the full pipe forever (CPython's Pool.terminate
+            # hang). At most `2 * num_proc` tasks are in flight, so letting the workers finish them is quick.
+            pool.close()
             pool.join()
     index = _shard_index(encoder, dtype, mixture, max_tokens, shard_index, num_shards, sources_index)
     write_json(output_dir / shard_index_name(shard_index, num_shards), index)
@@ -216,21 +219,14 @@ def _encoding_pool(encoder: TokenEncoder, num_proc: int):
     """`num_proc` encoding worker processes, or `None` to encode in this process."""
     if num_proc == 1:
         return None
-    # fork: workers start at once and need nothing pickled but the tokenizer JSON; spawn where fork is missing.
-    method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
-    # Set while forking so `tokenizers` does not warn in every worker that its thread pool was used before the
-    # fork; restored right after, for this process's own encoding.
-    previous = os.environ.get("TOKENIZERS_PARALLELISM")
-    os.environ["TOKENIZERS_PARALLELISM"] = "false"
-    try:
-        return multiprocessing.get_context(method).Pool(
-            num_proc, initializer=_init_worker, initargs=(encoder.backend_json, encoder.eos_token_id)
-        )
-    finally:
-        if previous is None:
-            os.environ.pop("TOKENIZERS_PARALLELISM", None)
-        else:
-            os.environ["TOKENIZERS_PARALLELISM"] = previous
+    # Never plain fork: this process may run threads (the loader's, the tokenizer's, torch's), and a forked child
+    # inherits any lock one of them held at that moment and can wait on it forever. The fork server is a fresh
+    # process that imports this module once and forks the workers from there; spawn where it is missing.
+    method = "forkserver" if "forkserver" in multiprocessing.get_all_start_methods() else "spawn"
+    context = multiprocessing.get_context(method)
+    if method == "forkserver":
+        context.set_forkserver_preload([__name__])
+    return context.Pool(num_proc, initializer=_init_worker, initargs=(encoder.backend_json, encoder.eos_token_id))
 
 
 def _write_documents(
