@@ -239,7 +239,9 @@ def test_the_seeds_lm_eval_command_gives_the_same_numbers(run, tmp_path, env):
     for task in LOGLIKELIHOOD_TASKS:
         for metric, value in theirs["results"][task].items():
             if isinstance(value, float) and "stderr" not in metric:
-                assert ours["results"][task][metric] == pytest.approx(value, abs=1e-9), (task, metric)
+                # Relative 1e-5: float32 sums over differently padded batches differ in the last bits, which a
+                # perplexity near 1e6 turns into ~0.5 absolute; a wrong tokenizer or model is off by orders more.
+                assert ours["results"][task][metric] == pytest.approx(value, rel=1e-5, abs=1e-9), (task, metric)
         assert ours["versions"][task] == theirs["versions"][task]
 
 
