@@ -451,7 +451,10 @@ def test_preference_pairs_plain_or_conversational_and_bad_pairs(tmp_path):
 # Recipes: bad input before expensive setup
 
 
-def test_recipe_errors_are_one_line_and_come_first(tmp_path, capsys):
+def test_recipe_errors_are_one_line_and_come_first(tmp_path, capsys, monkeypatch):
+    # The recipes' default paths (outputs/genesis-tiny/final, outputs/sft-tiny) are relative: resolve them in tmp_path,
+    # never in the checkout, whose outputs/ may hold the main job's model (the README's first command).
+    monkeypatch.chdir(tmp_path)
     bad = write_jsonl(tmp_path / "bad.jsonl", [{"messages": BAD_CONVERSATIONS["empty assistant"]}])
     # The data is checked before the (missing) model is loaded.
     assert run_recipe_in_process("sft", ["--dataset_name", str(bad), "--output_dir", str(tmp_path / "o")]) == 1
