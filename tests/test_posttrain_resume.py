@@ -154,3 +154,52 @@ def test_a_checkpoint_whose_pickle_would_run_code_is_refused_before_anything_loa
     error = capsys.readouterr().err.strip().splitlines()
     assert len(error) == 1 and "checkpoint-6/rng_state.pth holds objects other than tensors" in error[0], error
     assert not marker.exists() and snapshot(output_dir) == before
+
+
+@pytest.mark.parametrize("kind", ["sft", "dpo"])
+def test_finished_results_are_kept_and_refusals_come_before_anything_loads(
+    kind, base_dir, data, finished, tmp_path, capsys
+):
+    output_dir = tmp_path / "run"
+    shutil.copytree(finished[kind], output_dir)
+    flags = recipe_flags(kind, base_dir, data, output_dir)
+
+    def refused(argv: list[str]) -> str:
+        before = snapshot(tmp_path)
+        assert run_recipe_in_process(kind, argv) == 1
+        error = capsys.readouterr().err.strip().splitlines()
+        assert len(error) == 1 and snapshot(tmp_path) == before, error  # nothing written, metrics.jsonl included
+        return error[0]
+
+    # Other settings over a finished run: never, not even with --overwrite_output_dir (the checkpoints would mix).
+    for extra in ([], ["--overwrite_output_dir", "true"]):
+        error = refused([*flags, "--learning_rate", "5e-3", *extra])
+        assert "holds checkpoints of a run with other settings (learning_rate: 0.01 -> 0.005)" in error
+    # A file of the user's in final/ stops the run before training, not after.
+    (output_dir / "final" / "notes.txt").write_text("mine")
+    error = refused(flags)
+    assert "notes.txt" in error and "checked before training" in error
+    (output_dir / "final" / "notes.txt").unlink()
+    # Results and no checkpoint to resume: refused unless --overwrite_output_dir true, as in pretraining.
+    for checkpoint in output_dir.glob("checkpoint-*"):
+        shutil.rmtree(checkpoint)
+    error = refused(flags)
+    assert "final/, metrics.jsonl (up to step 6)" in error and "--overwrite_output_dir true" in error
+
+
+def test_overwrite_output_dir_starts_afresh_over_results_and_keeps_the_old_records(base_dir, data, finished, tmp_path):
+    output_dir = tmp_path / "run"
+    shutil.copytree(finished["sft"], output_dir)
+    for checkpoint in output_dir.glob("checkpoint-*"):
+        shutil.rmtree(checkpoint)
+    old = metrics(output_dir)
+    argv = [*recipe_flags("sft", base_dir, data, output_dir), "--max_steps", "2", "--save_strategy", "no",
+            "--overwrite_output_dir", "true"]  # fmt: skip
+    assert run_recipe_in_process("sft", argv) == 0
+    records = metrics(output_dir)
+    assert records[: len(old)] == old
+    restart = records[len(old)]
+    assert restart["event"] == "restart" and restart["step"] == 0 and restart["resumed_from"] is None
+    assert [record["step"] for record in records[len(old) + 1 :] if "loss" in record] == [1, 2]
+    assert json.loads((output_dir / "run_settings.json").read_text())["max_steps"] == 2
+    assert json.loads((output_dir / "final" / "genesis_checkpoint.json").read_text())["step"] == 2

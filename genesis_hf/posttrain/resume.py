@@ -3,7 +3,7 @@
 
 - `plan_run` (every process, before anything loads): the rule every training run follows (`genesis_hf.run_folder`:
   a `final/` that is not this run's, results and no checkpoint), then the run's settings against those recorded in
-  `run_settings.json` by the launch that wrote the folder (other settings are refused, unless
+  `run_settings.json` by the launch that wrote the folder (other settings are refused; without checkpoints
   `--overwrite_output_dir true` starts afresh), then the checkpoint to resume from.
 - A checkpoint is complete when its `trainer_state.json` parses as JSON with `global_step` equal to the N of its name
   and its weights are there; the Trainer writes the state last, so a save cut short has none, or a cut one. An
@@ -95,8 +95,8 @@ def checkpoint_problem(path: str | Path) -> str | None:
     return None
 
 
-def complete_checkpoints(output_dir: str | Path) -> tuple[list[tuple[int, Path]], list[str]]:
-    """The complete `checkpoint-N` folders of `output_dir` by step, and one line per incomplete one."""
+def complete_checkpoints(output_dir: str | Path) -> tuple[list[tuple[int, Path]], list[tuple[Path, str]]]:
+    """The complete `checkpoint-N` folders of `output_dir` by step, and the incomplete ones with their problem."""
     output_dir = Path(output_dir)
     complete, skipped = [], []
     if not output_dir.is_dir():
@@ -109,7 +109,7 @@ def complete_checkpoints(output_dir: str | Path) -> tuple[list[tuple[int, Path]]
         if problem is None:
             complete.append((int(match.group(1)), path))
         else:
-            skipped.append(f"Skipping {path}: {problem}. It is left as it is; the run writes it again at that step.")
+            skipped.append((path, problem))
     return sorted(complete), sorted(skipped)
 
 
@@ -178,40 +178,52 @@ def _changed_settings(recorded: dict[str, Any], settings: dict[str, Any]) -> lis
 def plan_run(training_args, settings: dict[str, Any], *, overwrite_output_dir: bool = False) -> RunPlan:
     """Check the output folder and choose the checkpoint to resume from; reads only, on every process.
 
+    Checkpoints are never replaced by a run of other settings (`--overwrite_output_dir` does not change that: the
+    two runs' checkpoints would mix); a fresh start over results without checkpoints (`final/`, `metrics.jsonl`)
+    needs `--overwrite_output_dir true`, as in pretraining.
+
     Args:
         training_args: the recipe's `SFTConfig`/`DPOConfig` (`output_dir`, `resume_from_checkpoint`).
         settings: `run_settings(...)` of this launch.
-        overwrite_output_dir: start afresh from step 0 over a previous run's results or checkpoints.
+        overwrite_output_dir: start afresh from step 0 over a previous run's results that no checkpoint resumes.
 
     Raises:
         ConfigError: the folder would lose results (see `genesis_hf.run_folder.check_run_folder`), or it holds a run
             of other settings.
-        ResumeError: `--resume_from_checkpoint` is not a complete checkpoint, or the chosen checkpoint holds a pickle
-            that could run code.
+        ResumeError: no checkpoint is complete, `--resume_from_checkpoint` is not a complete checkpoint, or the
+            chosen checkpoint holds a pickle that could run code.
     """
     output_dir = Path(training_args.output_dir)
-    overwrite = overwrite_output_dir
     explicit = training_args.resume_from_checkpoint
     complete, skipped = complete_checkpoints(output_dir)
-    resumable = explicit is not None or (bool(complete) and not overwrite)
     check_run_folder(
-        output_dir, final_marker=CHECKPOINT_METADATA_FILE, resumable=resumable, overwrite_output_dir=overwrite
+        output_dir,
+        final_marker=CHECKPOINT_METADATA_FILE,
+        resumable=explicit is not None or bool(complete),
+        overwrite_output_dir=overwrite_output_dir,
     )
-    if not overwrite and complete == [] and skipped and explicit is None:
-        raise ResumeError(
-            f"None of the checkpoints in {output_dir} is complete ({skipped[0]}). Pass --resume_from_checkpoint with "
-            "a complete one, or --overwrite_output_dir true to start afresh from step 0."
-        )
     recorded = _read_settings(output_dir)
-    if recorded is not None and not overwrite:
-        changed = _changed_settings(recorded, settings)
-        if changed:
-            shown = "; ".join(changed[:5]) + (f"; and {len(changed) - 5} more" if len(changed) > 5 else "")
+    changed = _changed_settings(recorded, settings) if recorded is not None else []
+    if changed:
+        shown = "; ".join(changed[:5]) + (f"; and {len(changed) - 5} more" if len(changed) > 5 else "")
+        if complete or skipped:
+            raise ConfigError(
+                f"output_dir={str(output_dir)!r} holds checkpoints of a run with other settings ({shown}). Relaunch "
+                "with the same settings to resume it, or pass a new --output_dir (checkpoints are never replaced; "
+                "move them elsewhere first to start afresh there)."
+            )
+        if not overwrite_output_dir:
             raise ConfigError(
                 f"output_dir={str(output_dir)!r} holds a run with other settings ({shown}). Relaunch with the same "
-                "settings to resume it, pass a new --output_dir, or --overwrite_output_dir true to start afresh "
-                "there (its checkpoints and final/ are then replaced as the new run reaches them)."
+                "settings, pass a new --output_dir, or --overwrite_output_dir true to start afresh there "
+                "(metrics.jsonl keeps the old records and marks the restart; final/ is replaced at the end)."
             )
+    if not complete and skipped and explicit is None and not overwrite_output_dir:
+        raise ResumeError(
+            f"None of the checkpoints in {output_dir} is complete ({skipped[0][0].name}: {skipped[0][1]}). Pass "
+            "--resume_from_checkpoint with a complete one, or --overwrite_output_dir true to start afresh from step 0 "
+            "(the incomplete ones are written again as the run reaches them)."
+        )
     plan = RunPlan(output_dir=output_dir, settings=settings)
     if explicit is not None:
         checkpoint = Path(explicit)
@@ -219,11 +231,13 @@ def plan_run(training_args, settings: dict[str, Any], *, overwrite_output_dir: b
         if problem is not None:
             raise ResumeError(f"--resume_from_checkpoint {checkpoint} is not usable: {problem}.")
         plan.checkpoint, plan.step = checkpoint, int(TRL_CHECKPOINT.match(checkpoint.name).group(1))
-    elif complete and not overwrite:
+    elif complete:
         plan.step, plan.checkpoint = complete[-1]
     if plan.checkpoint is not None:
-        for line in skipped:
-            logger.warning(line)
+        for path, problem in skipped:
+            logger.warning(
+                "Skipping %s: %s. It is left as it is; the run writes it again at that step.", path, problem
+            )
         check_pickles(plan.checkpoint)
     return plan
 
