@@ -447,6 +447,31 @@ def test_preference_pairs_plain_or_conversational_and_bad_pairs(tmp_path):
     assert isinstance(embedded_pairs[0]["prompt"], list)
 
 
+BAD_PAIRS = {
+    "chosen unknown role": {"chosen": [{"role": "robot", "content": "beep"}]},
+    "rejected empty assistant": {"rejected": [{"role": "assistant", "content": "  "}]},
+    "chosen ends with": {"chosen": [{"role": "assistant", "content": "yo"}, {"role": "user", "content": "?"}]},
+}
+
+
+@pytest.mark.parametrize("reason", sorted(BAD_PAIRS))
+def test_bad_preference_pairs_are_checked_like_sft_rows(reason, tmp_path):
+    from genesis_hf.posttrain.conversations import ConversationError
+    from genesis_hf.posttrain.data import build_preference_dataset
+
+    good = {
+        "prompt": [{"role": "user", "content": "Say hi."}],
+        "chosen": [{"role": "assistant", "content": "hi"}],
+        "rejected": [{"role": "assistant", "content": "no"}],
+    }
+    path = write_jsonl(tmp_path / "dpo.jsonl", [good, {**good, **BAD_PAIRS[reason]}])
+    key, _, short = reason.partition(" ")
+    with pytest.raises(ConversationError, match=f"row 1: prompt \\+ {key}: .*{short}.*--on_bad_example skip"):
+        build_preference_dataset(str(path))
+    dataset, skipped = build_preference_dataset(str(path), on_bad_example="skip")
+    assert len(dataset) == 1 and skipped == {f"{path}: {reason}": 1}
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # Recipes: bad input before expensive setup
 

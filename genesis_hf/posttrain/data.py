@@ -31,6 +31,8 @@ from .conversations import (
     ConversationError,
     SkipCounter,
     conversation_key,
+    conversation_problem,
+    conversation_reason,
     convert_rows,
     detect_schema,
 )
@@ -267,9 +269,23 @@ def _pair_problem(row: dict[str, Any]) -> str | None:
         value = row.get(key)
         if not (isinstance(value, str) and value.strip()) and not (_is_messages(value) and value):
             return f"{key} is empty or neither a string nor a list of messages"
+    # Each answer after its prompt must be a conversation SFT would accept: known roles, string contents, no empty
+    # assistant turn, the assistant's reply last.
+    prompt = row["prompt"] if isinstance(row["prompt"], list) else [{"role": "user", "content": row["prompt"]}]
+    for key in ("chosen", "rejected"):
+        answer = row[key] if isinstance(row[key], list) else [{"role": "assistant", "content": row[key]}]
+        problem = conversation_problem([*prompt, *answer])
+        if problem is not None:
+            return f"prompt + {key}: {problem}"
     if row["chosen"] == row["rejected"]:
         return "chosen equals rejected (the pair teaches nothing)"
     return None
+
+
+def _pair_reason(problem: str) -> str:
+    if problem.startswith("prompt + "):
+        return f"{problem.split(':')[0].removeprefix('prompt + ')} {conversation_reason(problem)}"
+    return problem.split(" (")[0]
 
 
 def build_preference_dataset(
@@ -297,7 +313,7 @@ def build_preference_dataset(
         if problem is None:
             pairs.append({key: row[key] for key in ("prompt", "chosen", "rejected")})
         elif on_bad_example == "skip":
-            skipped[f"{location}: {problem.split(' (')[0]}"] += 1
+            skipped[f"{location}: {_pair_reason(problem)}"] += 1
         else:
             raise ConversationError(
                 f"{location} row {index}: {problem}. Fix the data, or pass --on_bad_example skip to skip such rows."
