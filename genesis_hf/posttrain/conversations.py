@@ -49,8 +49,8 @@ def detect_schema(columns: Iterable[str]) -> str:
     raise ConversationError(
         f"Cannot convert a dataset with columns {sorted(columns)} to conversations. Known schemas: messages "
         "(messages), sharegpt (conversations with from/value), instruction (instruction, input, output), query "
-        "(query, response), prompt_completion (prompt, completion). Rename the columns, or set `schema:` and "
-        "`columns:` in the mixture source."
+        "(query, response), prompt_completion (prompt, completion). Rename the columns to those of one schema "
+        "(e.g. with datasets' rename_column, or in the file)."
     )
 
 

@@ -155,7 +155,38 @@ def open_rows(location: str, *, config: str | None = None, split: str = "train",
                 "the id, config and split, the network (HF_HUB_OFFLINE), or download it and use the local files."
             ) from None
     files = local_files(location)
-    return datasets.load_dataset(LOCAL_SUFFIXES[Path(files[0]).suffix], data_files=files, split="train")
+    for path in files:
+        if os.path.getsize(path) == 0:
+            raise ConfigError(f"Data file {path!r} is empty; point the dataset at a file with rows.")
+    try:
+        return datasets.load_dataset(LOCAL_SUFFIXES[Path(files[0]).suffix], data_files=files, split="train")
+    except Exception as error:
+        raise ConfigError(_unreadable(files, error)) from None
+
+
+def _unreadable(files: list[str], error: Exception) -> str:
+    """Why `datasets` could not read local data files: the first line of a `.jsonl` file that is not JSON, if any."""
+    import json
+
+    for path in files:
+        if Path(path).suffix != ".jsonl":
+            continue
+        with open(path, encoding="utf-8", errors="replace") as handle:
+            for number, line in enumerate(handle, start=1):
+                if not line.strip():
+                    continue
+                try:
+                    json.loads(line)
+                except ValueError as problem:
+                    return (
+                        f"Data file {path!r} line {number} is not valid JSON ({problem}); each line of a .jsonl file "
+                        "must be one JSON object. Fix or remove that line."
+                    )
+    detail = str(error).strip().splitlines()[0][:300] if str(error).strip() else ""
+    return (
+        f"Cannot read the data file(s) {', '.join(files[:3])} ({type(error).__name__}: {detail}). Check that they "
+        "are valid JSON lines or Parquet with one row per conversation."
+    )
 
 
 def _columns(rows) -> list[str]:
