@@ -203,3 +203,36 @@ def test_overwrite_output_dir_starts_afresh_over_results_and_keeps_the_old_recor
     assert [record["step"] for record in records[len(old) + 1 :] if "loss" in record] == [1, 2]
     assert json.loads((output_dir / "run_settings.json").read_text())["max_steps"] == 2
     assert json.loads((output_dir / "final" / "genesis_checkpoint.json").read_text())["step"] == 2
+
+
+def test_a_checkpoint_is_complete_only_with_its_state_its_weights_and_every_ranks_rng(tmp_path):
+    from genesis_hf.posttrain.resume import checkpoint_problem, complete_checkpoints
+
+    def checkpoint(step: int, state: str | None, files=("model.safetensors", "rng_state_0.pth")) -> Path:
+        folder = tmp_path / f"checkpoint-{step}"
+        folder.mkdir()
+        if state is not None:
+            (folder / "trainer_state.json").write_text(state)
+        for name in files:
+            (folder / name).write_bytes(b"x")
+        return folder
+
+    checkpoint(1, json.dumps({"global_step": 1}), files=("model.safetensors", "rng_state_0.pth", "rng_state_1.pth"))
+    checkpoint(2, json.dumps({"global_step": 2}))  # rank 1's RNG state never written
+    checkpoint(3, '{"global_step": 3, "log_hist')  # cut while written
+    checkpoint(4, None)  # killed before the state
+    checkpoint(5, json.dumps({"global_step": 6}))  # not this step's state
+    checkpoint(6, json.dumps({"global_step": 6}), files=())  # no weights
+    adapter = checkpoint(7, json.dumps({"global_step": 7}), files=("adapter_model.safetensors",))
+    complete, skipped = complete_checkpoints(tmp_path, world_size=2)
+    assert [step for step, _ in complete] == [1, 7]
+    problems = {path.name: problem for path, problem in skipped}
+    assert problems == {
+        "checkpoint-2": "it lacks rng_state_1.pth (the save was cut short)",
+        "checkpoint-3": "its trainer_state.json does not parse (JSONDecodeError; the save was cut short)",
+        "checkpoint-4": "it has no trainer_state.json (the save was cut short)",
+        "checkpoint-5": "its trainer_state.json says global_step 6, not 5",
+        "checkpoint-6": "it has no model weights",
+    }
+    assert checkpoint_problem(tmp_path / "checkpoint-2") is None  # one process: rank 0's RNG state is all there is
+    assert checkpoint_problem(adapter) is None  # a LoRA run's checkpoint holds the adapter

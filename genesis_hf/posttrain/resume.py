@@ -74,8 +74,14 @@ class RunPlan:
     step: int = 0
 
 
-def checkpoint_problem(path: str | Path) -> str | None:
-    """Why the TRL checkpoint folder `path` (`checkpoint-N`) is not complete, or `None` when it is."""
+def checkpoint_problem(path: str | Path, world_size: int = 1) -> str | None:
+    """Why the TRL checkpoint folder `path` (`checkpoint-N`) is not complete, or `None` when it is.
+
+    Args:
+        path: the folder.
+        world_size: the processes of the run: each writes its own `rng_state_<rank>.pth`, with no barrier before the
+            main process writes `trainer_state.json`, so a multi-process checkpoint needs all of them.
+    """
     path = Path(path)
     match = TRL_CHECKPOINT.match(path.name)
     if match is None or not path.is_dir():
@@ -92,10 +98,18 @@ def checkpoint_problem(path: str | Path) -> str | None:
     sharded = any(child.is_dir() and child.name.startswith("pytorch_model_fsdp") for child in path.iterdir())
     if not (has_weights(path) or sharded or any((path / name).is_file() for name in ADAPTER_WEIGHTS)):
         return "it has no model weights"
+    if world_size > 1 and any(path.glob("rng_state_*.pth")):
+        missing = [
+            f"rng_state_{rank}.pth" for rank in range(world_size) if not (path / f"rng_state_{rank}.pth").is_file()
+        ]
+        if missing:
+            return f"it lacks {', '.join(missing)} (the save was cut short)"
     return None
 
 
-def complete_checkpoints(output_dir: str | Path) -> tuple[list[tuple[int, Path]], list[tuple[Path, str]]]:
+def complete_checkpoints(
+    output_dir: str | Path, world_size: int = 1
+) -> tuple[list[tuple[int, Path]], list[tuple[Path, str]]]:
     """The complete `checkpoint-N` folders of `output_dir` by step, and the incomplete ones with their problem."""
     output_dir = Path(output_dir)
     complete, skipped = [], []
@@ -105,7 +119,7 @@ def complete_checkpoints(output_dir: str | Path) -> tuple[list[tuple[int, Path]]
         match = TRL_CHECKPOINT.match(path.name)
         if match is None or not path.is_dir():
             continue
-        problem = checkpoint_problem(path)
+        problem = checkpoint_problem(path, world_size)
         if problem is None:
             complete.append((int(match.group(1)), path))
         else:
@@ -195,7 +209,8 @@ def plan_run(training_args, settings: dict[str, Any], *, overwrite_output_dir: b
     """
     output_dir = Path(training_args.output_dir)
     explicit = training_args.resume_from_checkpoint
-    complete, skipped = complete_checkpoints(output_dir)
+    world_size = settings.get("world_size", 1)
+    complete, skipped = complete_checkpoints(output_dir, world_size)
     check_run_folder(
         output_dir,
         final_marker=CHECKPOINT_METADATA_FILE,
@@ -227,7 +242,7 @@ def plan_run(training_args, settings: dict[str, Any], *, overwrite_output_dir: b
     plan = RunPlan(output_dir=output_dir, settings=settings)
     if explicit is not None:
         checkpoint = Path(explicit)
-        problem = checkpoint_problem(checkpoint)
+        problem = checkpoint_problem(checkpoint, world_size)
         if problem is not None:
             raise ResumeError(f"--resume_from_checkpoint {checkpoint} is not usable: {problem}.")
         plan.checkpoint, plan.step = checkpoint, int(TRL_CHECKPOINT.match(checkpoint.name).group(1))
