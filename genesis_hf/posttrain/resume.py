@@ -1,10 +1,10 @@
 """Relaunching an SFT or DPO command continues the run: the output folder is checked, the newest complete
 `checkpoint-N` is chosen and checked, and `metrics.jsonl` continues where that checkpoint stands.
 
-- `plan_run` (every process, before anything loads): the rule every training run follows (`genesis_hf.run_folder`:
-  a `final/` that is not this run's, results and no checkpoint), then the run's settings against those recorded in
-  `run_settings.json` by the launch that wrote the folder (other settings are refused; without checkpoints
-  `--overwrite_output_dir true` starts afresh), then the checkpoint to resume from.
+- `plan_run` (every process, before anything loads): the rule every training run follows
+  (`genesis_hf.pretrain.run_folder`: a `final/` that is not this run's, results and no checkpoint), then the run's
+  settings against those recorded in `run_settings.json` by the launch that wrote the folder (other settings are
+  refused; without checkpoints `--overwrite_output_dir true` starts afresh), then the checkpoint to resume from.
 - A checkpoint is complete when its `trainer_state.json` parses as JSON with `global_step` equal to the N of its name
   and its weights are there; the Trainer writes the state last, so a save cut short has none, or a cut one. An
   incomplete checkpoint is skipped, never loaded and never deleted (the run writes it again when it gets there).
@@ -34,7 +34,7 @@ from genesis_hf.layout import (
     TRL_CHECKPOINT,
     has_weights,
 )
-from genesis_hf.run_folder import check_run_folder, drop_partial_last_line
+from genesis_hf.pretrain.run_folder import check_run_folder, drop_partial_last_line
 
 ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
 PICKLE_SUFFIXES = (".pt", ".pth", ".bin")
@@ -202,8 +202,8 @@ def plan_run(training_args, settings: dict[str, Any], *, overwrite_output_dir: b
         overwrite_output_dir: start afresh from step 0 over a previous run's results that no checkpoint resumes.
 
     Raises:
-        ConfigError: the folder would lose results (see `genesis_hf.run_folder.check_run_folder`), or it holds a run
-            of other settings.
+        ConfigError: the folder would lose results (see `genesis_hf.pretrain.run_folder.check_run_folder`), or it
+            holds a run of other settings.
         ResumeError: no checkpoint is complete, `--resume_from_checkpoint` is not a complete checkpoint, or the
             chosen checkpoint holds a pickle that could run code.
     """

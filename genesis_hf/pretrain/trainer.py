@@ -33,13 +33,13 @@ import yaml
 from genesis_hf.args import ConfigError
 from genesis_hf.events import Events, TrainingCallback
 from genesis_hf.layout import FINAL_POINTER_FILE, METRICS_FILE, TENSORBOARD_DIR
-from genesis_hf.run_folder import check_run_folder, drop_partial_last_line
 
 from . import checkpoint as ckpt
 from . import distributed
 from .config import PretrainArguments, resolve_gradient_accumulation
 from .final import FinalExport
 from .reference import end_of_run_report, greedy_samples, held_out_unigram_entropy
+from .run_folder import check_run_folder, drop_partial_last_line
 
 logger = logging.getLogger(__name__)
 

@@ -5,7 +5,8 @@ is refused, and so is a fresh start over `final/` or `metrics.jsonl` with no che
 `--overwrite_output_dir true` says so. Both are checked before anything loads. `metrics.jsonl` stays one JSON object
 per line across kills (a cut last line is dropped before appending).
 
-This module uses only `genesis_hf.layout` and `genesis_hf.model.folder`: every training stage may use it.
+Pretraining owns the rule; post-training (a later stage) applies the same one to its runs
+(`genesis_hf.posttrain.resume`).
 """
 
 import json
