@@ -10,6 +10,7 @@ otherwise train with the default).
 import argparse
 import dataclasses
 import difflib
+import re
 import sys
 from pathlib import Path
 from typing import Any
@@ -87,6 +88,7 @@ def parse_args(dataclass_types: tuple[type, ...], args: list[str] | None = None)
     """
     from transformers import HfArgumentParser  # here: `genesis-hf --help` does not pay for transformers
 
+    args = _attach_negative_numbers(sys.argv[1:] if args is None else list(args))
     parser = HfArgumentParser(dataclass_types)
     parser.add_argument("--config", type=str, default=None, help="YAML file with default values for any flag.")
     namespace, _ = parser.parse_known_args(args=args)
@@ -105,6 +107,22 @@ def parse_args(dataclass_types: tuple[type, ...], args: list[str] | None = None)
         )
     # HfArgumentParser appends a Namespace holding the extra `--config` flag; keep only the dataclasses.
     return tuple(instance for instance in instances if dataclasses.is_dataclass(instance))
+
+
+_NEGATIVE_NUMBER = re.compile(r"^-(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$|^-(inf|nan)$", re.IGNORECASE)
+
+
+def _attach_negative_numbers(args: list[str]) -> list[str]:
+    """`--learning_rate -1e-3` as `--learning_rate=-1e-3`: argparse takes `-1e-3` (scientific notation) for an option
+    and stops with "expected one argument" instead of letting the value's own check name it."""
+    attached: list[str] = []
+    for item in args:
+        previous = attached[-1] if attached else ""
+        if _NEGATIVE_NUMBER.match(item) and previous.startswith("--") and "=" not in previous:
+            attached[-1] = f"{previous}={item}"
+        else:
+            attached.append(item)
+    return attached
 
 
 class SubcommandParser(argparse.ArgumentParser):

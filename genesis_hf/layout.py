@@ -4,6 +4,7 @@ A run folder (`--output_dir`) of any stage:
 
     <run>/
         metrics.jsonl               one JSON object per line: steps, evals, restarts (METRICS_FILE)
+        run_settings.json           SFT/DPO: the settings a relaunch must match to resume (RUN_SETTINGS_FILE)
         checkpoints/step-0001200/   pretraining checkpoints (CHECKPOINTS_DIR, `checkpoint_name`)
         checkpoint-1200/            TRL's checkpoints in SFT/DPO runs (TRL_CHECKPOINT)
         final/                      the verified Hugging Face model folder the run ends with (FINAL_DIR)
@@ -26,6 +27,7 @@ from pathlib import Path
 # Run folder
 
 METRICS_FILE = "metrics.jsonl"
+RUN_SETTINGS_FILE = "run_settings.json"
 FINAL_DIR = "final"
 ADAPTER_DIR = "adapter"
 CHECKPOINTS_DIR = "checkpoints"

@@ -21,28 +21,41 @@ every saved checkpoint with lm-eval). Outputs as `recipes/sft.py`: `final/`, `me
 import copy
 import logging
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 
 from trl import DPOConfig, DPOTrainer, ModelConfig
 
 from genesis_hf.evaluate.during_training import checkpoint_evaluator
-from genesis_hf.posttrain.config import DPODataArguments, TrainingEvalArguments, hub_push_settings, parse_recipe_args
+from genesis_hf.posttrain.config import (
+    DPODataArguments,
+    RunFolderArguments,
+    TrainingEvalArguments,
+    hub_push_settings,
+    parse_recipe_args,
+)
 from genesis_hf.posttrain.data import build_preference_dataset
 from genesis_hf.posttrain.model import chat_model, lora_config
 from genesis_hf.posttrain.outputs import check_lora_topology, run_callbacks, train_and_write_final
+from genesis_hf.posttrain.resume import check_training_settings, plan_run, run_settings
 from genesis_hf.publish.push import pusher_for_run
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent / "configs" / "dpo" / "genesis-tiny.yaml"
 logger = logging.getLogger("genesis_hf.dpo")
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, callbacks: Sequence = ()) -> int:
+    """Run the recipe; `callbacks` are extra subscribers to the run's events (`genesis_hf.events.TrainingCallback`)."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%X")
     try:
-        data_args, eval_args, training_args, model_args = parse_recipe_args(
-            (DPODataArguments, TrainingEvalArguments, DPOConfig, ModelConfig), argv, DEFAULT_CONFIG
+        data_args, eval_args, run_args, training_args, model_args = parse_recipe_args(
+            (DPODataArguments, TrainingEvalArguments, RunFolderArguments, DPOConfig, ModelConfig), argv, DEFAULT_CONFIG
         )
         push = hub_push_settings(training_args)
+        check_training_settings(training_args)
+        # The output folder: resume the run it holds, or refuse to replace its results (nothing is loaded yet).
+        settings = run_settings("dpo", data_args, training_args, model_args)
+        plan = plan_run(training_args, settings, overwrite_output_dir=run_args.overwrite_output_dir)
         if eval_args.eval_tasks and model_args.use_peft:
             raise ValueError(
                 f"--eval_tasks {eval_args.eval_tasks} with --use_peft true: LoRA checkpoints hold only the adapter, "
@@ -86,9 +99,9 @@ def main(argv: list[str] | None = None) -> int:
         train_dataset=dataset,
         processing_class=tokenizer,
         peft_config=peft_config,
-        callbacks=run_callbacks([pusher, evaluator]),
+        callbacks=run_callbacks([*callbacks, pusher, evaluator]),
     )
-    train_and_write_final(trainer, tokenizer, training_args, "Aligned model", logger)
+    train_and_write_final(trainer, tokenizer, training_args, "Aligned model", logger, plan)
     return 0
 
 

@@ -19,13 +19,20 @@ folder, loads with `trust_remote_code`), `<output_dir>/metrics.jsonl`, `<output_
 
 import logging
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 
 from trl import ModelConfig, SFTConfig, SFTTrainer
 
 from genesis_hf.evaluate.during_training import checkpoint_evaluator
 from genesis_hf.posttrain.chat import check_generation_markers
-from genesis_hf.posttrain.config import SFTDataArguments, TrainingEvalArguments, hub_push_settings, parse_recipe_args
+from genesis_hf.posttrain.config import (
+    RunFolderArguments,
+    SFTDataArguments,
+    TrainingEvalArguments,
+    hub_push_settings,
+    parse_recipe_args,
+)
 from genesis_hf.posttrain.data import (
     SFTMixture,
     SFTSource,
@@ -37,6 +44,7 @@ from genesis_hf.posttrain.data import (
 )
 from genesis_hf.posttrain.model import chat_model, lora_config
 from genesis_hf.posttrain.outputs import check_lora_topology, run_callbacks, train_and_write_final
+from genesis_hf.posttrain.resume import check_training_settings, plan_run, run_settings
 from genesis_hf.publish.push import pusher_for_run
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent / "configs" / "sft" / "genesis-tiny.yaml"
@@ -55,13 +63,18 @@ def load_mixture(data_args: SFTDataArguments) -> SFTMixture:
     return SFTMixture(name=source.name, sources=[source])
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, callbacks: Sequence = ()) -> int:
+    """Run the recipe; `callbacks` are extra subscribers to the run's events (`genesis_hf.events.TrainingCallback`)."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%X")
     try:
-        data_args, eval_args, training_args, model_args = parse_recipe_args(
-            (SFTDataArguments, TrainingEvalArguments, SFTConfig, ModelConfig), argv, DEFAULT_CONFIG
+        data_args, eval_args, run_args, training_args, model_args = parse_recipe_args(
+            (SFTDataArguments, TrainingEvalArguments, RunFolderArguments, SFTConfig, ModelConfig), argv, DEFAULT_CONFIG
         )
         push = hub_push_settings(training_args)
+        check_training_settings(training_args)
+        # The output folder: resume the run it holds, or refuse to replace its results (nothing is loaded yet).
+        settings = run_settings("sft", data_args, training_args, model_args)
+        plan = plan_run(training_args, settings, overwrite_output_dir=run_args.overwrite_output_dir)
         if eval_args.eval_tasks and model_args.use_peft:
             raise ValueError(
                 f"--eval_tasks {eval_args.eval_tasks} with --use_peft true: LoRA checkpoints hold only the adapter, "
@@ -100,9 +113,9 @@ def main(argv: list[str] | None = None) -> int:
         train_dataset=dataset.remove_columns("source"),
         processing_class=tokenizer,
         peft_config=peft_config,
-        callbacks=run_callbacks([pusher, evaluator]),
+        callbacks=run_callbacks([*callbacks, pusher, evaluator]),
     )
-    train_and_write_final(trainer, tokenizer, training_args, "Chat model", logger)
+    train_and_write_final(trainer, tokenizer, training_args, "Chat model", logger, plan)
     return 0
 
 

@@ -409,8 +409,10 @@ def test_unconvertible_schema_names_the_columns(tmp_path):
 
     write_jsonl(tmp_path / "odd.jsonl", [{"question": "q", "answer": "a"}])
     mixture = SFTMixture(name="odd", sources=[SFTSource(name="odd", location=str(tmp_path / "odd.jsonl"))])
-    with pytest.raises(ConversationError, match="columns \\['answer', 'question'\\]"):
+    with pytest.raises(ConversationError, match="columns \\['answer', 'question'\\]") as raised:
         build_sft_dataset(mixture)
+    # Whatever mixture key the message suggests, the mixture parser accepts.
+    assert "`columns:`" not in str(raised.value)
 
 
 def test_overlong_conversations_are_dropped_or_kept_for_truncation_and_counted():
@@ -447,11 +449,39 @@ def test_preference_pairs_plain_or_conversational_and_bad_pairs(tmp_path):
     assert isinstance(embedded_pairs[0]["prompt"], list)
 
 
+BAD_PAIRS = {
+    "chosen unknown role": {"chosen": [{"role": "robot", "content": "beep"}]},
+    "rejected empty assistant": {"rejected": [{"role": "assistant", "content": "  "}]},
+    "chosen ends with": {"chosen": [{"role": "assistant", "content": "yo"}, {"role": "user", "content": "?"}]},
+}
+
+
+@pytest.mark.parametrize("reason", sorted(BAD_PAIRS))
+def test_bad_preference_pairs_are_checked_like_sft_rows(reason, tmp_path):
+    from genesis_hf.posttrain.conversations import ConversationError
+    from genesis_hf.posttrain.data import build_preference_dataset
+
+    good = {
+        "prompt": [{"role": "user", "content": "Say hi."}],
+        "chosen": [{"role": "assistant", "content": "hi"}],
+        "rejected": [{"role": "assistant", "content": "no"}],
+    }
+    path = write_jsonl(tmp_path / "dpo.jsonl", [good, {**good, **BAD_PAIRS[reason]}])
+    key, _, short = reason.partition(" ")
+    with pytest.raises(ConversationError, match=f"row 1: prompt \\+ {key}: .*{short}.*--on_bad_example skip"):
+        build_preference_dataset(str(path))
+    dataset, skipped = build_preference_dataset(str(path), on_bad_example="skip")
+    assert len(dataset) == 1 and skipped == {f"{path}: {reason}": 1}
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # Recipes: bad input before expensive setup
 
 
-def test_recipe_errors_are_one_line_and_come_first(tmp_path, capsys):
+def test_recipe_errors_are_one_line_and_come_first(tmp_path, capsys, monkeypatch):
+    # The recipes' default paths (outputs/genesis-tiny/final, outputs/sft-tiny) are relative: resolve them in tmp_path,
+    # never in the checkout, whose outputs/ may hold the main job's model (the README's first command).
+    monkeypatch.chdir(tmp_path)
     bad = write_jsonl(tmp_path / "bad.jsonl", [{"messages": BAD_CONVERSATIONS["empty assistant"]}])
     # The data is checked before the (missing) model is loaded.
     assert run_recipe_in_process("sft", ["--dataset_name", str(bad), "--output_dir", str(tmp_path / "o")]) == 1
@@ -464,6 +494,39 @@ def test_recipe_errors_are_one_line_and_come_first(tmp_path, capsys):
     (tmp_path / "typo.yaml").write_text("learning_rte: 1.0e-5\n")
     assert run_recipe_in_process("sft", ["--config", str(tmp_path / "typo.yaml")]) == 1
     assert "did you mean 'learning_rate'" in capsys.readouterr().err
+
+
+BAD_LAUNCHES = {
+    "malformed line": (["--dataset_name", "{bad}"], "line 2 is not valid JSON"),
+    "empty file": (["--dataset_name", "{empty}"], "is empty"),
+    "negative learning rate": (["--learning_rate", "-1e-3"], "learning_rate=-0.001"),
+    "nan learning rate": (["--learning_rate", "nan"], "learning_rate=nan"),
+    "zero max_steps": (["--max_steps", "0"], "max_steps=0"),
+    "zero epochs": (["--max_steps", "-1", "--num_train_epochs", "0"], "num_train_epochs=0"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_LAUNCHES))
+@pytest.mark.parametrize("kind", ["sft", "dpo"])
+def test_bad_data_and_settings_stop_with_one_line_and_leave_nothing(kind, case, tmp_path, capsys):
+    row = {"messages": SHORT_CONVERSATION} if kind == "sft" else {"prompt": "a", "chosen": "b", "rejected": "c"}
+    files = {
+        "bad": (tmp_path / "bad.jsonl", json.dumps(row) + '\n{"messages": [oops\n'),
+        "empty": (tmp_path / "empty.jsonl", ""),
+        "good": (tmp_path / "good.jsonl", json.dumps(row) + "\n"),
+    }
+    for path, text in files.values():
+        path.write_text(text)
+    flags, expected = BAD_LAUNCHES[case]
+    flags = [flag.format(**{name: path for name, (path, _) in files.items()}) for flag in flags]
+    out = tmp_path / "out"
+    argv = ["--model_name_or_path", str(tmp_path / "never-loaded"), "--dataset_name", str(files["good"][0]),
+            "--output_dir", str(out), "--max_steps", "2", *flags]  # fmt: skip
+    assert run_recipe_in_process(kind, argv) == 1
+    error = capsys.readouterr().err
+    assert "Traceback" not in error and expected in error.strip().splitlines()[-1], error[-2000:]
+    assert error.strip().splitlines()[-1].startswith(f"recipes/{kind}.py: error:")
+    assert not out.exists()
 
 
 # ---------------------------------------------------------------------------------------------------------------------

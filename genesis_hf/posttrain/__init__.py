@@ -9,6 +9,8 @@
 - `callbacks`: `metrics.jsonl` and checkpoint events as transformers `TrainerCallback`s.
 - `outputs`: `final/` (through the verified exporter) and the LoRA adapter.
 - `config`: the recipes' data arguments and their config parsing.
+- `resume`: relaunching a run: its output folder checked, the newest complete `checkpoint-N` resumed (its pickles
+  checked first), `metrics.jsonl` continued; other settings over a run are refused.
 
 The recipes `recipes/sft.py` and `recipes/dpo.py` call these.
 """

@@ -82,6 +82,19 @@ class TrainingEvalArguments:
             raise ConfigError(f"eval_limit={self.eval_limit!r}; pass a positive number of documents, e.g. 100.")
 
 
+@dataclasses.dataclass
+class RunFolderArguments:
+    """What a launch may do with an output folder that holds a previous run (see `genesis_hf.posttrain.resume`)."""
+
+    overwrite_output_dir: bool = dataclasses.field(
+        default=False,
+        metadata={
+            "help": "Start from step 0 in an output_dir that holds a previous run (its results, its checkpoints, or "
+            "other settings); without it such a launch resumes the run when the settings match, or is refused."
+        },
+    )
+
+
 def parse_recipe_args(dataclass_types: tuple[type, ...], argv: list[str] | None, default_config: str | Path):
     """`parse_args` with `default_config` as the `--config` when the command line names none.
 
@@ -123,4 +136,11 @@ def hub_push_settings(training_args) -> SimpleNamespace:
     return SimpleNamespace(**settings)
 
 
-__all__ = ["DPODataArguments", "SFTDataArguments", "TrainingEvalArguments", "hub_push_settings", "parse_recipe_args"]
+__all__ = [
+    "DPODataArguments",
+    "RunFolderArguments",
+    "SFTDataArguments",
+    "TrainingEvalArguments",
+    "hub_push_settings",
+    "parse_recipe_args",
+]

@@ -49,8 +49,8 @@ def detect_schema(columns: Iterable[str]) -> str:
     raise ConversationError(
         f"Cannot convert a dataset with columns {sorted(columns)} to conversations. Known schemas: messages "
         "(messages), sharegpt (conversations with from/value), instruction (instruction, input, output), query "
-        "(query, response), prompt_completion (prompt, completion). Rename the columns, or set `schema:` and "
-        "`columns:` in the mixture source."
+        "(query, response), prompt_completion (prompt, completion). Rename the columns to those of one schema "
+        "(e.g. with datasets' rename_column, or in the file)."
     )
 
 
@@ -113,7 +113,8 @@ class SkipCounter(Counter):
         return ", ".join(f"{count} {reason}" for reason, count in sorted(self.items())) or "none"
 
 
-def _reason(problem: str) -> str:
+def conversation_reason(problem: str) -> str:
+    """The short reason of a `conversation_problem` (`"unknown role"`, `"empty assistant"`, ...), to count skips by."""
     for key in ("unknown role", "empty assistant", "ends with", "no messages", "no user", "system message", "content"):
         if key in problem:
             return key
@@ -150,7 +151,7 @@ def convert_rows(
             yield messages
             continue
         if on_bad_example == "skip":
-            skipped[f"{source}: {_reason(problem)}"] += 1
+            skipped[f"{source}: {conversation_reason(problem)}"] += 1
             continue
         raise ConversationError(
             f"{source} row {index}: {problem}. Fix the data, or pass --on_bad_example skip to skip and count such rows."
@@ -170,6 +171,7 @@ __all__ = [
     "SkipCounter",
     "conversation_key",
     "conversation_problem",
+    "conversation_reason",
     "convert_rows",
     "detect_schema",
     "to_messages",

@@ -31,6 +31,8 @@ from .conversations import (
     ConversationError,
     SkipCounter,
     conversation_key,
+    conversation_problem,
+    conversation_reason,
     convert_rows,
     detect_schema,
 )
@@ -153,7 +155,38 @@ def open_rows(location: str, *, config: str | None = None, split: str = "train",
                 "the id, config and split, the network (HF_HUB_OFFLINE), or download it and use the local files."
             ) from None
     files = local_files(location)
-    return datasets.load_dataset(LOCAL_SUFFIXES[Path(files[0]).suffix], data_files=files, split="train")
+    for path in files:
+        if os.path.getsize(path) == 0:
+            raise ConfigError(f"Data file {path!r} is empty; point the dataset at a file with rows.")
+    try:
+        return datasets.load_dataset(LOCAL_SUFFIXES[Path(files[0]).suffix], data_files=files, split="train")
+    except Exception as error:
+        raise ConfigError(_unreadable(files, error)) from None
+
+
+def _unreadable(files: list[str], error: Exception) -> str:
+    """Why `datasets` could not read local data files: the first line of a `.jsonl` file that is not JSON, if any."""
+    import json
+
+    for path in files:
+        if Path(path).suffix != ".jsonl":
+            continue
+        with open(path, encoding="utf-8", errors="replace") as handle:
+            for number, line in enumerate(handle, start=1):
+                if not line.strip():
+                    continue
+                try:
+                    json.loads(line)
+                except ValueError as problem:
+                    return (
+                        f"Data file {path!r} line {number} is not valid JSON ({problem}); each line of a .jsonl file "
+                        "must be one JSON object. Fix or remove that line."
+                    )
+    detail = str(error).strip().splitlines()[0][:300] if str(error).strip() else ""
+    return (
+        f"Cannot read the data file(s) {', '.join(files[:3])} ({type(error).__name__}: {detail}). Check that they "
+        "are valid JSON lines or Parquet with one row per conversation."
+    )
 
 
 def _columns(rows) -> list[str]:
@@ -267,9 +300,23 @@ def _pair_problem(row: dict[str, Any]) -> str | None:
         value = row.get(key)
         if not (isinstance(value, str) and value.strip()) and not (_is_messages(value) and value):
             return f"{key} is empty or neither a string nor a list of messages"
+    # Each answer after its prompt must be a conversation SFT would accept: known roles, string contents, no empty
+    # assistant turn, the assistant's reply last.
+    prompt = row["prompt"] if isinstance(row["prompt"], list) else [{"role": "user", "content": row["prompt"]}]
+    for key in ("chosen", "rejected"):
+        answer = row[key] if isinstance(row[key], list) else [{"role": "assistant", "content": row[key]}]
+        problem = conversation_problem([*prompt, *answer])
+        if problem is not None:
+            return f"prompt + {key}: {problem}"
     if row["chosen"] == row["rejected"]:
         return "chosen equals rejected (the pair teaches nothing)"
     return None
+
+
+def _pair_reason(problem: str) -> str:
+    if problem.startswith("prompt + "):
+        return f"{problem.split(':')[0].removeprefix('prompt + ')} {conversation_reason(problem)}"
+    return problem.split(" (")[0]
 
 
 def build_preference_dataset(
@@ -297,7 +344,7 @@ def build_preference_dataset(
         if problem is None:
             pairs.append({key: row[key] for key in ("prompt", "chosen", "rejected")})
         elif on_bad_example == "skip":
-            skipped[f"{location}: {problem.split(' (')[0]}"] += 1
+            skipped[f"{location}: {_pair_reason(problem)}"] += 1
         else:
             raise ConversationError(
                 f"{location} row {index}: {problem}. Fix the data, or pass --on_bad_example skip to skip such rows."

@@ -110,9 +110,10 @@ def run_callbacks(subscribers=()) -> list:
     return [MetricsJsonlCallback(), TrainerEvents([item for item in subscribers if item is not None])]
 
 
-def train_and_write_final(trainer, tokenizer, training_args, what: str, logger) -> None:
-    """Train, then on the main process write `<output_dir>/final` and announce the end of the run (the pusher uploads
-    `final/` then and waits for its uploads); every process then ends the run.
+def train_and_write_final(trainer, tokenizer, training_args, what: str, logger, plan) -> None:
+    """Train (from the checkpoint `plan` resumes, if any), then on the main process write `<output_dir>/final` and
+    announce the end of the run (the pusher uploads `final/` then and waits for its uploads); every process then ends
+    the run.
 
     Args:
         trainer: a TRL trainer built with `run_callbacks`.
@@ -120,17 +121,22 @@ def train_and_write_final(trainer, tokenizer, training_args, what: str, logger) 
         training_args: the trainer's `SFTConfig`/`DPOConfig`.
         what: how the log names the result ("Chat model", "Aligned model").
         logger: the recipe's logger.
+        plan: the launch's `resume.RunPlan` (`resume.plan_run`).
     """
     from transformers import Trainer
 
     from genesis_hf.events import TrainerEvents
+
+    from .resume import start_run
 
     events = next(item for item in trainer.callback_handler.callbacks if isinstance(item, TrainerEvents))
     # What a checkpoint subscriber measures (evaluation scores) goes through transformers' own `Trainer.log`, to
     # `state.log_history`, `metrics.jsonl` and the trackers; TRL's override would fold its running training averages
     # (and clear them) into this record.
     events.events.metrics_sink = lambda step, metrics: Trainer.log(trainer, metrics)
-    trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    if trainer.accelerator.is_main_process:
+        start_run(plan)
+    trainer.train(resume_from_checkpoint=str(plan.checkpoint) if plan.checkpoint is not None else None)
     model = final_model(trainer, training_args.output_dir)
     is_main = trainer.accelerator.is_main_process
     final_dir = None

@@ -32,13 +32,14 @@ import yaml
 
 from genesis_hf.args import ConfigError
 from genesis_hf.events import Events, TrainingCallback
-from genesis_hf.layout import FINAL_DIR, FINAL_POINTER_FILE, METRICS_FILE, TENSORBOARD_DIR
+from genesis_hf.layout import FINAL_POINTER_FILE, METRICS_FILE, TENSORBOARD_DIR
 
 from . import checkpoint as ckpt
 from . import distributed
 from .config import PretrainArguments, resolve_gradient_accumulation
 from .final import FinalExport
 from .reference import end_of_run_report, greedy_samples, held_out_unigram_entropy
+from .run_folder import check_run_folder, drop_partial_last_line
 
 logger = logging.getLogger(__name__)
 
@@ -242,7 +243,7 @@ class MetricsLogger:
         self.is_main = accelerator.is_main_process
         if self.is_main:
             path.parent.mkdir(parents=True, exist_ok=True)
-            _drop_partial_last_line(path)
+            drop_partial_last_line(path)
             if path.is_file() and path.stat().st_size:
                 # Records of an earlier launch are already here: say where this launch starts, so that a reader never
                 # mistakes a resume (or a fresh start with --overwrite_output_dir) for one continuous run.
@@ -303,72 +304,24 @@ def _is_scalar(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
-def _drop_partial_last_line(path: Path) -> None:
-    # A SIGKILL can cut the last line in half; appending after it would glue two records together.
-    if not path.is_file():
-        return
-    data = path.read_bytes()
-    if data and not data.endswith(b"\n"):
-        with open(path, "r+b") as handle:
-            handle.truncate(data.rfind(b"\n") + 1)
-
-
 # ---------------------------------------------------------------------------------------------------------------------
 # Setup and resume
 
 
-def _last_logged_step(metrics_path: Path) -> int | None:
-    step = None
-    with open(metrics_path, "rb") as handle:
-        for line in handle:
-            try:
-                record = json.loads(line)
-            except ValueError:
-                continue
-            if isinstance(record, dict) and isinstance(record.get("step"), int) and "event" not in record:
-                step = record["step"]
-    return step
-
-
 def check_output_dir(args: PretrainArguments) -> None:
-    """Refuse, before any setup, an `output_dir` whose contents this run would destroy.
-
-    A file is not a folder; a `final/` that `export_final` did not write (no `training_checkpoint.json`) would be
-    replaced at the end; and results of an earlier run (`final/`, `metrics.jsonl`) with no checkpoint to resume from
-    would be silently overwritten by a run from step 0, unless `overwrite_output_dir` says so.
+    """Refuse, before any setup, an `output_dir` whose contents this run would destroy (`run_folder.check_run_folder`:
+    a file, a `final/` that `export_final` did not write, earlier results and no checkpoint to resume from).
 
     Raises:
         ConfigError: naming the path, what is there, and the fix.
     """
-    output_dir = Path(args.output_dir)
-    if output_dir.exists() and not output_dir.is_dir():
-        raise ConfigError(
-            f"output_dir={str(output_dir)!r} is a file, not a folder; pass --output_dir with a folder path (it is "
-            "created)."
-        )
-    final_dir = output_dir / FINAL_DIR
-    if final_dir.is_symlink() or (final_dir.exists() and not (final_dir / FINAL_POINTER_FILE).is_file()):
-        kind = "a symlink" if final_dir.is_symlink() else f"a folder without {FINAL_POINTER_FILE}"
-        raise ConfigError(
-            f"{final_dir} is {kind}: genesis-hf did not write it, and the run's final export would replace it. Move "
-            "it elsewhere, or pass a new --output_dir."
-        )
-    if args.resume_from_checkpoint is not None or ckpt.has_checkpoint_folders(output_dir):
-        return  # resumed (or refused by select_checkpoint when none is intact)
-    results = []
-    if final_dir.exists():
-        results.append(f"{FINAL_DIR}/")
-    metrics_path = output_dir / METRICS_FILE
-    if metrics_path.is_file() and metrics_path.stat().st_size:
-        last = _last_logged_step(metrics_path)
-        results.append(f"{METRICS_FILE}" + (f" (up to step {last})" if last is not None else ""))
-    if results and not args.overwrite_output_dir:
-        raise ConfigError(
-            f"output_dir={str(output_dir)!r} holds a previous run's results ({', '.join(results)}) but no checkpoint "
-            "to resume from: this launch would start again from step 0 and replace them. Pass a new --output_dir, "
-            "or --resume_from_checkpoint PATH, or --overwrite_output_dir true to start afresh (metrics.jsonl keeps "
-            f"the old records and marks the restart; {FINAL_DIR}/ is replaced at the end)."
-        )
+    check_run_folder(
+        args.output_dir,
+        final_marker=FINAL_POINTER_FILE,
+        # resumed (or refused by select_checkpoint when none is intact)
+        resumable=args.resume_from_checkpoint is not None or ckpt.has_checkpoint_folders(args.output_dir),
+        overwrite_output_dir=args.overwrite_output_dir,
+    )
 
 
 def setup_run(args: PretrainArguments, accelerator, events: Events) -> Run:

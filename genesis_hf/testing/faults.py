@@ -5,6 +5,8 @@ The faults are read from the environment variable `GENESIS_HF_FAULT` (comma-sepa
 
 - `kill_during_save:STEP`: every rank SIGKILLs itself while saving step `STEP`, after all shards are written and
   before the rename (`on_checkpoint_staged`), to prove an interrupted save is never mistaken for a checkpoint.
+- `kill_after_save:STEP`: the main process SIGKILLs itself once the checkpoint of step `STEP` is complete and visible
+  (`on_checkpoint_saved`; TRL's `checkpoint-N` in SFT/DPO runs), as a crash between two saves would.
 - `nonfinite_loss:STEPS`: rank 0's loss becomes NaN at those steps (a forward hook on the model), to test skipping
   and stopping.
 - `slow_step:STEPS`: sleep 0.5 s after those steps (`on_step_end`), so a test can SIGKILL the run mid-way.
@@ -28,7 +30,7 @@ from typing import Any
 from genesis_hf.events import TrainingCallback
 
 FAULT_ENV = "GENESIS_HF_FAULT"
-FAULT_KINDS = ("kill_during_save", "nonfinite_loss", "slow_step")
+FAULT_KINDS = ("kill_during_save", "kill_after_save", "nonfinite_loss", "slow_step")
 logger = logging.getLogger(__name__)
 
 
@@ -86,9 +88,16 @@ class FaultInjector(TrainingCallback):
 
     def on_checkpoint_staged(self, staging_dir: Path, step: int) -> None:
         if step in self.steps("kill_during_save"):
-            logger.error("%s=%s: killing this process at step %d (test hook).", FAULT_ENV, self.spec, step)
-            logging.shutdown()
-            os.kill(os.getpid(), signal.SIGKILL)
+            self._kill(step)
+
+    def on_checkpoint_saved(self, checkpoint_dir: Path, step: int) -> None:
+        if step in self.steps("kill_after_save"):
+            self._kill(step)
+
+    def _kill(self, step: int) -> None:
+        logger.error("%s=%s: killing this process at step %d (test hook).", FAULT_ENV, self.spec, step)
+        logging.shutdown()
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def run_recipe(recipe: str | Path, argv: list[str]) -> int:
