@@ -30,7 +30,9 @@ Why it is built this way:
   such checkpoints, so a stub folder or a corrupted shard is skipped like a truncated one, never trusted.
 - DCP's `.metadata` is a pickle, and a checkpoint folder may come from anywhere (a copy, a download). It is read with
   a restricted unpickler that builds only DCP's own metadata classes (`read_dcp_metadata`), for validation and for
-  loading alike (`SafeFileSystemReader`), so a planted `.metadata` cannot run code.
+  loading alike (`SafeFileSystemReader`), so a planted `.metadata` cannot run code. It may declare tensors and the
+  optimizer's primitive `param_groups` values only (a bytes entry is an object DCP would `torch.load` with
+  `weights_only=False`), and those are loaded by `safe_load_planner` with `weights_only=True`.
 
 Events (`genesis_hf.events`): every rank announces `on_checkpoint_staged` once its shards are written and before the
 rename (the test suite's fault injector kills the process there), and rank 0 announces `on_checkpoint_saved` once the
@@ -44,6 +46,7 @@ import logging
 import os
 import pickle
 import random
+import re
 import shutil
 import time
 import uuid
@@ -215,12 +218,48 @@ def read_dcp_metadata(folder: str | Path):
     Raises:
         pickle.UnpicklingError: the file references anything else, or is not DCP metadata.
     """
-    from torch.distributed.checkpoint.metadata import Metadata
+    from torch.distributed.checkpoint.metadata import BytesStorageMetadata, Metadata
 
     metadata = _DCPMetadataUnpickler(io.BytesIO((Path(folder) / DCP_METADATA_FILE).read_bytes())).load()
     if not isinstance(metadata, Metadata):
         raise pickle.UnpicklingError(f"it holds a {type(metadata).__name__}, not DCP Metadata")
+    # A bytes entry is a torch.save'd object that DCP's default planner unpickles with weights_only=False. Model and
+    # optimizer states are tensors, plus the primitive param_groups values the trainer writes itself.
+    for key, entry in (metadata.state_dict_metadata or {}).items():
+        if isinstance(entry, BytesStorageMetadata) and not _PRIMITIVE_ENTRY.fullmatch(str(key)):
+            raise pickle.UnpicklingError(
+                f"it declares {key!r} as a pickled object, not a tensor; a checkpoint written by genesis_hf holds "
+                "only tensors there, so it is not loaded"
+            )
     return metadata
+
+
+# The only non-tensor entries the trainer's checkpoints hold: AdamW's param_groups values (lr, betas, params, ...),
+# loaded with torch.load(weights_only=True) by `SafeLoadPlanner`.
+_PRIMITIVE_ENTRY = re.compile(r"optimizer\.param_groups\.\d+\.[A-Za-z_]+")
+
+
+def safe_load_planner():
+    """DCP's default load planner, except that bytes entries are read with `torch.load(weights_only=True)`: primitives
+    and tensors only, never an object's code (DCP's own planner uses `weights_only=False`)."""
+    from torch.distributed.checkpoint import DefaultLoadPlanner
+    from torch.distributed.checkpoint._traverse import set_element
+
+    class SafeLoadPlanner(DefaultLoadPlanner):
+        def load_bytes(self, read_item: Any, value: io.BytesIO) -> None:
+            try:
+                loaded = torch.load(value, weights_only=True)
+            except pickle.UnpicklingError:
+                raise CheckpointError(
+                    f"its entry {read_item.dest_index.fqn!r} holds a pickled object, not a primitive value the trainer "
+                    "writes; it was not unpickled"
+                ) from None
+            if self.flatten_state_dict:
+                set_element(self.original_state_dict, self.mappings[read_item.dest_index.fqn], loaded)
+            else:
+                self.state_dict[read_item.dest_index.fqn] = loaded
+
+    return SafeLoadPlanner()
 
 
 def _safe_reader_class():
@@ -238,6 +277,25 @@ def _safe_reader_class():
             return metadata
 
     return SafeFileSystemReader
+
+
+def load_dcp(state: dict[str, Any], folder: str | Path, **kwargs: Any) -> None:
+    """`torch.distributed.checkpoint.load` of `folder` into `state` with `safe_reader` and `safe_load_planner`.
+
+    Raises:
+        CheckpointError: an entry holds something other than tensors and primitives (one line, nothing unpickled).
+    """
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    try:
+        dcp.load(state, storage_reader=safe_reader(folder), planner=safe_load_planner(), **kwargs)
+    except CheckpointException as error:  # a BaseException: one per failed rank, each with its traceback
+        for failure in error.failures.values():
+            cause = failure[0] if isinstance(failure, tuple) else failure
+            if isinstance(cause, CheckpointError):
+                raise CheckpointError(f"Checkpoint folder {folder} is refused: {cause}.") from None
+        raise
 
 
 def safe_reader(folder: str | Path):
@@ -845,7 +903,6 @@ def load_training_checkpoint(
     Raises:
         OptimizerStateError: the optimizer state is missing or wrong and `allow_fresh_optimizer` is false.
     """
-    import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import (
         get_model_state_dict,
         get_optimizer_state_dict,
@@ -857,21 +914,14 @@ def load_training_checkpoint(
     trainer_state = read_trainer_state(path)
     model_state = get_model_state_dict(model)
     no_dist = not dist.is_initialized()
-    dcp.load(
-        {"model": model_state}, storage_reader=safe_reader(path / MODEL_DIR), process_group=group, no_dist=no_dist
-    )
+    load_dcp({"model": model_state}, path / MODEL_DIR, process_group=group, no_dist=no_dist)
     set_model_state_dict(model, model_state)
 
     # The skeleton: get_optimizer_state_dict materialises AdamW's state with a zero-LR step, which changes nothing.
     optimizer_state = get_optimizer_state_dict(model, optimizer)
     problems = _optimizer_problems(path / OPTIMIZER_DIR, optimizer_state, model_state)
     if not problems:
-        dcp.load(
-            {"optimizer": optimizer_state},
-            storage_reader=safe_reader(path / OPTIMIZER_DIR),
-            process_group=group,
-            no_dist=no_dist,
-        )
+        load_dcp({"optimizer": optimizer_state}, path / OPTIMIZER_DIR, process_group=group, no_dist=no_dist)
         set_optimizer_state_dict(model, optimizer, optimizer_state)
         expected = trainer_state.get("optimizer_steps", trainer_state["step"])
         wrong = sorted(
@@ -908,7 +958,6 @@ def load_model_from_checkpoint(path: str | Path, dtype: torch.dtype = torch.floa
     Returns:
         `(GenesisForCausalLM, tokenizer, trainer_state)`; the model is in eval mode on CPU.
     """
-    import torch.distributed.checkpoint as dcp
     from transformers import AutoTokenizer
 
     from genesis_hf import GenesisConfig, GenesisForCausalLM
@@ -926,7 +975,7 @@ def load_model_from_checkpoint(path: str | Path, dtype: torch.dtype = torch.floa
             state[key] = tensor
         elif not (key == "lm_head.weight" and config.tie_word_embeddings):
             raise CheckpointError(f"Checkpoint {path} has no weights for {key}; it was not written for this model.")
-    dcp.load({"model": state}, storage_reader=safe_reader(path / MODEL_DIR), no_dist=True)
+    load_dcp({"model": state}, path / MODEL_DIR, no_dist=True)
     model.load_state_dict(state, strict=False)
     if config.tie_word_embeddings:
         model.tie_weights()
@@ -949,6 +998,8 @@ __all__ = [
     "load_training_checkpoint",
     "read_dcp_metadata",
     "restore_rng_state",
+    "load_dcp",
+    "safe_load_planner",
     "safe_reader",
     "select_checkpoint",
     "validate_checkpoint",

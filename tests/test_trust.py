@@ -1,0 +1,149 @@
+"""Trust, part two (issue 21): no code runs from a checkpoint's data, one writer per folder, finished results are kept,
+and bad input gets one line.
+
+The planted checkpoints here are built only of DCP's own metadata classes (what `read_dcp_metadata` admits), but
+declare an entry as bytes pointing at a `torch.save`d object whose `__reduce__` would create a marker file: DCP's
+default load planner unpickles such bytes with `torch.load(weights_only=False)`.
+"""
+
+import io
+import json
+import os
+import pickle
+import zlib
+from pathlib import Path
+
+import pytest
+import torch
+
+from genesis_hf import cli, layout
+from genesis_hf.pretrain import checkpoint as ckpt
+from genesis_hf.testing import build_tiny_model_folder
+
+
+class _Planted:
+    """An object whose unpickling runs a shell command that creates `path`."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.path}",))
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tmp_path_factory) -> Path:
+    """A real training checkpoint of the debug model (model/ and optimizer/ DCP folders, checksums), step 3."""
+    root = tmp_path_factory.mktemp("trust-run")
+    model, tokenizer = build_tiny_model_folder(root / "model", train_steps=1)
+    manager = ckpt.CheckpointManager(
+        root / "run",
+        save_total_limit=None,
+        milestone_steps=None,
+        async_save=False,
+        run_config={"learning_rate": 0.001},
+        model_config=model.config,
+        tokenizer=tokenizer,
+    )
+    optimizer = torch.optim.AdamW(model.parameters())
+    ids = torch.tensor([[1, 2, 3, 4]])
+    model.train()(ids, labels=ids).loss.backward()
+    optimizer.step()
+    state = {"step": 3, "tokens_seen": 12, "loss": 5.0}
+    manager.save(3, model, optimizer, state, {"data_loader": {}, "rng": ckpt.capture_rng_state()})
+    manager.close()
+    return root / "run"
+
+
+def _plant(run_dir: Path, tmp_path: Path, part: str, fqn: str) -> tuple[Path, Path]:
+    """A copy of the run whose `part/.metadata` declares `fqn` as bytes: a torch.save'd `_Planted`, appended to the
+    shard (checksums updated, so only the content of the metadata is wrong). Returns (run copy, marker path)."""
+    import shutil
+
+    from torch.distributed.checkpoint.filesystem import _StorageInfo
+    from torch.distributed.checkpoint.metadata import BytesStorageMetadata, MetadataIndex
+
+    copy = tmp_path / "run"
+    shutil.copytree(run_dir, copy)
+    checkpoint = copy / "checkpoints" / "step-0000003"
+    marker = tmp_path / "the-pickle-ran"
+    payload = io.BytesIO()
+    torch.save(_Planted(marker), payload)
+    folder = checkpoint / part
+    shard = next(folder.glob("*.distcp"))
+    offset = shard.stat().st_size
+    with open(shard, "ab") as handle:
+        handle.write(payload.getvalue())
+    metadata = ckpt.read_dcp_metadata(folder) if part == layout.MODEL_DIR else _unchecked_metadata(folder)
+    assert fqn in metadata.state_dict_metadata
+    metadata.state_dict_metadata[fqn] = BytesStorageMetadata()
+    metadata.storage_data = {index: info for index, info in metadata.storage_data.items() if index.fqn != fqn}
+    metadata.storage_data[MetadataIndex(fqn)] = _StorageInfo(shard.name, offset, len(payload.getvalue()))
+    (folder / layout.DCP_METADATA_FILE).write_bytes(pickle.dumps(metadata))
+    sums = json.loads((checkpoint / layout.CHECKSUMS_FILE).read_text())
+    for file in (shard, folder / layout.DCP_METADATA_FILE):
+        sums["crc32"][f"{part}/{file.name}"] = f"{zlib.crc32(file.read_bytes()):08x}"
+    (checkpoint / layout.CHECKSUMS_FILE).write_text(json.dumps(sums))
+    return copy, marker
+
+
+def _unchecked_metadata(folder: Path):
+    return ckpt._DCPMetadataUnpickler(io.BytesIO((folder / layout.DCP_METADATA_FILE).read_bytes())).load()
+
+
+def _one_line(text: str) -> str:
+    lines = [line for line in text.strip().splitlines() if line.strip()]
+    assert len(lines) == 1, text
+    return lines[0]
+
+
+def test_a_planted_bytes_weight_is_refused_by_every_loader(tmp_path, tiny_checkpoint, capsys):
+    run, marker = _plant(tiny_checkpoint, tmp_path, layout.MODEL_DIR, "model.model.norm.weight")
+    checkpoint = run / "checkpoints" / "step-0000003"
+    assert "'model.model.norm.weight' as a pickled object" in ckpt.validate_checkpoint(checkpoint)
+    # pretraining resume: the checkpoint does not count
+    with pytest.raises(ckpt.CheckpointError, match="is intact"):
+        ckpt.select_checkpoint(run)
+    # load_model_from_checkpoint: what SFT-from-checkpoint, the playground, eval and export use
+    with pytest.raises(ckpt.CheckpointError, match="pickled object"):
+        ckpt.load_model_from_checkpoint(checkpoint)
+    from genesis_hf.posttrain.model import load_starting_point
+
+    with pytest.raises(ckpt.CheckpointError, match="pickled object"):
+        load_starting_point(str(checkpoint))
+    from genesis_hf.playground.sources import CheckpointSource
+
+    assert "step-0000003" not in [entry.name for entry in CheckpointSource(runs=run).list_checkpoints()]
+    capsys.readouterr()
+    assert cli.main(["export", str(checkpoint), str(tmp_path / "export")]) == 2
+    assert "pickled object" in _one_line(capsys.readouterr().err)
+    assert cli.main(["eval", str(checkpoint), "--output_path", str(tmp_path / "r.json"), "--tasks", "arc_easy"]) == 2
+    assert "pickled object" in _one_line(capsys.readouterr().err)
+    assert not (tmp_path / "export").exists() and not (tmp_path / "r.json").exists()
+    assert not marker.exists()
+
+
+def test_a_planted_param_group_value_is_loaded_without_running_code(tmp_path, tiny_checkpoint):
+    """An entry name the trainer does write as bytes (an AdamW param_groups value): the metadata passes, and the
+    load planner unpickles it with weights_only=True, which refuses the object."""
+    run, marker = _plant(tiny_checkpoint, tmp_path, layout.OPTIMIZER_DIR, "optimizer.param_groups.0.lr")
+    checkpoint = run / "checkpoints" / "step-0000003"
+    assert ckpt.validate_checkpoint(checkpoint, checksums=True) is None
+    model, _, _ = ckpt.load_model_from_checkpoint(checkpoint)
+    model.train()
+    optimizer = torch.optim.AdamW(model.parameters())
+    with pytest.raises(ckpt.CheckpointError) as refused:
+        ckpt.load_training_checkpoint(checkpoint, model, optimizer, allow_fresh_optimizer=False)
+    assert "optimizer.param_groups.0.lr" in _one_line(str(refused.value))
+    assert not marker.exists()
+
+
+def test_every_torch_load_is_weights_only():
+    root = Path(__file__).resolve().parents[1]
+    offenders = []
+    for folder in ("genesis_hf", "recipes", "benchmarks", "scripts", "tests"):
+        for path in (root / folder).rglob("*.py"):
+            for number, line in enumerate(path.read_text().splitlines(), 1):
+                if "torch.load(" in line and "weights_only=True" not in line and path.name != "test_trust.py":
+                    offenders.append(f"{path.relative_to(root)}:{number}")
+    assert offenders == []
