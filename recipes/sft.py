@@ -38,6 +38,7 @@ from genesis_hf.posttrain.data import (
 from genesis_hf.posttrain.model import chat_model, lora_config
 from genesis_hf.posttrain.outputs import check_lora_topology, run_callbacks, train_and_write_final
 from genesis_hf.publish.push import pusher_for_run
+from genesis_hf.writer_lock import hold_folder
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent / "configs" / "sft" / "genesis-tiny.yaml"
 logger = logging.getLogger("genesis_hf.sft")
@@ -62,6 +63,7 @@ def main(argv: list[str] | None = None) -> int:
             (SFTDataArguments, TrainingEvalArguments, SFTConfig, ModelConfig), argv, DEFAULT_CONFIG
         )
         push = hub_push_settings(training_args)
+        hold_folder(training_args.output_dir, rank=training_args.process_index)  # one writer per folder
         if eval_args.eval_tasks and model_args.use_peft:
             raise ValueError(
                 f"--eval_tasks {eval_args.eval_tasks} with --use_peft true: LoRA checkpoints hold only the adapter, "

@@ -10,15 +10,22 @@ import io
 import json
 import os
 import pickle
+import signal
+import socket
+import subprocess
+import sys
+import time
 import zlib
 from pathlib import Path
 
 import pytest
 import torch
 
-from genesis_hf import cli, layout
+from genesis_hf import cli, layout, writer_lock
 from genesis_hf.pretrain import checkpoint as ckpt
 from genesis_hf.testing import build_tiny_model_folder
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 class _Planted:
@@ -147,3 +154,94 @@ def test_every_torch_load_is_weights_only():
                 if "torch.load(" in line and "weights_only=True" not in line and path.name != "test_trust.py":
                     offenders.append(f"{path.relative_to(root)}:{number}")
     assert offenders == []
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# 3. One writer per folder
+
+_HOLD = """
+import sys, time
+from genesis_hf.writer_lock import hold_folder
+hold_folder(sys.argv[1])
+print("held", flush=True)
+time.sleep(600)
+"""
+
+_TAKE = """
+import sys
+from genesis_hf.writer_lock import FolderInUseError, hold_folder
+try:
+    hold_folder(sys.argv[1])
+except FolderInUseError as error:
+    print(error, file=sys.stderr)
+    sys.exit(3)
+print("taken")
+"""
+
+
+def _python(code: str, *args: str, **kwargs) -> subprocess.CompletedProcess:
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    return subprocess.run([sys.executable, "-c", code, *args], env=env, capture_output=True, text=True, **kwargs)
+
+
+def test_a_second_writer_is_refused_naming_the_holder(tmp_path):
+    folder = tmp_path / "run"
+    with writer_lock.hold_folder(folder) as held:
+        with writer_lock.hold_folder(folder) as again:  # the same process may take it again
+            assert again.path == held.path
+        refused = _python(_TAKE, str(folder), timeout=120)
+        assert refused.returncode == 3, refused.stderr
+        line = _one_line(refused.stderr)
+        assert f"PID {os.getpid()} on {socket.gethostname()}, since " in line and str(folder) in line
+        assert not folder.exists()  # the lock is a sibling file: the folder itself gets nothing
+    assert not writer_lock.lock_path(folder).exists()  # released and removed
+    with writer_lock.hold_folder(folder):
+        # ranks other than 0 of one launch never take (nor wait for) it
+        assert writer_lock.hold_folder(folder, rank=1).path is None
+
+
+def test_a_killed_holder_does_not_lock_the_folder(tmp_path):
+    folder = tmp_path / "results.json"
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    holder = subprocess.Popen([sys.executable, "-c", _HOLD, str(folder)], env=env, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        assert _python(_TAKE, str(folder), timeout=60).returncode == 3
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+    assert writer_lock.lock_path(folder).exists()  # left behind by the killed holder, but not locked
+    with writer_lock.hold_folder(folder):
+        assert str(os.getpid()) in writer_lock.lock_path(folder).read_text()
+
+
+def test_two_pretraining_launches_into_one_folder(tmp_path, run_env, test_mixture):
+    """Two real `accelerate launch recipes/pretrain.py` (two gloo ranks each) with one --output_dir: the first trains
+    (its rank 1 does not trip over rank 0's lock), the second is refused in one line naming the first."""
+    from test_pretrain import write_config
+    from test_pretrain_distributed import Launch
+
+    output_dir = tmp_path / "out"
+    config = write_config(
+        tmp_path / "run.yaml", test_mixture, output_dir=str(output_dir), max_steps=100000, save_steps=100000
+    )
+    first = Launch("ddp", config, run_env)
+    try:
+        lock = writer_lock.lock_path(output_dir)
+        deadline = time.monotonic() + 180
+        while '"pid"' not in (lock.read_text() if lock.is_file() else "") and first.process.poll() is None:
+            assert time.monotonic() < deadline, first.log_path.read_text()[-3000:]
+            time.sleep(0.2)
+        holder = json.loads(lock.read_text())
+        second = subprocess.run(
+            [str(Path(sys.executable).parent / "accelerate"), "launch", "--num_processes", "1", "--num_machines", "1",
+             "--mixed_precision", "no", "--dynamo_backend", "no", str(REPO / "recipes" / "pretrain.py"),
+             "--config", str(config)],
+            env=run_env, cwd=tmp_path, capture_output=True, text=True, timeout=180,
+        )  # fmt: skip
+        assert second.returncode != 0
+        refusals = [line for line in second.stderr.splitlines() if line.startswith("[rank 0] FolderInUseError")]
+        assert len(refusals) == 1 and f"PID {holder['pid']} on {holder['host']}" in refusals[0], second.stderr[-3000:]
+        assert first.process.poll() is None, first.log_path.read_text()[-3000:]  # the first one trains on
+    finally:
+        first.kill()
