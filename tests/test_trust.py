@@ -14,8 +14,10 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import zlib
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -245,3 +247,106 @@ def test_two_pretraining_launches_into_one_folder(tmp_path, run_env, test_mixtur
         assert first.process.poll() is None, first.log_path.read_text()[-3000:]  # the first one trains on
     finally:
         first.kill()
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# 2 and 6. Engagement keeps finished results; its input files are checked in one line
+
+
+def _engagement(argv: list[str], capsys) -> tuple[int, str]:
+    from genesis_hf.constitution.engagement import main as engagement_main
+
+    code = engagement_main(argv)
+    return code, capsys.readouterr().err
+
+
+def test_engagement_never_replaces_results(tmp_path, capsys):
+    responses = tmp_path / "answers.jsonl"
+    rows = [
+        {"prompt": "Pizza tips?", "response": "Use a hot oven. What toppings do you like?", "category": "everyday"}
+    ]
+    responses.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    run = tmp_path / "run"
+    assert _engagement(["--responses", str(responses), "--output_dir", str(run)], capsys)[0] == 0
+    before = {path.name: path.read_bytes() for path in run.iterdir()}
+    assert set(before) == {"scores.jsonl", "engagement.json", "engagement.md"}
+    code, error = _engagement(["--responses", str(responses), "--output_dir", str(run)], capsys)
+    assert code == 2 and "already holds scores.jsonl, engagement.json, engagement.md" in _one_line(error)
+    # --compare into a compared run's folder: its engagement.md is kept
+    code, error = _engagement(["--compare", f"a={run},b={run}", "--output_dir", str(run)], capsys)
+    assert code == 2 and "already holds engagement.md" in _one_line(error)
+    assert {path.name: path.read_bytes() for path in run.iterdir()} == before
+    assert _engagement(["--compare", f"a={run},b={run}", "--output_dir", str(tmp_path / "table")], capsys)[0] == 0
+    assert (tmp_path / "table" / "engagement.md").read_text().startswith("| metric | a | b |")
+
+
+@pytest.mark.parametrize(
+    "content, expected",
+    [
+        ("{'prompt': 'Hi', 'response': 'Caf\u00e9'}".replace("'", '"').encode("latin-1"), "is not UTF-8 text (byte"),
+        (b'{"prompt": "Hi", "response": "Hello.", "category": 3}\n', "has category=3; the category must be a string"),
+    ],
+)
+def test_engagement_responses_are_checked_in_one_line(tmp_path, capsys, content, expected):
+    responses = tmp_path / "answers.jsonl"
+    responses.write_bytes(content)
+    code, error = _engagement(["--responses", str(responses), "--output_dir", str(tmp_path / "out")], capsys)
+    line = _one_line(error)
+    assert code == 2 and expected in line and str(responses) in line
+    assert not (tmp_path / "out").exists()
+
+
+def test_constitution_prompts_that_are_not_utf8_are_one_line(tmp_path, capsys):
+    from genesis_hf.constitution.cli import main as generate_main
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_bytes("Tell me about cr\u00e8me br\u00fbl\u00e9e.\n".encode("latin-1"))
+    argv = ["--prompts", str(prompts), "--model", str(tmp_path / "never-loaded"), "--output_dir", str(tmp_path / "o")]
+    assert generate_main(argv) == 2
+    line = _one_line(capsys.readouterr().err)
+    assert "--prompts" in line and str(prompts) in line and "is not UTF-8 text" in line
+
+
+class _TrickleEndpoint(BaseHTTPRequestHandler):
+    """A chat endpoint that answers one byte a second (a valid completion, eventually)."""
+
+    def do_POST(self):
+        self.rfile.read(int(self.headers["Content-Length"]))
+        body = json.dumps({"choices": [{"message": {"role": "assistant", "content": "A slow reply."}}]}).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        try:
+            for index in range(len(body)):
+                self.wfile.write(body[index : index + 1])
+                self.wfile.flush()
+                time.sleep(1.0)
+        except OSError:
+            pass  # the client gave up
+
+    def log_message(self, *args):
+        pass
+
+
+def test_the_endpoint_timeout_is_a_deadline_per_request(tmp_path, capsys):
+    from genesis_hf.constitution.cli import main as generate_main
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _TrickleEndpoint)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        prompts = tmp_path / "prompts.txt"
+        prompts.write_text("What is a prime number?\n")
+        argv = [
+            "--prompts", str(prompts), "--base_url", f"http://127.0.0.1:{server.server_port}/v1", "--model", "local",
+            "--output_dir", str(tmp_path / "cai"), "--timeout", "2", "--max_retries", "0",
+        ]  # fmt: skip
+        started = time.monotonic()
+        assert generate_main(argv) == 2
+        assert time.monotonic() - started < 6  # the reply takes ~80 s at a byte a second
+        line = capsys.readouterr().err.strip().splitlines()[-1]  # after the progress bar
+        assert line.startswith("genesis-hf constitution generate: error: ") and "within --timeout 2 s" in line
+        assert "failed after 1 attempt(s)" in line
+    finally:
+        server.shutdown()
+        server.server_close()
