@@ -10,6 +10,7 @@ import io
 import json
 import os
 import pickle
+import shutil
 import signal
 import socket
 import subprocess
@@ -67,7 +68,6 @@ def tiny_checkpoint(tmp_path_factory) -> Path:
 def _plant(run_dir: Path, tmp_path: Path, part: str, fqn: str) -> tuple[Path, Path]:
     """A copy of the run whose `part/.metadata` declares `fqn` as bytes: a torch.save'd `_Planted`, appended to the
     shard (checksums updated, so only the content of the metadata is wrong). Returns (run copy, marker path)."""
-    import shutil
 
     from torch.distributed.checkpoint.filesystem import _StorageInfo
     from torch.distributed.checkpoint.metadata import BytesStorageMetadata, MetadataIndex
@@ -350,3 +350,53 @@ def test_the_endpoint_timeout_is_a_deadline_per_request(tmp_path, capsys):
     finally:
         server.shutdown()
         server.server_close()
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# 6. Disk full during a pretraining checkpoint save
+
+
+def _bytes_under(folder: Path) -> int:
+    return sum(path.stat().st_size for path in folder.rglob("*") if path.is_file())
+
+
+def test_a_full_disk_during_a_save_is_one_line_and_the_run_resumes_exactly(tmp_path, run_env, test_mixture):
+    """A real full disk (a tmpfs a bit larger than one checkpoint): the second save fails with one line saying what it
+    needed and what was free, the first checkpoint is intact, and the run moved to a bigger disk ends like a run that
+    never failed."""
+    from test_pretrain import read_metrics, run_recipe, steps_of, write_config
+
+    reference = tmp_path / "reference"
+    result = run_recipe(run_env, write_config(tmp_path / "reference.yaml", test_mixture, output_dir=str(reference)))
+    assert result.returncode == 0, result.stderr[-3000:]
+    checkpoint_size = _bytes_under(reference / "checkpoints" / "step-0000002")
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={int(checkpoint_size * 1.6)}", "tmpfs", str(disk)], capture_output=True
+    )
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here (needs root): {mounted.stderr.decode().strip()}")
+    try:
+        output_dir = disk / "out"
+        result = run_recipe(run_env, write_config(tmp_path / "full.yaml", test_mixture, output_dir=str(output_dir)))
+        assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-3000:]
+        errors = [line for line in result.stderr.splitlines() if "CheckpointError" in line]
+        assert len(errors) == 1 and "Saving checkpoint step-0000004 failed: the disk of" in errors[0], result.stderr
+        assert "is full (the save needs about" in errors[0] and "were free when it began" in errors[0]
+        assert "The previous checkpoint step-0000002 is intact" in errors[0]
+        assert steps_of(output_dir) == [2]
+        checkpoint = output_dir / "checkpoints" / "step-0000002"
+        assert ckpt.validate_checkpoint(checkpoint, checksums=True, resumable=True) is None
+        assert not [path.name for path in checkpoint.parent.iterdir() if ".tmp-" in path.name]
+        moved = tmp_path / "moved"
+        shutil.copytree(output_dir, moved)
+    finally:
+        subprocess.run(["umount", str(disk)], check=True)
+    result = run_recipe(run_env, write_config(tmp_path / "moved.yaml", test_mixture, output_dir=str(moved)))
+    assert result.returncode == 0, result.stderr[-3000:]
+
+    def final_losses(folder):
+        return {record["step"]: record["loss"] for record in read_metrics(folder) if "loss" in record}
+
+    assert final_losses(moved)[4] == final_losses(reference)[4]

@@ -40,6 +40,8 @@ checkpoint is visible; a subscriber's `may_delete` can hold a checkpoint back fr
 """
 
 import base64
+import contextlib
+import errno
 import io
 import json
 import logging
@@ -652,6 +654,7 @@ class CheckpointManager:
         if async_save and dist.is_initialized():
             self.upload_groups[OPTIMIZER_DIR] = dist.new_group(backend="gloo")
         self.pending: _PendingSave | None = None
+        self._space = (0, 0)  # (bytes free, bytes needed) when the newest save began, for a disk-full error
         self.last_saved_step: int | None = None
 
     def remove_stale_staging_dirs(self) -> None:
@@ -679,22 +682,60 @@ class CheckpointManager:
         started = time.perf_counter()
         rank_states = distributed.all_gather_object(rank_state, group=self.group)
         staging_dir = self.root / f"{checkpoint_name(step)}.tmp-{self.run_id}"
-        if self.is_main:
-            self._write_metadata_files(staging_dir, trainer_state, rank_states)
         model_state, optimizer_state = get_state_dict(model, optimizer)
         state = {MODEL_DIR: {"model": model_state}, OPTIMIZER_DIR: {"optimizer": optimizer_state}}
-        if self.async_save:
-            self.pending = _PendingSave(step, staging_dir, self._start_uploads(state, staging_dir))
-        else:
-            self._write_shards(state, staging_dir)
-            distributed.barrier(self.group)
-            self._publish(step, staging_dir)
+        self._space = self._space_before_save(state)
+        with self._disk_full_as_one_line(step, staging_dir):
+            if self.is_main:
+                self._write_metadata_files(staging_dir, trainer_state, rank_states)
+            if self.async_save:
+                self.pending = _PendingSave(step, staging_dir, self._start_uploads(state, staging_dir))
+            else:
+                self._write_shards(state, staging_dir)
+                distributed.barrier(self.group)
+                self._publish(step, staging_dir)
         logger.info(
             "Checkpoint of step %d %s in %.2fs.",
             step,
             "staged" if self.async_save else "written",
             time.perf_counter() - started,
         )
+
+    def _space_before_save(self, state: dict[str, dict]) -> tuple[int, int]:
+        """`(bytes free on the checkpoints' disk, bytes the save needs)`: the newest checkpoint's size (saves of one run
+        are alike), or this rank's tensors times the world size before the first one."""
+        folder = self.root if self.root.is_dir() else self.root.parent
+        free = shutil.disk_usage(folder).free if folder.is_dir() else 0
+        previous = list_checkpoints(self.root.parent) if self.root.is_dir() else []
+        if previous:
+            needed = sum(path.stat().st_size for path in previous[-1].path.rglob("*") if path.is_file())
+        else:
+            local = [value for value in _tensors(state)]
+            world_size = dist.get_world_size() if dist.is_initialized() else 1
+            needed = world_size * sum(getattr(t, "_local_tensor", t).nbytes for t in local)
+        return free, needed
+
+    @contextlib.contextmanager
+    def _disk_full_as_one_line(self, step: int, staging_dir: Path):
+        """A save that fails for lack of space becomes one `CheckpointError` saying how much it needed and how much was
+        free; its staging folder (never visible) is removed, so the previous checkpoint stays the newest."""
+        try:
+            yield
+        except BaseException as error:  # DCP's CheckpointException is a BaseException
+            if not _is_disk_full(error):
+                raise
+            if self.is_main:
+                shutil.rmtree(staging_dir, ignore_errors=True)
+            free, needed = self._space
+            previous = [info for info in list_checkpoints(self.root.parent) if info.step < step]
+            kept = (
+                f"The previous checkpoint {previous[-1].path.name} is intact" if previous else "No checkpoint is lost"
+            )
+            raise CheckpointError(
+                f"Saving checkpoint {checkpoint_name(step)} failed: the disk of {self.root} is full (the save needs "
+                f"about {_format_bytes(needed)}; {_format_bytes(free)} were free when it began). {kept}: free space "
+                "(or lower --save_total_limit) and launch the same command again to resume from it."
+            ) from None
 
     def _write_metadata_files(self, staging_dir: Path, trainer_state: dict[str, Any], rank_states: list[dict]) -> None:
         staging_dir.mkdir(parents=True, exist_ok=True)
@@ -762,7 +803,8 @@ class CheckpointManager:
 
     def _finish_pending(self) -> None:
         pending, self.pending = self.pending, None
-        checksums = pending.checksums()  # re-raises a failed write
+        with self._disk_full_as_one_line(pending.step, pending.staging_dir):
+            checksums = pending.checksums()  # re-raises a failed write
         # Rank 0's uploads return only after every rank reported its shards written (DCP's finish step gathers them),
         # so rank 0 can publish without another collective; its writers have taken the checksums by then.
         if self.is_main:
@@ -805,6 +847,44 @@ class CheckpointManager:
 
     def close(self) -> None:
         self.wait()
+
+
+def _tensors(value: Any):
+    if isinstance(value, torch.Tensor):
+        yield value
+    elif isinstance(value, dict):
+        for item in value.values():
+            yield from _tensors(item)
+    elif isinstance(value, (list, tuple)):
+        for item in value:
+            yield from _tensors(item)
+
+
+def _is_disk_full(error: BaseException) -> bool:
+    """Whether a failed save ran out of space: ENOSPC anywhere in the chain (DCP wraps each rank's error), or torch's
+    file writer's "unexpected pos" (what it reports when a write to a full disk comes up short)."""
+    seen, pending = set(), [error]
+    while pending:
+        current = pending.pop()
+        if current is None or id(current) in seen:
+            continue
+        seen.add(id(current))
+        if isinstance(current, OSError) and current.errno == errno.ENOSPC:
+            return True
+        if "No space left on device" in str(current) or "unexpected pos" in str(current):
+            return True
+        pending += [current.__cause__, current.__context__]
+        for failure in (getattr(current, "failures", None) or {}).values():
+            pending.append(failure[0] if isinstance(failure, tuple) else failure)
+    return False
+
+
+def _format_bytes(count: int) -> str:
+    for unit in ("bytes", "KiB", "MiB", "GiB"):
+        if count < 1024 or unit == "GiB":
+            return f"{count:,} bytes" if unit == "bytes" else f"{count:.1f} {unit}"
+        count /= 1024
+    return f"{count:.1f} TiB"
 
 
 def _fsync_dir(path: Path) -> None:
