@@ -400,3 +400,28 @@ def test_a_full_disk_during_a_save_is_one_line_and_the_run_resumes_exactly(tmp_p
         return {record["step"]: record["loss"] for record in read_metrics(folder) if "loss" in record}
 
     assert final_losses(moved)[4] == final_losses(reference)[4]
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# 6. The playground's refusals name the checkpoint, never a server path
+
+
+def test_playground_refusals_name_the_checkpoint_not_server_paths(tmp_path, tiny_checkpoint):
+    from genesis_hf.playground.sources import CheckpointSource, PlaygroundError
+
+    run = tmp_path / "server" / "secret-place" / "my-run"
+    shutil.copytree(tiny_checkpoint, run)
+    outside = tmp_path / "server" / "elsewhere" / "step-0000009"
+    shutil.copytree(run / "checkpoints" / "step-0000003", outside)
+    (run / "checkpoints" / "step-0000009").symlink_to(outside)
+    source = CheckpointSource(runs=run)
+    entry = source.resolve("step-0000009")
+    with pytest.raises(PlaygroundError) as refused:
+        source.location(entry)
+    message = str(refused.value)
+    assert "step-0000009" in message and "run my-run" in message and "outside the run" in message
+    assert str(tmp_path) not in message and "secret-place" not in message and "elsewhere" not in message
+    shutil.rmtree(run)  # the run folder went away while the playground serves it
+    with pytest.raises(PlaygroundError) as gone:
+        source.list_checkpoints(refresh=True)
+    assert "my-run" in str(gone.value) and str(tmp_path) not in str(gone.value)
