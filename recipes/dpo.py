@@ -39,6 +39,7 @@ from genesis_hf.posttrain.model import chat_model, lora_config
 from genesis_hf.posttrain.outputs import check_lora_topology, run_callbacks, train_and_write_final
 from genesis_hf.posttrain.resume import check_training_settings, plan_run, run_settings
 from genesis_hf.publish.push import pusher_for_run
+from genesis_hf.writer_lock import hold_folder
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent / "configs" / "dpo" / "genesis-tiny.yaml"
 logger = logging.getLogger("genesis_hf.dpo")
@@ -53,6 +54,7 @@ def main(argv: list[str] | None = None, callbacks: Sequence = ()) -> int:
         )
         push = hub_push_settings(training_args)
         check_training_settings(training_args)
+        hold_folder(training_args.output_dir, rank=training_args.process_index)  # one writer per folder
         # The output folder: resume the run it holds, or refuse to replace its results (nothing is loaded yet).
         settings = run_settings("dpo", data_args, training_args, model_args)
         plan = plan_run(training_args, settings, overwrite_output_dir=run_args.overwrite_output_dir)

@@ -29,6 +29,7 @@ from genesis_hf.pretrain.config import PretrainArguments
 from genesis_hf.pretrain.distributed import configure_consumer_gpu_env
 from genesis_hf.pretrain.trainer import NonFiniteLossError, run_pretraining
 from genesis_hf.publish.push import pusher_for_run
+from genesis_hf.writer_lock import hold_folder
 
 logger = logging.getLogger("genesis_hf.pretrain")
 
@@ -43,18 +44,20 @@ def main(argv: list[str] | None = None, callbacks: Sequence = ()) -> int:
     )
     try:
         (args,) = parse_args((PretrainArguments,), argv)
-        # Before anything starts CUDA or NCCL: GeForce GPUs over PCIe need peer-to-peer off and expandable segments.
-        applied = configure_consumer_gpu_env(args.consumer_gpu_env)
-        if applied:
-            logger.info("Consumer GPUs without NVLink: set %s", " ".join(f"{k}={v}" for k, v in applied.items()))
-        # Optional small lm-eval runs at every checkpoint (--eval_tasks); the task names are checked here, before training.
-        evaluator = checkpoint_evaluator(
-            args.eval_tasks, eval_limit=args.eval_limit, eval_include_path=args.eval_include_path
-        )
-        # Checks the repo id and token before training; the pusher uploads each checkpoint in the background.
-        pusher = pusher_for_run(args, is_main_process=rank == 0)
-        subscribers = [*callbacks, *(item for item in (evaluator, pusher) if item is not None)]
-        run_pretraining(args, callbacks=subscribers)
+        # One writer per folder: a second launch into this --output_dir is refused while this one runs.
+        with hold_folder(args.output_dir):
+            # Before anything starts CUDA or NCCL: GeForce GPUs over PCIe need peer-to-peer off, expandable segments.
+            applied = configure_consumer_gpu_env(args.consumer_gpu_env)
+            if applied:
+                logger.info("Consumer GPUs without NVLink: set %s", " ".join(f"{k}={v}" for k, v in applied.items()))
+            # Optional small lm-eval runs at every checkpoint (--eval_tasks); task names are checked before training.
+            evaluator = checkpoint_evaluator(
+                args.eval_tasks, eval_limit=args.eval_limit, eval_include_path=args.eval_include_path
+            )
+            # Checks the repo id and token before training; the pusher uploads each checkpoint in the background.
+            pusher = pusher_for_run(args, is_main_process=rank == 0)
+            subscribers = [*callbacks, *(item for item in (evaluator, pusher) if item is not None)]
+            run_pretraining(args, callbacks=subscribers)
     except (ConfigError, EvalError, CheckpointError, NonFiniteLossError) as error:
         print(f"[rank {rank}] {type(error).__name__}: {error}", file=sys.stderr, flush=True)
         return 1

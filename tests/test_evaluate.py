@@ -5,6 +5,7 @@ import dataclasses
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -590,3 +591,39 @@ def test_mmlu_group_offline_from_one_file_per_split(run, tmp_path, capsys):
     assert {"mmlu", "mmlu_stem", "mmlu_humanities"} <= set(results["results"])
     accuracies = [results["results"][f"mmlu_{s}"]["acc,none"] for s in subjects]
     assert results["results"]["mmlu"]["acc,none"] == pytest.approx(sum(accuracies) / 57)
+
+
+def test_results_that_appear_during_the_run_are_kept(run, tmp_path):
+    """Issue 21: the results file is created exclusively when written; one that appeared meanwhile is kept and the
+    results go beside it under a timestamped name (the run says where)."""
+    from genesis_hf.evaluate.cli import EvalArguments, run_eval
+
+    output = tmp_path / "R.json"
+    lines = []
+
+    def log(line):
+        lines.append(str(line))
+        if "sanity" in str(line).lower() and not output.exists():  # another writer, while the suite runs
+            output.write_text("the user's file\n")
+
+    arguments = EvalArguments(
+        model=str(run["hf"]), tasks="piqa", include_path=str(run["tasks"]), limit=3, batch_size="2",
+        output_path=str(output),
+    )  # fmt: skip
+    code, results = run_eval(arguments, log=log)
+    assert code == 0 and output.read_text() == "the user's file\n"
+    written = [path for path in tmp_path.glob("R.*.json")]
+    assert len(written) == 1 and json.loads(written[0].read_text())["genesis"]["model"] == str(run["hf"])
+    assert any(f"wrote the results to {written[0]}" in line for line in lines)
+
+
+def test_a_truncated_safetensors_file_is_one_line(run, tmp_path, capsys):
+    broken = tmp_path / "truncated"
+    shutil.copytree(run["hf"], broken)
+    weights = broken / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    assert cli.main(["eval", str(broken), "--tasks", "piqa", "--include_path", str(run["tasks"]),
+                     "--output_path", str(tmp_path / "r.json")]) == 2  # fmt: skip
+    error = capsys.readouterr().err.strip()
+    assert error.count("\n") == 0 and "model.safetensors" in error and "truncated" in error, error
+    assert not (tmp_path / "r.json").exists()

@@ -97,7 +97,7 @@ def test_hf_export_shards_reloads_without_genesis_hf_and_card_snippet_runs(tiny,
     assert result.returncode == 0, result.stderr[-3000:]
     with torch.no_grad():
         expected = model(ids).logits
-    assert (torch.load(tmp_path / "logits.pt") - expected).abs().max().item() < 1e-5
+    assert (torch.load(tmp_path / "logits.pt", weights_only=True) - expected).abs().max().item() < 1e-5
     # The snippet's own generate() call (KV cache on) prints what LlamaForCausalLM generates on the same weights.
     inputs = tokenizer("The history of science", return_tensors="pt")
     with torch.no_grad():

@@ -205,7 +205,7 @@ def test_checkpoints_load_back_by_revision_without_genesis_hf(pushed, tiny, tmp_
     assert result.returncode == 0, result.stderr[-3000:]
     with torch.no_grad():
         expected = model(torch.tensor([ids])).logits
-    assert (torch.load(tmp_path / "logits.pt") - expected).abs().max().item() < 1e-5
+    assert (torch.load(tmp_path / "logits.pt", weights_only=True) - expected).abs().max().item() < 1e-5
     # transformers resolves the branch to its commit once, then downloads every file at that commit.
     assert server.requests_matching(r"/alice/genesis-tiny/(revision|resolve)/step-0000004")
     assert server.requests_matching(r"GET /alice/genesis-tiny/resolve/[0-9a-f]{40}/modeling_genesis\.py")

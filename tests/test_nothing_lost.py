@@ -167,7 +167,9 @@ def test_overwrite_refuses_an_export_with_the_users_files_or_changes(tiny_run, t
     (tmp_path / "run" / "metrics.jsonl").write_text("")
     assert cli.main(["export", str(model_dir), str(out), "--dtype", "fp32"]) == 0
     marker = json.loads((out / layout.EXPORT_MARKER_FILE).read_text())
-    assert marker["files"]["config.json"] == (out / "config.json").stat().st_size and "README.md" in marker["files"]
+    config_bytes = (out / "config.json").read_bytes()
+    recorded = {"size": len(config_bytes), "sha256": hashlib.sha256(config_bytes).hexdigest()}
+    assert marker["files"]["config.json"] == recorded and "README.md" in marker["files"]
     capsys.readouterr()
 
     (out / "my-eval-notes.md").write_text("keep me")
@@ -176,8 +178,17 @@ def test_overwrite_refuses_an_export_with_the_users_files_or_changes(tiny_run, t
     assert "my-eval-notes.md" in capsys.readouterr().err and snapshot(out) == before
 
     (out / "my-eval-notes.md").unlink()
+    original_card = (out / "README.md").read_text()
     with open(out / "README.md", "a") as card:
         card.write("\nMy edits to the card.\n")
+    before = snapshot(out)
+    assert cli.main(["export", str(model_dir), str(out), "--overwrite"]) == 2
+    assert "README.md" in capsys.readouterr().err and snapshot(out) == before
+
+    # an edit that keeps the size (issue 21): only the content hash can tell
+    edited = original_card.replace("a", "b", 1)
+    assert edited != original_card and len(edited) == len(original_card)
+    (out / "README.md").write_text(edited)
     before = snapshot(out)
     assert cli.main(["export", str(model_dir), str(out), "--overwrite"]) == 2
     assert "README.md" in capsys.readouterr().err and snapshot(out) == before

@@ -9,11 +9,15 @@ Both take a list of conversations (lists of `{"role", "content"}` messages) and 
 """
 
 import dataclasses
+import http.client
+import io
 import json
 import os
+import socket
+import threading
 import time
 import urllib.error
-import urllib.request
+import urllib.parse
 from concurrent.futures import ThreadPoolExecutor
 
 from genesis_hf.tokenizer import CHATML_TEMPLATE
@@ -157,7 +161,7 @@ class OpenAIBackend:
         model: the model name the server expects.
         settings: sampling settings.
         concurrency: requests in flight at once.
-        timeout: seconds to wait for one response.
+        timeout: seconds one request may take, from connecting to the last byte of the response.
         max_retries: further attempts after a failed request (connection refused, timeout, 5xx/429, not JSON).
         api_key: sent as a bearer token when set (`$OPENAI_API_KEY` when `None`; local servers need none).
     """
@@ -206,21 +210,67 @@ class OpenAIBackend:
         for attempt in range(self.max_retries + 1):
             if attempt:
                 time.sleep(min(0.5 * 2 ** (attempt - 1), 8.0))
-            request = urllib.request.Request(self.url, data=json.dumps(body).encode(), headers=headers, method="POST")
             try:
-                with urllib.request.urlopen(request, timeout=self.timeout) as response:
-                    return _reply_text(response.read())
+                return _reply_text(_post(self.url, json.dumps(body).encode(), headers, self.timeout))
             except urllib.error.HTTPError as error:
                 detail = error.read()[:300].decode(errors="replace")
                 last_error = f"HTTP {error.code}: {detail}"
                 if error.code < 500 and error.code != 429:
                     break  # the request itself is wrong (unknown model, bad field): retrying cannot help
-            except (urllib.error.URLError, TimeoutError, ConnectionError, ValueError) as error:
+            except (OSError, http.client.HTTPException, ValueError) as error:
                 last_error = f"{type(error).__name__}: {getattr(error, 'reason', error)}"
         raise BackendError(
             f"The endpoint {self.url} failed after {attempt + 1} attempt(s) (last error: {last_error}); check that the "
             "server is running and serves --model, or raise --timeout / --max_retries for a slow one."
         )
+
+
+def _post(url: str, data: bytes, headers: dict[str, str], timeout: float) -> bytes:
+    """POST `data` and return the response body, all within `timeout` seconds: a deadline for the whole request, not
+    per read (a server sending a byte a second would otherwise never time out). At the deadline a timer shuts the
+    socket down, which ends a read waiting for bytes; the body is read in chunks that stop at the deadline.
+
+    Raises:
+        TimeoutError: no complete response by the deadline.
+        urllib.error.HTTPError: an HTTP error status (with its body).
+        OSError, http.client.HTTPException: the connection failed.
+    """
+    parts = urllib.parse.urlsplit(url)
+    connection_class = http.client.HTTPSConnection if parts.scheme == "https" else http.client.HTTPConnection
+    connection = connection_class(parts.hostname, parts.port, timeout=timeout)
+    expired = threading.Event()
+
+    def expire() -> None:
+        expired.set()
+        if connection.sock is not None:
+            try:
+                connection.sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+    timer = threading.Timer(timeout, expire)
+    timer.daemon = True
+    timer.start()
+    try:
+        connection.request("POST", parts.path + (f"?{parts.query}" if parts.query else ""), body=data, headers=headers)
+        response = connection.getresponse()
+        chunks = []
+        # Chunk by chunk, checking the clock: on Linux a shut-down socket still delivers bytes that keep arriving.
+        while not expired.is_set() and (chunk := response.read1(1 << 16)):
+            chunks.append(chunk)
+        payload = b"".join(chunks)
+    except (OSError, http.client.HTTPException):
+        if expired.is_set():
+            raise TimeoutError(f"timed out: no complete response within --timeout {timeout:g} s") from None
+        raise
+    finally:
+        timer.cancel()
+        connection.close()
+    if expired.is_set():
+        raise TimeoutError(f"timed out: no complete response within --timeout {timeout:g} s")
+    if response.status >= 400:
+        raise urllib.error.HTTPError(url, response.status, response.reason, response.headers, io.BytesIO(payload))
+    return payload
 
 
 def _reply_text(payload: bytes) -> str:
@@ -250,7 +300,9 @@ class BackendArguments:
     top_p: float = dataclasses.field(default=0.95, metadata={"help": "Nucleus sampling mass."})
     batch_size: int = dataclasses.field(default=16, metadata={"help": "Conversations per generate() call / batch."})
     concurrency: int = dataclasses.field(default=8, metadata={"help": "Requests in flight (--base_url only)."})
-    timeout: float = dataclasses.field(default=120.0, metadata={"help": "Seconds per request (--base_url only)."})
+    timeout: float = dataclasses.field(
+        default=120.0, metadata={"help": "Deadline in seconds for each whole request (--base_url only)."}
+    )
     max_retries: int = dataclasses.field(default=3, metadata={"help": "Retries of a failed request (--base_url)."})
     dtype: str = dataclasses.field(default="auto", metadata={"help": "Weights dtype: auto, float32, bfloat16."})
     device: str | None = dataclasses.field(default=None, metadata={"help": "cpu, cuda, ...; the GPU if present."})

@@ -17,6 +17,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 from genesis_hf.args import ConfigError, add_command, parse_args
+from genesis_hf.writer_lock import hold_folder
 
 from .backends import BackendArguments, BackendError, build_backend, check_backend_arguments
 from .pairs import pair_or_reason, sft_example
@@ -132,6 +133,12 @@ def generate_dataset(args: GenerateArguments, backend_args: BackendArguments, ba
         backend: an already built backend (tests, benchmarks); built from `backend_args` when `None`.
     """
     _check_generate_arguments(args)
+    # One writer per folder: a second generate into --output_dir is refused while this one runs.
+    with hold_folder(args.output_dir):
+        return _generate(args, backend_args, backend)
+
+
+def _generate(args: GenerateArguments, backend_args: BackendArguments, backend) -> dict:
     check_backend_arguments(backend_args)
     constitution = load_constitution(args.constitution)
     prompts = load_prompts(args.prompts)[: args.max_prompts]

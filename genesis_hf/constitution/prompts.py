@@ -26,13 +26,28 @@ class Prompt:
     category: str = DEFAULT_CATEGORY
 
 
+def read_utf8(path: Path, flag: str = "--prompts") -> str:
+    """The text of `path`; a file that is not UTF-8 is a `PromptsError` naming it and the first bad byte.
+
+    Raises:
+        PromptsError: `path` is not valid UTF-8.
+    """
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as error:
+        raise PromptsError(
+            f"{flag} {str(path)!r} is not UTF-8 text (byte {error.start} is 0x{error.object[error.start]:02x}); save it "
+            "as UTF-8 (e.g. `iconv -f latin1 -t utf-8`)."
+        ) from None
+
+
 def _read_text_file(path: Path, category: str) -> list[Prompt]:
-    return [Prompt(line.strip(), category) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    return [Prompt(line.strip(), category) for line in read_utf8(path).splitlines() if line.strip()]
 
 
 def _read_jsonl(path: Path) -> list[Prompt]:
     prompts = []
-    for line_number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+    for line_number, line in enumerate(read_utf8(path).splitlines(), start=1):
         if not line.strip():
             continue
         where = f"{path}:{line_number}"

@@ -21,6 +21,7 @@ from pathlib import Path
 
 from genesis_hf.args import ConfigError, add_command, config_and_flags
 from genesis_hf.evaluate.tasks import RANDOM_BASELINES, SEED_TASKS
+from genesis_hf.writer_lock import create_exclusively, hold_folder
 
 DEFAULT_OUTPUT_DIR = "outputs/eval"
 
@@ -124,13 +125,19 @@ def run_eval(arguments: EvalArguments, log=print) -> tuple[int, dict | None]:
     Raises:
         ConfigError, EvalError: bad input, found before the model is exported or loaded.
     """
+    output = results_path(arguments)
+    # One writer per results file: a second eval writing the same file is refused while this one runs.
+    with hold_folder(output, flag="--output_path"):
+        return _evaluate(arguments, output, log)
+
+
+def _evaluate(arguments: EvalArguments, output: Path, log) -> tuple[int, dict | None]:
     import torch
     from lm_eval.utils import handle_non_serializable, make_table
 
     from genesis_hf.evaluate import harness
     from genesis_hf.evaluate.sanity import scores_at_chance
 
-    output = results_path(arguments)
     tasks = split_list(arguments.tasks)
     device = arguments.device or ("cuda" if torch.cuda.is_available() else "cpu")
     on_gpu = device.startswith("cuda")
@@ -160,10 +167,16 @@ def run_eval(arguments: EvalArguments, log=print) -> tuple[int, dict | None]:
     results["genesis"]["seconds"] = round(time.perf_counter() - started, 2)
     verdict = scores_at_chance(results, RANDOM_BASELINES)
     results["genesis"]["scores_at_chance"] = verdict
-    output.parent.mkdir(parents=True, exist_ok=True)
-    output.write_text(json.dumps(results, indent=2, default=handle_non_serializable) + "\n", encoding="utf-8")
+    text = json.dumps(results, indent=2, default=handle_non_serializable) + "\n"
     log(make_table(results))
-    log(f"Wrote {output}")
+    try:
+        create_exclusively(output, text)
+        log(f"Wrote {output}")
+    except FileExistsError:
+        # Someone else's file appeared at the path during the run: it is kept, and these results go beside it.
+        stamped = output.with_name(f"{output.stem}.{time.strftime('%Y%m%d-%H%M%S')}{output.suffix}")
+        create_exclusively(stamped, text)
+        log(f"{output} appeared while this evaluation ran and was kept; wrote the results to {stamped} instead.")
     if verdict and not arguments.no_sanity_gate:
         log(verdict + " (The results are saved; --no_sanity_gate accepts them.)")
         return 1, results

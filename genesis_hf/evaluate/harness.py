@@ -146,6 +146,36 @@ def _export_training_checkpoint(checkpoint: Path, workdir: Path, dtype: str, log
     return out_dir
 
 
+def check_safetensors_complete(folder: Path) -> None:
+    """Refuse a model folder whose safetensors files are cut short (a copy or download that stopped), from their
+    headers alone: each file must hold the bytes its header declares.
+
+    Raises:
+        EvalError: naming the file, its size and what its header needs.
+    """
+    for weights in sorted(folder.glob("*.safetensors")):
+        size = weights.stat().st_size
+        with open(weights, "rb") as handle:
+            prefix = handle.read(8)
+            header_size = int.from_bytes(prefix, "little") if len(prefix) == 8 else None
+            try:
+                header = json.loads(handle.read(header_size)) if header_size and header_size <= size else None
+                ends = [entry["data_offsets"][1] for key, entry in header.items() if key != "__metadata__"]
+            except (ValueError, TypeError, KeyError, IndexError, AttributeError):
+                header = None
+        if header is None:
+            raise EvalError(
+                f"{weights} is truncated or not a safetensors file ({size} bytes, no complete header); export or "
+                "download the model again."
+            )
+        needed = 8 + header_size + max(ends, default=0)
+        if size < needed:
+            raise EvalError(
+                f"{weights} is truncated ({size} of the {needed} bytes its header declares); export or download the "
+                "model again."
+            )
+
+
 def resolve_target(model: str, workdir: Path, *, log: Callable[[str], None]) -> EvalTarget:
     """Find out what `model` is and how to load it (cheap: a training checkpoint is exported later, by
     `export_for_evaluation`).
@@ -175,6 +205,7 @@ def resolve_target(model: str, workdir: Path, *, log: Callable[[str], None]) -> 
             target = EvalTarget(model, "training-checkpoint", str(path.resolve()), trust_remote_code=True)
             return _run_metadata(target, path)  # exported by `export_for_evaluation`, once the tasks are checked
         if (path / "config.json").is_file():
+            check_safetensors_complete(path)
             config = _read_json(path / "config.json")
             kind = "llama" if config.get("model_type") == "llama" else "hf"
             target = EvalTarget(model, kind, str(path.resolve()), trust_remote_code=bool(config.get("auto_map")))

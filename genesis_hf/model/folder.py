@@ -32,12 +32,14 @@ evaluation of training checkpoints (`genesis_hf.evaluate.harness`), `genesis-hf 
 
 import copy
 import dataclasses
+import hashlib
 import json
 import os
 import shutil
 import tempfile
 from collections.abc import Callable, Iterable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -534,9 +536,26 @@ def _foreign_files(out_dir: Path) -> list[str]:
         if name == EXPORT_MARKER_FILE:
             continue
         path = out_dir / name
-        if name not in listed or path.is_symlink() or not path.is_file() or path.stat().st_size != listed[name]:
+        if name not in listed or path.is_symlink() or not path.is_file() or not _unchanged(path, listed[name]):
             foreign.append(name)
     return foreign
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while block := handle.read(16 << 20):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _unchanged(path: Path, recorded: Any) -> bool:
+    """Whether `path` is what the export recorded: size and SHA-256 (markers before 0.x recorded the size only)."""
+    if isinstance(recorded, int):
+        return path.stat().st_size == recorded
+    if not isinstance(recorded, dict):
+        return False
+    return path.stat().st_size == recorded.get("size") and _sha256(path) == recorded.get("sha256")
 
 
 def check_output_folder(out_dir: Path, source: Path | None, overwrite: bool) -> None:
@@ -594,8 +613,13 @@ def check_output_folder(out_dir: Path, source: Path | None, overwrite: bool) -> 
 
 
 def write_export_marker(folder: Path) -> None:
-    """Record every file of a finished export with its size in `.genesis_export.json`, the proof `--overwrite` needs."""
-    files = {name: (folder / name).stat().st_size for name in _files_under(folder) if (folder / name).is_file()}
+    """Record every file of a finished export with its size and SHA-256 in `.genesis_export.json`, the proof
+    `--overwrite` needs that nothing in the folder changed since (an edit of the same size included)."""
+    files = {
+        name: {"size": (folder / name).stat().st_size, "sha256": _sha256(folder / name)}
+        for name in _files_under(folder)
+        if (folder / name).is_file()
+    }
     marker = {"kind": EXPORT_MARKER_KIND, "genesis_hf_version": genesis_hf.__version__, "files": files}
     (folder / EXPORT_MARKER_FILE).write_text(json.dumps(marker, indent=1) + "\n")
 

@@ -33,6 +33,8 @@ LISTING_TTL_SECONDS = 30.0
 MAX_CURVE_POINTS = 2000
 # Anything that looks like a location rather than a checkpoint name; used only to word the refusal, since the lookup
 # by exact name is what enforces the rule.
+# An absolute server path inside an error message (not a URL's path: no scheme, host or word right before it).
+_SERVER_PATH = re.compile(r"(?<![\w.:/])/[^\s'\",;()]+")
 _PATH_LIKE = re.compile(r"[/\\]|\.\.|^~|^[A-Za-z][A-Za-z0-9+.-]*:")
 
 
@@ -110,6 +112,21 @@ class CheckpointSource:
         """What the page says it browses: the run folder's name (not its server path), or the repo id."""
         return f"run `{self.run_dir.name}`" if self.run_dir is not None else f"repo `{self.repo_id}`"
 
+    def public_message(self, message: str) -> str:
+        """`message` for API callers: server paths become the run's name or a path inside the run, and a path outside
+        the run is not shown at all (what the server's disk holds is not the caller's business)."""
+
+        def shown(match: re.Match) -> str:
+            path = Path(match.group(0).rstrip("."))
+            tail = match.group(0)[len(str(path)) :]
+            if self.run_dir is not None and path == self.run_dir:
+                return f"run {self.run_dir.name}" + tail
+            if self.run_dir is not None and path.is_relative_to(self.run_dir):
+                return path.relative_to(self.run_dir).as_posix() + tail
+            return "a folder outside the run" + tail
+
+        return _SERVER_PATH.sub(shown, message)
+
     def list_checkpoints(self, refresh: bool = False) -> list[CheckpointEntry]:
         """The checkpoints, oldest first; re-read when older than `LISTING_TTL_SECONDS` or when `refresh`."""
         with self._lock:
@@ -118,7 +135,7 @@ class CheckpointSource:
                 try:
                     self._listing = list_run_checkpoints(source, token=self._token)
                 except CheckpointsError as error:
-                    raise PlaygroundError(str(error)) from None
+                    raise PlaygroundError(self.public_message(str(error))) from None
                 self._listed_at = time.monotonic()
             return list(self._listing)
 
@@ -154,7 +171,7 @@ class CheckpointSource:
             try:
                 return path_in_run(self.run_dir, checkpoint).as_posix() or "."
             except CheckpointsError as error:
-                raise PlaygroundError(str(error)) from None
+                raise PlaygroundError(self.public_message(str(error))) from None
         return f"{self.repo_id}@{checkpoint.revision}"
 
     def _pretrained_kwargs(self, checkpoint: CheckpointEntry) -> tuple[str, dict]:

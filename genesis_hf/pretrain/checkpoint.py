@@ -30,7 +30,9 @@ Why it is built this way:
   such checkpoints, so a stub folder or a corrupted shard is skipped like a truncated one, never trusted.
 - DCP's `.metadata` is a pickle, and a checkpoint folder may come from anywhere (a copy, a download). It is read with
   a restricted unpickler that builds only DCP's own metadata classes (`read_dcp_metadata`), for validation and for
-  loading alike (`SafeFileSystemReader`), so a planted `.metadata` cannot run code.
+  loading alike (`SafeFileSystemReader`), so a planted `.metadata` cannot run code. It may declare tensors and the
+  optimizer's primitive `param_groups` values only (a bytes entry is an object DCP would `torch.load` with
+  `weights_only=False`), and those are loaded by `safe_load_planner` with `weights_only=True`.
 
 Events (`genesis_hf.events`): every rank announces `on_checkpoint_staged` once its shards are written and before the
 rename (the test suite's fault injector kills the process there), and rank 0 announces `on_checkpoint_saved` once the
@@ -38,12 +40,15 @@ checkpoint is visible; a subscriber's `may_delete` can hold a checkpoint back fr
 """
 
 import base64
+import contextlib
+import errno
 import io
 import json
 import logging
 import os
 import pickle
 import random
+import re
 import shutil
 import time
 import uuid
@@ -215,12 +220,48 @@ def read_dcp_metadata(folder: str | Path):
     Raises:
         pickle.UnpicklingError: the file references anything else, or is not DCP metadata.
     """
-    from torch.distributed.checkpoint.metadata import Metadata
+    from torch.distributed.checkpoint.metadata import BytesStorageMetadata, Metadata
 
     metadata = _DCPMetadataUnpickler(io.BytesIO((Path(folder) / DCP_METADATA_FILE).read_bytes())).load()
     if not isinstance(metadata, Metadata):
         raise pickle.UnpicklingError(f"it holds a {type(metadata).__name__}, not DCP Metadata")
+    # A bytes entry is a torch.save'd object that DCP's default planner unpickles with weights_only=False. Model and
+    # optimizer states are tensors, plus the primitive param_groups values the trainer writes itself.
+    for key, entry in (metadata.state_dict_metadata or {}).items():
+        if isinstance(entry, BytesStorageMetadata) and not _PRIMITIVE_ENTRY.fullmatch(str(key)):
+            raise pickle.UnpicklingError(
+                f"it declares {key!r} as a pickled object, not a tensor; a checkpoint written by genesis_hf holds "
+                "only tensors there, so it is not loaded"
+            )
     return metadata
+
+
+# The only non-tensor entries the trainer's checkpoints hold: AdamW's param_groups values (lr, betas, params, ...),
+# loaded with torch.load(weights_only=True) by `SafeLoadPlanner`.
+_PRIMITIVE_ENTRY = re.compile(r"optimizer\.param_groups\.\d+\.[A-Za-z_]+")
+
+
+def safe_load_planner():
+    """DCP's default load planner, except that bytes entries are read with `torch.load(weights_only=True)`: primitives
+    and tensors only, never an object's code (DCP's own planner uses `weights_only=False`)."""
+    from torch.distributed.checkpoint import DefaultLoadPlanner
+    from torch.distributed.checkpoint._traverse import set_element
+
+    class SafeLoadPlanner(DefaultLoadPlanner):
+        def load_bytes(self, read_item: Any, value: io.BytesIO) -> None:
+            try:
+                loaded = torch.load(value, weights_only=True)
+            except pickle.UnpicklingError:
+                raise CheckpointError(
+                    f"its entry {read_item.dest_index.fqn!r} holds a pickled object, not a primitive value the trainer "
+                    "writes; it was not unpickled"
+                ) from None
+            if self.flatten_state_dict:
+                set_element(self.original_state_dict, self.mappings[read_item.dest_index.fqn], loaded)
+            else:
+                self.state_dict[read_item.dest_index.fqn] = loaded
+
+    return SafeLoadPlanner()
 
 
 def _safe_reader_class():
@@ -238,6 +279,25 @@ def _safe_reader_class():
             return metadata
 
     return SafeFileSystemReader
+
+
+def load_dcp(state: dict[str, Any], folder: str | Path, **kwargs: Any) -> None:
+    """`torch.distributed.checkpoint.load` of `folder` into `state` with `safe_reader` and `safe_load_planner`.
+
+    Raises:
+        CheckpointError: an entry holds something other than tensors and primitives (one line, nothing unpickled).
+    """
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    try:
+        dcp.load(state, storage_reader=safe_reader(folder), planner=safe_load_planner(), **kwargs)
+    except CheckpointException as error:  # a BaseException: one per failed rank, each with its traceback
+        for failure in error.failures.values():
+            cause = failure[0] if isinstance(failure, tuple) else failure
+            if isinstance(cause, CheckpointError):
+                raise CheckpointError(f"Checkpoint folder {folder} is refused: {cause}.") from None
+        raise
 
 
 def safe_reader(folder: str | Path):
@@ -594,6 +654,7 @@ class CheckpointManager:
         if async_save and dist.is_initialized():
             self.upload_groups[OPTIMIZER_DIR] = dist.new_group(backend="gloo")
         self.pending: _PendingSave | None = None
+        self._space = (0, 0)  # (bytes free, bytes needed) when the newest save began, for a disk-full error
         self.last_saved_step: int | None = None
 
     def remove_stale_staging_dirs(self) -> None:
@@ -621,22 +682,60 @@ class CheckpointManager:
         started = time.perf_counter()
         rank_states = distributed.all_gather_object(rank_state, group=self.group)
         staging_dir = self.root / f"{checkpoint_name(step)}.tmp-{self.run_id}"
-        if self.is_main:
-            self._write_metadata_files(staging_dir, trainer_state, rank_states)
         model_state, optimizer_state = get_state_dict(model, optimizer)
         state = {MODEL_DIR: {"model": model_state}, OPTIMIZER_DIR: {"optimizer": optimizer_state}}
-        if self.async_save:
-            self.pending = _PendingSave(step, staging_dir, self._start_uploads(state, staging_dir))
-        else:
-            self._write_shards(state, staging_dir)
-            distributed.barrier(self.group)
-            self._publish(step, staging_dir)
+        self._space = self._space_before_save(state)
+        with self._disk_full_as_one_line(step, staging_dir):
+            if self.is_main:
+                self._write_metadata_files(staging_dir, trainer_state, rank_states)
+            if self.async_save:
+                self.pending = _PendingSave(step, staging_dir, self._start_uploads(state, staging_dir))
+            else:
+                self._write_shards(state, staging_dir)
+                distributed.barrier(self.group)
+                self._publish(step, staging_dir)
         logger.info(
             "Checkpoint of step %d %s in %.2fs.",
             step,
             "staged" if self.async_save else "written",
             time.perf_counter() - started,
         )
+
+    def _space_before_save(self, state: dict[str, dict]) -> tuple[int, int]:
+        """`(bytes free on the checkpoints' disk, bytes the save needs)`: the newest checkpoint's size (saves of one run
+        are alike), or this rank's tensors times the world size before the first one."""
+        folder = self.root if self.root.is_dir() else self.root.parent
+        free = shutil.disk_usage(folder).free if folder.is_dir() else 0
+        previous = list_checkpoints(self.root.parent) if self.root.is_dir() else []
+        if previous:
+            needed = sum(path.stat().st_size for path in previous[-1].path.rglob("*") if path.is_file())
+        else:
+            local = [value for value in _tensors(state)]
+            world_size = dist.get_world_size() if dist.is_initialized() else 1
+            needed = world_size * sum(getattr(t, "_local_tensor", t).nbytes for t in local)
+        return free, needed
+
+    @contextlib.contextmanager
+    def _disk_full_as_one_line(self, step: int, staging_dir: Path):
+        """A save that fails for lack of space becomes one `CheckpointError` saying how much it needed and how much was
+        free; its staging folder (never visible) is removed, so the previous checkpoint stays the newest."""
+        try:
+            yield
+        except BaseException as error:  # DCP's CheckpointException is a BaseException
+            if not _is_disk_full(error):
+                raise
+            if self.is_main:
+                shutil.rmtree(staging_dir, ignore_errors=True)
+            free, needed = self._space
+            previous = [info for info in list_checkpoints(self.root.parent) if info.step < step]
+            kept = (
+                f"The previous checkpoint {previous[-1].path.name} is intact" if previous else "No checkpoint is lost"
+            )
+            raise CheckpointError(
+                f"Saving checkpoint {checkpoint_name(step)} failed: the disk of {self.root} is full (the save needs "
+                f"about {_format_bytes(needed)}; {_format_bytes(free)} were free when it began). {kept}: free space "
+                "(or lower --save_total_limit) and launch the same command again to resume from it."
+            ) from None
 
     def _write_metadata_files(self, staging_dir: Path, trainer_state: dict[str, Any], rank_states: list[dict]) -> None:
         staging_dir.mkdir(parents=True, exist_ok=True)
@@ -704,7 +803,8 @@ class CheckpointManager:
 
     def _finish_pending(self) -> None:
         pending, self.pending = self.pending, None
-        checksums = pending.checksums()  # re-raises a failed write
+        with self._disk_full_as_one_line(pending.step, pending.staging_dir):
+            checksums = pending.checksums()  # re-raises a failed write
         # Rank 0's uploads return only after every rank reported its shards written (DCP's finish step gathers them),
         # so rank 0 can publish without another collective; its writers have taken the checksums by then.
         if self.is_main:
@@ -747,6 +847,44 @@ class CheckpointManager:
 
     def close(self) -> None:
         self.wait()
+
+
+def _tensors(value: Any):
+    if isinstance(value, torch.Tensor):
+        yield value
+    elif isinstance(value, dict):
+        for item in value.values():
+            yield from _tensors(item)
+    elif isinstance(value, (list, tuple)):
+        for item in value:
+            yield from _tensors(item)
+
+
+def _is_disk_full(error: BaseException) -> bool:
+    """Whether a failed save ran out of space: ENOSPC anywhere in the chain (DCP wraps each rank's error), or torch's
+    file writer's "unexpected pos" (what it reports when a write to a full disk comes up short)."""
+    seen, pending = set(), [error]
+    while pending:
+        current = pending.pop()
+        if current is None or id(current) in seen:
+            continue
+        seen.add(id(current))
+        if isinstance(current, OSError) and current.errno == errno.ENOSPC:
+            return True
+        if "No space left on device" in str(current) or "unexpected pos" in str(current):
+            return True
+        pending += [current.__cause__, current.__context__]
+        for failure in (getattr(current, "failures", None) or {}).values():
+            pending.append(failure[0] if isinstance(failure, tuple) else failure)
+    return False
+
+
+def _format_bytes(count: int) -> str:
+    for unit in ("bytes", "KiB", "MiB", "GiB"):
+        if count < 1024 or unit == "GiB":
+            return f"{count:,} bytes" if unit == "bytes" else f"{count:.1f} {unit}"
+        count /= 1024
+    return f"{count:.1f} TiB"
 
 
 def _fsync_dir(path: Path) -> None:
@@ -845,7 +983,6 @@ def load_training_checkpoint(
     Raises:
         OptimizerStateError: the optimizer state is missing or wrong and `allow_fresh_optimizer` is false.
     """
-    import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import (
         get_model_state_dict,
         get_optimizer_state_dict,
@@ -857,21 +994,14 @@ def load_training_checkpoint(
     trainer_state = read_trainer_state(path)
     model_state = get_model_state_dict(model)
     no_dist = not dist.is_initialized()
-    dcp.load(
-        {"model": model_state}, storage_reader=safe_reader(path / MODEL_DIR), process_group=group, no_dist=no_dist
-    )
+    load_dcp({"model": model_state}, path / MODEL_DIR, process_group=group, no_dist=no_dist)
     set_model_state_dict(model, model_state)
 
     # The skeleton: get_optimizer_state_dict materialises AdamW's state with a zero-LR step, which changes nothing.
     optimizer_state = get_optimizer_state_dict(model, optimizer)
     problems = _optimizer_problems(path / OPTIMIZER_DIR, optimizer_state, model_state)
     if not problems:
-        dcp.load(
-            {"optimizer": optimizer_state},
-            storage_reader=safe_reader(path / OPTIMIZER_DIR),
-            process_group=group,
-            no_dist=no_dist,
-        )
+        load_dcp({"optimizer": optimizer_state}, path / OPTIMIZER_DIR, process_group=group, no_dist=no_dist)
         set_optimizer_state_dict(model, optimizer, optimizer_state)
         expected = trainer_state.get("optimizer_steps", trainer_state["step"])
         wrong = sorted(
@@ -908,7 +1038,6 @@ def load_model_from_checkpoint(path: str | Path, dtype: torch.dtype = torch.floa
     Returns:
         `(GenesisForCausalLM, tokenizer, trainer_state)`; the model is in eval mode on CPU.
     """
-    import torch.distributed.checkpoint as dcp
     from transformers import AutoTokenizer
 
     from genesis_hf import GenesisConfig, GenesisForCausalLM
@@ -926,7 +1055,7 @@ def load_model_from_checkpoint(path: str | Path, dtype: torch.dtype = torch.floa
             state[key] = tensor
         elif not (key == "lm_head.weight" and config.tie_word_embeddings):
             raise CheckpointError(f"Checkpoint {path} has no weights for {key}; it was not written for this model.")
-    dcp.load({"model": state}, storage_reader=safe_reader(path / MODEL_DIR), no_dist=True)
+    load_dcp({"model": state}, path / MODEL_DIR, no_dist=True)
     model.load_state_dict(state, strict=False)
     if config.tie_word_embeddings:
         model.tie_weights()
@@ -949,6 +1078,8 @@ __all__ = [
     "load_training_checkpoint",
     "read_dcp_metadata",
     "restore_rng_state",
+    "load_dcp",
+    "safe_load_planner",
     "safe_reader",
     "select_checkpoint",
     "validate_checkpoint",

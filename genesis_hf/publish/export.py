@@ -261,24 +261,30 @@ def export_checkpoint(
 
 
 def _run_export(args: argparse.Namespace) -> int:
+    from genesis_hf.writer_lock import FolderInUseError, hold_folder
+
     try:
-        result = export_checkpoint(
-            args.checkpoint,
-            args.out,
-            export_format=args.format,
-            dtype=args.dtype,
-            max_shard_size=args.max_shard_size,
-            tolerance=args.tolerance,
-            tokenizer_path=args.tokenizer,
-            repo_id=args.repo_id,
-            eval_results_path=args.eval_results,
-            overwrite=args.overwrite,
-            log=print,
-        )
+        check_export_settings(args.format, args.dtype, args.max_shard_size)
+        check_output_folder(Path(args.out), Path(args.checkpoint), args.overwrite)
+        # One writer per folder: a second export into OUT is refused while this one runs (and checked again under it).
+        with hold_folder(args.out, flag="OUT"):
+            result = export_checkpoint(
+                args.checkpoint,
+                args.out,
+                export_format=args.format,
+                dtype=args.dtype,
+                max_shard_size=args.max_shard_size,
+                tolerance=args.tolerance,
+                tokenizer_path=args.tokenizer,
+                repo_id=args.repo_id,
+                eval_results_path=args.eval_results,
+                overwrite=args.overwrite,
+                log=print,
+            )
     except ExportMismatchError as error:
         print(f"genesis-hf export: verification failed: {error}", file=sys.stderr)
         return 1
-    except ExportError as error:
+    except (ExportError, FolderInUseError) as error:
         print(f"genesis-hf export: error: {error}", file=sys.stderr)
         return 2
     verification = result.verification
