@@ -14,7 +14,8 @@ import pytest
 
 PACKAGE_DIR = Path(__file__).resolve().parents[1] / "genesis_hf"
 # Shared by every stage; they import no stage (the package root registers the model classes, stage 1).
-FOUNDATION = ("layout", "args", "events", "corpus")
+# writer_lock: every stage that writes a folder takes it first (one writer per folder).
+FOUNDATION = ("layout", "args", "events", "corpus", "writer_lock")
 STAGES = ("model", "tokenizer", "data", "pretrain", "posttrain", "constitution", "evaluate", "publish", "playground")
 # Not stages: the console script dispatches to every stage (lazily); the test helpers may use anything.
 OUTSIDE_THE_PIPELINE = ("cli", "testing")
