@@ -567,7 +567,7 @@ def test_readme_sft_then_dpo_through_accelerate_launch(base_dir, tmp_path, run_e
     model = AutoModelForCausalLM.from_pretrained(final, trust_remote_code=True, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(final)
     assert model.config.vocab_size == 304 and tokenizer.chat_template and "generation" in tokenizer.chat_template
-    assert model.generation_config.eos_token_id == tokenizer.convert_tokens_to_ids(IM_END)
+    assert model.generation_config.eos_token_id == [tokenizer.convert_tokens_to_ids(IM_END), 0]  # <|endoftext|>
 
     dpo = launch(README_DPO, ["--max_steps", "8", "--learning_rate", "2e-4", *tiny], tmp_path, run_env)
     assert "already has the ChatML tokens" in dpo.stderr

@@ -22,7 +22,8 @@ from .chat import ChatSetup, prepare_chat_model
 
 DEFAULT_BASE = "outputs/genesis-tiny/final"
 PRETRAIN_COMMAND = ".venv/bin/accelerate launch recipes/pretrain.py"
-# Every linear projection of a Llama-style block: PEFT has no default target list for model_type "genesis".
+# Every linear projection of a Llama-style block. PEFT's own default for Llama (and Genesis, which
+# `modeling_genesis.register_with_peft` gives Llama's entries) is q_proj and v_proj only.
 LORA_TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "auto": None, None: None}
