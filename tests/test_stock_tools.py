@@ -257,3 +257,20 @@ def test_transformers_serve_answers_a_chat_completion_in_the_models_template(run
     # A reply the run learned (not an empty or runaway one), ended by <|im_end|>, the same over HTTP.
     assert output[0, -1].item() == tokenizer.convert_tokens_to_ids(IM_END) and expected.strip()
     assert served == expected
+
+
+def test_trl_sft_use_peft_without_target_modules(runs, stock_env, tmp_path):
+    """`trl sft --use_peft` on a chat folder with PEFT's default targets, as on a Llama folder."""
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "train.jsonl").write_text("".join(json.dumps({"messages": HI}) + "\n" for _ in range(4)))
+    command = [str(VENV_BIN / "trl"), "sft", "--model_name_or_path", str(runs / "sft-tiny" / "final"),
+               "--dataset_name", str(data), "--use_peft", "--trust_remote_code", "--max_steps", "2",
+               "--output_dir", str(tmp_path / "out"), "--report_to", "none", "--max_length", "64",
+               "--per_device_train_batch_size", "2", "--bf16", "false", "--use_cpu", "true", "--disable_tqdm", "true"]  # fmt: skip
+    result = subprocess.run(
+        command, cwd=tmp_path, env=stock_env, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+    adapter_config = json.loads((tmp_path / "out" / "adapter_config.json").read_text())
+    assert sorted(adapter_config["target_modules"]) == ["q_proj", "v_proj"]
