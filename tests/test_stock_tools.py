@@ -157,6 +157,15 @@ def _():
     return {"eos_token_id": GenerationConfig.from_pretrained(final).eos_token_id,
             "ids": tokenizer.convert_tokens_to_ids(["<|im_end|>", "<|endoftext|>"])}
 
+# The tokenizer with the flag the README gives (config.json's model_type is genesis): no prompt, the chat template.
+@check("tokenizer")
+def _():
+    import builtins
+    prompts = []
+    builtins.input = lambda prompt="": prompts.append(prompt) or "n"
+    tokenizer = AutoTokenizer.from_pretrained(final, trust_remote_code=True)
+    return {"prompts": prompts, "class": type(tokenizer).__name__, "chat_template": bool(tokenizer.chat_template)}
+
 print(json.dumps(report))
 """
 
@@ -192,6 +201,14 @@ def test_chat_model_stops_on_im_end_then_endoftext(stock_report):
     assert "error" not in report, report["error"]
     assert report["ids"] == [301, 0]
     assert report["eos_token_id"] == report["ids"]
+
+
+def test_tokenizer_loads_without_a_prompt_as_the_readme_says(stock_report):
+    """`AutoTokenizer.from_pretrained(folder, trust_remote_code=True)` asks nothing and needs no genesis_hf (without
+    the flag transformers asks about config.json's remote code first: README, Stock tools)."""
+    report = stock_report["tokenizer"]
+    assert "error" not in report, report["error"]
+    assert report == {"prompts": [], "class": "TokenizersBackend", "chat_template": True}
 
 
 def test_final_config_names_llamas_architecture_and_genesis_remote_code(runs):
