@@ -127,7 +127,8 @@ def lora_config(model_args, setup: ChatSetup, *, tied_embeddings: bool = True):
 
     `lora_target_modules` defaults to every linear projection of the blocks. When the chat setup added tokens, the
     embeddings and the head are trained and saved in full (`modules_to_save`): the new rows start at the mean and must
-    learn, and with tied embeddings the head is the embedding matrix (kept tied, `ensure_weight_tying`).
+    learn, and with tied embeddings the head is the embedding matrix (kept tied, `ensure_weight_tying`). A base from a
+    Hub branch (`model_revision`) is recorded as the adapter's `revision`.
 
     Args:
         model_args: TRL's `ModelConfig` (`use_peft`, `lora_r`, `lora_alpha`, `lora_target_modules`, ...).
@@ -146,6 +147,10 @@ def lora_config(model_args, setup: ChatSetup, *, tied_embeddings: bool = True):
     # Trained copies of tied embeddings would drift apart, and a saved tied model keeps only one of them: the merged
     # model would not reproduce base + adapter. PEFT keeps the copies tied.
     config.ensure_weight_tying = tied_embeddings
+    # The base's Hub branch (`--model_revision step-0040000`): stock PEFT loads the base named in the adapter at this
+    # revision, else at main.
+    if model_args.model_revision not in (None, "main"):
+        config.revision = model_args.model_revision
     return config
 
 
