@@ -133,12 +133,15 @@ CHATML_TOKENS = (IM_START, IM_END, THINK_START, THINK_END)
 
 
 def eos_token_ids(tokenizer) -> list[int]:
-    """Where generation stops: the tokenizer's eos id, then `<|im_end|>` when the tokenizer has it (chat models stop
-    on it). The exported generation config and the playground use it."""
+    """Where generation stops: the tokenizer's eos id, then `<|im_end|>` and `<|endoftext|>` when the tokenizer has
+    them. A chat model (eos `<|im_end|>`) stops on `[<|im_end|>, <|endoftext|>]`: a turn ends at `<|im_end|>`, and a
+    document end is never generated through. A base model stops on `<|endoftext|>` (and `<|im_end|>` if it has it).
+    The exported `generation_config.json`, the chat setup and the playground use it."""
     ids = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
-    im_end = tokenizer.get_vocab().get(IM_END)
-    if im_end is not None and im_end not in ids:
-        ids.append(im_end)
+    vocab = tokenizer.get_vocab()
+    for token in (IM_END, EOS_TOKEN):
+        if vocab.get(token) is not None and vocab[token] not in ids:
+            ids.append(vocab[token])
     return ids
 
 

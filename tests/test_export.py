@@ -177,6 +177,20 @@ def test_gguf_without_the_qk_permutation_is_caught(tiny, tmp_path):
     assert result.verification.max_abs_diff < 1e-5
 
 
+def test_hf_verification_loads_the_folder_as_the_class_serving_engines_name(tiny, tmp_path):
+    """`transformers serve` and vLLM load the class `architectures` names, not auto_map's: a folder that names
+    `GenesisForCausalLM` there (what save_pretrained writes) is refused; an export names `LlamaForCausalLM`, and both
+    loads give the source logits."""
+    folder, model, tokenizer = tiny
+    with pytest.raises(model_folder.ExportMismatchError, match="GenesisForCausalLM.*transformers serve"):
+        model_folder.verify_export(model, tokenizer, folder, export_format="hf", dtype="fp32")
+    out = tmp_path / "hf"
+    result = export.export_checkpoint(folder, out, export_format="hf", dtype="fp32")
+    config = json.loads((out / "config.json").read_text())
+    assert config["architectures"] == ["LlamaForCausalLM"] and config["model_type"] == "genesis"
+    assert result.verification.max_abs_diff < 1e-5
+
+
 def test_card_has_architecture_training_config_evals_and_no_secrets(tiny, tmp_path):
     folder, _, _ = tiny
     checkpoint = tmp_path / "checkpoint"

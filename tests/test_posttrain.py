@@ -5,6 +5,7 @@ The base model is a `debug`-preset Genesis trained for a few steps (`genesis_hf.
 with a 300-token tokenizer and no chat tokens, exactly the state of a pretraining output before SFT.
 """
 
+import copy
 import importlib.util
 import json
 import shutil
@@ -562,6 +563,21 @@ def test_lora_targets_every_projection_and_merged_logits_equal_base_plus_adapter
     torch.testing.assert_close(merged, adapted, atol=1e-5, rtol=1e-5)
 
 
+def test_adapter_config_names_the_hub_revision_it_was_trained_from(base_dir, tmp_path):
+    """An adapter trained from `--model_name_or_path ORG/NAME --model_revision BRANCH` says so: stock PEFT loads the
+    base at `base_model_name_or_path` and `revision` (main otherwise, which may hold another model or none)."""
+    from peft import get_peft_model
+    from trl import ModelConfig
+
+    from genesis_hf.posttrain.model import lora_config
+
+    model, _, setup = chat_base(base_dir)
+    for revision, saved in (("step-0000004", "step-0000004"), ("main", None)):
+        config = lora_config(ModelConfig(use_peft=True, lora_r=4, model_revision=revision), setup)
+        get_peft_model(copy.deepcopy(model), config).save_pretrained(tmp_path / revision)
+        assert json.loads((tmp_path / revision / "adapter_config.json").read_text())["revision"] == saved
+
+
 def test_sft_recipe_with_lora_saves_adapter_and_a_merged_model_equal_to_base_plus_adapter(base_dir, tmp_path):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
@@ -630,7 +646,7 @@ def test_readme_sft_then_dpo_through_accelerate_launch(base_dir, tmp_path, run_e
     model = AutoModelForCausalLM.from_pretrained(final, trust_remote_code=True, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(final)
     assert model.config.vocab_size == 304 and tokenizer.chat_template and "generation" in tokenizer.chat_template
-    assert model.generation_config.eos_token_id == tokenizer.convert_tokens_to_ids(IM_END)
+    assert model.generation_config.eos_token_id == [tokenizer.convert_tokens_to_ids(IM_END), 0]  # <|endoftext|>
 
     dpo = launch(README_DPO, ["--max_steps", "8", "--learning_rate", "2e-4", *tiny], tmp_path, run_env)
     assert "already has the ChatML tokens" in dpo.stderr

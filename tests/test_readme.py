@@ -41,6 +41,9 @@ COVERED_ELSEWHERE = {
         "test_posttrain.py (the seed's SFT config: every key valid, the seed's values)"
     ),
     ".venv/bin/genesis-hf constitution generate": "test_constitution.py::test_readme_constitution_commands",
+    ".venv/bin/transformers serve outputs/sft-tiny/final": (
+        "test_stock_tools.py::test_transformers_serve_answers_a_chat_completion_in_the_models_template"
+    ),
     ".venv/bin/transformers serve": "test_constitution.py (served_model: this command on a local model folder)",
     ".venv/bin/genesis-hf engagement": "test_constitution.py::test_readme_constitution_commands",
     ".venv/bin/python benchmarks/constitution.py": "test_constitution.py::test_readme_constitution_benchmark_shortened",

@@ -3,9 +3,11 @@ card, and the proof that the folder reproduces the model it was written from.
 
 `write_model_folder(source, out_dir, export_format=...)` writes one of three formats:
 
-- `hf`: Genesis safetensors (sharded above `max_shard_size`), `config.json` with `auto_map`, the configuration and
-  modeling files for `trust_remote_code=True`, `generation_config.json` (eos includes `<|im_end|>` when the tokenizer
-  has it), the tokenizer with its chat template, `genesis_checkpoint.json` (step, tokens seen, loss) and a model card.
+- `hf`: Genesis safetensors (sharded above `max_shard_size`), `config.json` with `auto_map` and `architectures:
+  ["LlamaForCausalLM"]` (the name serving engines resolve), the configuration and modeling files for
+  `trust_remote_code=True`, `generation_config.json` (stop ids from `genesis_hf.layout.eos_token_ids`: a chat model
+  stops on `<|im_end|>` and `<|endoftext|>`), the tokenizer with its chat template, `genesis_checkpoint.json` (step,
+  tokens seen, loss) and a model card.
 - `llama`: the same as a plain `LlamaForCausalLM` folder (`genesis_hf.model.convert.to_llama`), no remote code: ready for
   vLLM, TGI and llama.cpp's converter.
 - `gguf`: one llama-architecture GGUF file with the byte-level BPE tokenizer in its metadata (`tokenizer.ggml.model =
@@ -13,7 +15,8 @@ card, and the proof that the folder reproduces the model it was written from.
   `convert_hf_to_gguf.py` stores them (its rotary kernel pairs adjacent dimensions; HF pairs the two halves), and
   transformers' GGUF loader permutes them back. 2D weights are F32, BF16 or F16; norms stay F32 as llama.cpp keeps them.
 
-Every folder is reloaded the way users will load it (`trust_remote_code`, `LlamaForCausalLM`, transformers' GGUF
+Every folder is reloaded the way users will load it (an hf folder both through its `auto_map` remote code and as the
+`LlamaForCausalLM` its `architectures` names, a llama folder as `LlamaForCausalLM`, GGUF with transformers' GGUF
 loader) and its logits on fixed prompts are compared in fp32 with the source model's, whose weights are rounded to the
 exported dtype first so that only real mismatches count. The tokenizer is reloaded too and must encode the prompts to
 the same ids. Above the tolerance the write fails and nothing is left at the destination. This is the check the seed
@@ -83,6 +86,9 @@ VERIFY_PROMPTS = (
     "<|im_start|>user\nWhat is 2 + 2?<|im_end|>\n<|im_start|>assistant\n",
 )
 MAX_VERIFY_TOKENS = 48
+# The class name `config.json` gives under `architectures` (a Genesis model is Llama's classes): the name serving
+# engines resolve, since they ignore auto_map.
+SERVING_ARCHITECTURE = "LlamaForCausalLM"
 
 
 class ExportError(ValueError):
@@ -221,7 +227,11 @@ def _write_hf(model: GenesisForCausalLM, tokenizer, out_dir: Path, dtype: torch.
             "AutoConfig": "configuration_genesis.GenesisConfig",
             "AutoModelForCausalLM": "modeling_genesis.GenesisForCausalLM",
         }
-        (out_dir / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    # `transformers serve` and vLLM look the model class up by this name (`getattr(transformers, name)`, vLLM's own
+    # registry) and ignore auto_map; a Genesis model is Llama's classes, so Llama's name loads it in both (checked by
+    # `verify_export`). The Auto classes keep resolving `model_type: genesis` through auto_map.
+    config["architectures"] = [SERVING_ARCHITECTURE]
+    (out_dir / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     _tokenizer_for_export(tokenizer).save_pretrained(out_dir)
 
 
@@ -402,30 +412,47 @@ def cached_generation_difference(model: torch.nn.Module, prompt_ids: list[int], 
     return (cached - uncached).abs().max().item()
 
 
-def _reload(out_dir: Path, export_format: str, gguf_file: str | None):
-    """Load the export the way its users will, in fp32."""
+def _reload_tokenizer(out_dir: Path, gguf_file: str | None):
+    return (
+        AutoTokenizer.from_pretrained(out_dir, gguf_file=gguf_file)
+        if gguf_file
+        else AutoTokenizer.from_pretrained(out_dir)
+    )
+
+
+def _reloaders(out_dir: Path, export_format: str, gguf_file: str | None) -> list[tuple[str, Callable]]:
+    """Each way users load the export, as `(how, load)`; `load()` returns the model in fp32 (one copy at a time)."""
+    config = {} if export_format == "gguf" else json.loads((out_dir / "config.json").read_text())
     if export_format == "hf":
         # The class named by the folder's auto_map, imported from the folder's own files: in this process genesis_hf
         # is registered for `model_type: genesis`, and AutoModelForCausalLM would pick the installed class instead of
         # the remote code that users without genesis_hf run.
-        auto_map = json.loads((out_dir / "config.json").read_text()).get("auto_map") or {}
+        auto_map = config.get("auto_map") or {}
         if "AutoModelForCausalLM" not in auto_map:
             raise ExportMismatchError(f"{out_dir / 'config.json'} has no auto_map for AutoModelForCausalLM.")
-        model_class = get_class_from_dynamic_module(auto_map["AutoModelForCausalLM"], out_dir)
-        model = model_class.from_pretrained(out_dir, dtype=torch.float32)
-        tokenizer = AutoTokenizer.from_pretrained(out_dir)
-    elif export_format == "llama":
-        config = json.loads((out_dir / "config.json").read_text())
+        remote_class = get_class_from_dynamic_module(auto_map["AutoModelForCausalLM"], out_dir)
+
+        def load_by_architecture():
+            # `transformers serve` and vLLM: the class named by `architectures`, with the folder's config.
+            architectures = config.get("architectures") or [None]
+            if architectures[0] != SERVING_ARCHITECTURE:
+                raise ExportMismatchError(
+                    f"{out_dir / 'config.json'} names architectures {architectures}: `transformers serve` and vLLM, "
+                    f"which load that class by name, cannot load it. Re-export it to name [{SERVING_ARCHITECTURE!r}]."
+                )
+            return LlamaForCausalLM.from_pretrained(out_dir, dtype=torch.float32)
+
+        return [
+            ("through its auto_map", lambda: remote_class.from_pretrained(out_dir, dtype=torch.float32)),
+            (f"as {SERVING_ARCHITECTURE}", load_by_architecture),
+        ]
+    if export_format == "llama":
         if config.get("auto_map") or config.get("model_type") != "llama":
             raise ExportMismatchError(
                 f"{out_dir / 'config.json'} is not a plain Llama config (auto_map or model_type)."
             )
-        model = LlamaForCausalLM.from_pretrained(out_dir, dtype=torch.float32)
-        tokenizer = AutoTokenizer.from_pretrained(out_dir)
-    else:
-        model = AutoModelForCausalLM.from_pretrained(out_dir, gguf_file=gguf_file, dtype=torch.float32)
-        tokenizer = AutoTokenizer.from_pretrained(out_dir, gguf_file=gguf_file)
-    return model.eval(), tokenizer
+        return [("llama", lambda: LlamaForCausalLM.from_pretrained(out_dir, dtype=torch.float32))]
+    return [("gguf", lambda: AutoModelForCausalLM.from_pretrained(out_dir, gguf_file=gguf_file, dtype=torch.float32))]
 
 
 def verify_export(
@@ -464,8 +491,7 @@ def verify_export(
         reference = _rounded_reference(model, export_format, export_dtype)
         expected_logits = _logits(reference, prompt_ids)
         del reference
-    reloaded, reloaded_tokenizer = _reload(out_dir, export_format, gguf_file)
-    reloaded_ids = verify_prompt_ids(reloaded_tokenizer)
+    reloaded_ids = verify_prompt_ids(_reload_tokenizer(out_dir, gguf_file))
     for prompt, expected, got in zip(VERIFY_PROMPTS, prompt_ids, reloaded_ids):
         if expected != got:
             raise ExportMismatchError(
@@ -473,11 +499,29 @@ def verify_export(
                 f"gives {expected[:12]}...: a model evaluated with this tokenizer would see other tokens than it was "
                 "trained on."
             )
-    got_logits = _logits(reloaded, prompt_ids)
-    cached_diff = cached_generation_difference(reloaded, next(ids for ids in prompt_ids if ids))
-    del reloaded
-    max_diff = max((a - b).abs().max().item() for a, b in zip(expected_logits, got_logits))
-    max_diff_fp32 = max((a - b).abs().max().item() for a, b in zip(fp32_logits, got_logits))
+    max_diff = max_diff_fp32 = cached_diff = 0.0
+    for how, load in _reloaders(out_dir, export_format, gguf_file):
+        reloaded = load().eval()
+        got_logits = _logits(reloaded, prompt_ids)
+        cached = cached_generation_difference(reloaded, next(ids for ids in prompt_ids if ids))
+        del reloaded
+        diff = max((a - b).abs().max().item() for a, b in zip(expected_logits, got_logits))
+        if cached > tolerance:
+            raise ExportMismatchError(
+                f"The {export_format} export, loaded {how}, generates differently with its KV cache than without: "
+                f"max |logit difference| = {cached:.3g} > tolerance {tolerance:.3g} over 8 greedy tokens. Its modeling "
+                "code does not use the cache transformers passes (re-export with this version of genesis-hf to "
+                "refresh it)."
+            )
+        if diff > tolerance:
+            raise ExportMismatchError(
+                f"The {export_format} export, loaded {how}, does not reproduce the source model: max |logit "
+                f"difference| = {diff:.3g} > tolerance {tolerance:.3g} on {len(got_logits)} fixed prompts. Do not "
+                "publish it; this is the weight-layout/RoPE/tokenizer mismatch class of bug that puts evaluations at "
+                "chance level."
+            )
+        cached_diff, max_diff = max(cached_diff, cached), max(max_diff, diff)
+        max_diff_fp32 = max([max_diff_fp32] + [(a - b).abs().max().item() for a, b in zip(fp32_logits, got_logits)])
     result = VerificationResult(
         max_abs_diff=max_diff,
         max_abs_diff_vs_fp32=max_diff_fp32,
@@ -486,18 +530,6 @@ def verify_export(
         num_tokens=sum(len(ids) for ids in prompt_ids),
         max_abs_diff_cached=cached_diff,
     )
-    if cached_diff > tolerance:
-        raise ExportMismatchError(
-            f"The {export_format} export generates differently with its KV cache than without: max |logit "
-            f"difference| = {cached_diff:.3g} > tolerance {tolerance:.3g} over 8 greedy tokens. Its modeling code does "
-            "not use the cache transformers passes (re-export with this version of genesis-hf to refresh it)."
-        )
-    if not result.ok:
-        raise ExportMismatchError(
-            f"The {export_format} export does not reproduce the source model: max |logit difference| = "
-            f"{max_diff:.3g} > tolerance {tolerance:.3g} on {result.num_prompts} fixed prompts. Do not publish it; "
-            "this is the weight-layout/RoPE/tokenizer mismatch class of bug that puts evaluations at chance level."
-        )
     return result
 
 

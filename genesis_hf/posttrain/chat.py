@@ -16,6 +16,7 @@ an all-zero mask) into an error that says what to do.
 
 import dataclasses
 
+from genesis_hf.layout import eos_token_ids
 from genesis_hf.tokenizer import CHATML_TEMPLATE, CHATML_TOKENS, EOS_TOKEN, add_chat_tokens, resize_embeddings_mean
 
 IM_START, IM_END, THINK_START, THINK_END = CHATML_TOKENS
@@ -118,7 +119,7 @@ def prepare_chat_model(model, tokenizer, *, chat_template: str | None = None) ->
     model.config.pad_token_id = pad_id
     generation_config = getattr(model, "generation_config", None)
     if generation_config is not None:
-        generation_config.eos_token_id = [im_end_id, pad_id]
+        generation_config.eos_token_id = eos_token_ids(tokenizer)  # [<|im_end|>, <|endoftext|>]
         generation_config.pad_token_id = pad_id
     return ChatSetup(
         added_tokens={token: token_id for token, token_id in zip(CHATML_TOKENS, ids) if token in missing},

@@ -22,7 +22,8 @@ from .chat import ChatSetup, prepare_chat_model
 
 DEFAULT_BASE = "outputs/genesis-tiny/final"
 PRETRAIN_COMMAND = ".venv/bin/accelerate launch recipes/pretrain.py"
-# Every linear projection of a Llama-style block: PEFT has no default target list for model_type "genesis".
+# Every linear projection of a Llama-style block. PEFT's own default for Llama (and Genesis, which
+# `modeling_genesis.register_with_peft` gives Llama's entries) is q_proj and v_proj only.
 LORA_TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "auto": None, None: None}
@@ -126,7 +127,8 @@ def lora_config(model_args, setup: ChatSetup, *, tied_embeddings: bool = True):
 
     `lora_target_modules` defaults to every linear projection of the blocks. When the chat setup added tokens, the
     embeddings and the head are trained and saved in full (`modules_to_save`): the new rows start at the mean and must
-    learn, and with tied embeddings the head is the embedding matrix (kept tied, `ensure_weight_tying`).
+    learn, and with tied embeddings the head is the embedding matrix (kept tied, `ensure_weight_tying`). A base from a
+    Hub branch (`model_revision`) is recorded as the adapter's `revision`.
 
     Args:
         model_args: TRL's `ModelConfig` (`use_peft`, `lora_r`, `lora_alpha`, `lora_target_modules`, ...).
@@ -145,6 +147,10 @@ def lora_config(model_args, setup: ChatSetup, *, tied_embeddings: bool = True):
     # Trained copies of tied embeddings would drift apart, and a saved tied model keeps only one of them: the merged
     # model would not reproduce base + adapter. PEFT keeps the copies tied.
     config.ensure_weight_tying = tied_embeddings
+    # The base's Hub branch (`--model_revision step-0040000`): stock PEFT loads the base named in the adapter at this
+    # revision, else at main.
+    if model_args.model_revision not in (None, "main"):
+        config.revision = model_args.model_revision
     return config
 
 

@@ -15,7 +15,10 @@ from .model import merge_lora
 def final_model(trainer, output_dir: str | Path):
     """The trained model as a plain fp32 model on the main process (`None` on the others).
 
-    A LoRA adapter is saved to `<output_dir>/adapter` and merged in. Under FSDP the parameters are shards spread over
+    A LoRA adapter is saved to `<output_dir>/adapter` with the chat tokenizer, and merged in. Stock PEFT loads that
+    folder alone (`AutoPeftModelForCausalLM.from_pretrained(adapter, trust_remote_code=True)`): it loads the base the
+    adapter names, grows its embeddings to the tokenizer's size when the chat setup added tokens, and the adapter's
+    saved embedding rows (`modules_to_save`) replace them. Under FSDP the parameters are shards spread over
     the ranks: every rank takes part in gathering a full copy, which only the main process keeps. Call it on every rank.
     """
     from peft import PeftModel
@@ -28,6 +31,7 @@ def final_model(trainer, output_dir: str | Path):
     if isinstance(model, PeftModel):
         if accelerator.is_main_process:
             model.save_pretrained(Path(output_dir) / ADAPTER_DIR)
+            trainer.processing_class.save_pretrained(Path(output_dir) / ADAPTER_DIR)
         model = merge_lora(model)
     return model.to(torch.float32).eval() if accelerator.is_main_process else None
 
