@@ -348,24 +348,14 @@ def build_model_card(
     if export_format == "gguf":
         base_model, relation = source_hub_id, "quantized"
     else:
-        base_model, relation = (
-            (lineage.get("base_model_hub_id"), "finetune") if stage != "pretraining" else (None, None)
-        )
-    card_data = ModelCardData(
-        language=["en"],
-        license=LICENSE,
-        library_name="gguf" if export_format == "gguf" else "transformers",
-        pipeline_tag="text-generation",
-        tags=[
-            "genesis",
-            "llama",
-            "text-generation",
-            *_STAGE_TAGS[stage],
-            *(["gguf"] if export_format == "gguf" else []),
-        ],
-        base_model=base_model,
-        base_model_relation=relation if base_model else None,
-        datasets=lineage.get("datasets") or None,
+        base_model, relation = lineage.get("base_model_hub_id"), "finetune"
+    gguf_tags = ["gguf"] if export_format == "gguf" else []
+    card_data = _card_data(
+        "gguf" if export_format == "gguf" else "transformers",
+        [*_STAGE_TAGS[stage], *gguf_tags],
+        lineage,
+        base_model=base_model if stage in ("sft", "dpo") or export_format == "gguf" else None,
+        relation=relation,
         model_name=title if eval_results else None,
         eval_results=eval_results or None,
     )
@@ -388,7 +378,7 @@ def build_model_card(
         gguf_file=gguf_file,
         ollama_name=re.sub(r"[^a-z0-9._-]+", "-", title.lower()),
         architecture_rows=architecture_rows(config),
-        lineage_lines=_lineage_lines(lineage),
+        lineage=lineage,
         training_facts=[(label, _format_value(value)) for label, value in facts if value is not None],
         loss_curve_file=loss_curve_file,
         data_mixture=[(name, _format_value(share)) for name, share in (data_mixture or {}).items()],
@@ -412,16 +402,8 @@ def build_adapter_card(lineage: dict, *, title: str, redact: Iterable[str] = ())
         redact: strings (tokens) that must never appear in the card.
     """
     stage = lineage.get("stage") or "sft"
-    base_model = lineage.get("base_model_hub_id")
-    card_data = ModelCardData(
-        language=["en"],
-        license=LICENSE,
-        library_name="peft",
-        pipeline_tag="text-generation",
-        tags=["genesis", "llama", "text-generation", "lora", *_STAGE_TAGS[stage]],
-        base_model=base_model,
-        base_model_relation="adapter" if base_model else None,
-        datasets=lineage.get("datasets") or None,
+    card_data = _card_data(
+        "peft", ["lora", *_STAGE_TAGS[stage]], lineage, base_model=lineage.get("base_model_hub_id"), relation="adapter"
     )
     usage = "\n".join(
         [
@@ -440,7 +422,7 @@ def build_adapter_card(lineage: dict, *, title: str, redact: Iterable[str] = ())
         summary=summary,
         stage=stage,
         usage_block=_python_block(usage),
-        lineage_lines=_lineage_lines(lineage),
+        lineage=lineage,
     )
     return ModelCard(redact_secrets(str(card), redact))
 
@@ -465,6 +447,21 @@ _FORMAT_NOTES = {
 }
 
 
+def _card_data(library_name: str, tags: list[str], lineage: dict, *, base_model, relation, **fields) -> ModelCardData:
+    """The metadata every card shares; `base_model_relation` only next to a `base_model` (a Hub id)."""
+    return ModelCardData(
+        language=["en"],
+        license=LICENSE,
+        library_name=library_name,
+        pipeline_tag="text-generation",
+        tags=["genesis", "llama", "text-generation", *tags],
+        base_model=base_model,
+        base_model_relation=relation if base_model else None,
+        datasets=lineage.get("datasets") or None,
+        **fields,
+    )
+
+
 def _python_block(code: str) -> str:
     """A fenced Python block (built here: a literal one in the template would be reformatted by ruff as Python)."""
     return f"```python\n{code}\n```"
@@ -486,34 +483,6 @@ def _summary(config, stage: str, lineage: dict, step: int | None, tokens_seen: i
         summary += " steps" if finetuned else ""
         summary += f" ({tokens_seen:,} tokens seen)." if tokens_seen is not None else "."
     return summary
-
-
-def _lineage_lines(lineage: dict) -> list[str]:
-    """The stage, the model it started from (local path or Hub id), the recipe command and the data, as card lines."""
-    lines = []
-    if lineage.get("stage"):
-        lines.append(
-            f"Stage: {'pretraining, from scratch' if lineage['stage'] == 'pretraining' else lineage['stage'].upper()}"
-        )
-    if lineage.get("base_model"):
-        line = f"Started from: `{lineage['base_model']}`"
-        if lineage.get("base_model_revision"):
-            line += f" at revision `{lineage['base_model_revision']}`"
-        hub_id = lineage.get("base_model_hub_id")
-        if hub_id and hub_id != lineage["base_model"]:
-            line += f", published as [{hub_id}](https://huggingface.co/{hub_id})"
-        lines.append(line)
-    if lineage.get("command"):
-        lines.append(f"Recipe: `{lineage['command']}`")
-    if lineage.get("data") or lineage.get("datasets"):
-        datasets = ", ".join(
-            f"[{name}](https://huggingface.co/datasets/{name})" for name in lineage.get("datasets", [])
-        )
-        lines.append(
-            "Data: "
-            + ", ".join(item for item in (f"`{lineage.get('data')}`" if lineage.get("data") else "", datasets) if item)
-        )
-    return lines
 
 
 def find_run_files(checkpoint_dir: str | Path) -> dict[str, Path]:
