@@ -27,6 +27,7 @@ from pathlib import Path
 from trl import DPOConfig, DPOTrainer, ModelConfig
 
 from genesis_hf.evaluate.during_training import checkpoint_evaluator
+from genesis_hf.model.lineage import finetune_lineage
 from genesis_hf.posttrain.config import (
     DPODataArguments,
     RunFolderArguments,
@@ -80,6 +81,15 @@ def main(argv: list[str] | None = None, callbacks: Sequence = ()) -> int:
             dtype=model_args.dtype,
             attn_implementation=model_args.attn_implementation,
         )
+        lineage = finetune_lineage(
+            "dpo",
+            sys.argv[1:] if argv is None else argv,
+            base_model=source,
+            base_model_revision=model_args.model_revision,
+            data=data_args.dataset_name,
+            datasets=[data_args.dataset_name],
+            hub_model_id=training_args.hub_model_id if training_args.push_to_hub else None,
+        )
         peft_config = lora_config(model_args, setup, tied_embeddings=model.config.tie_word_embeddings)
         check_lora_topology(peft_config)
         # Checks the repo id and token before anything loads; uploads each checkpoint in the background.
@@ -103,7 +113,7 @@ def main(argv: list[str] | None = None, callbacks: Sequence = ()) -> int:
         peft_config=peft_config,
         callbacks=run_callbacks([*callbacks, pusher, evaluator]),
     )
-    train_and_write_final(trainer, tokenizer, training_args, "Aligned model", logger, plan)
+    train_and_write_final(trainer, tokenizer, training_args, "Aligned model", logger, plan, lineage)
     return 0
 
 

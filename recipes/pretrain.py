@@ -23,7 +23,9 @@ import sys
 from collections.abc import Sequence
 
 from genesis_hf.args import ConfigError, parse_args
+from genesis_hf.data.mixture import load_mixture
 from genesis_hf.evaluate.during_training import EvalError, checkpoint_evaluator
+from genesis_hf.model.lineage import pretraining_lineage
 from genesis_hf.pretrain.checkpoint import CheckpointError
 from genesis_hf.pretrain.config import PretrainArguments
 from genesis_hf.pretrain.distributed import configure_consumer_gpu_env
@@ -57,7 +59,10 @@ def main(argv: list[str] | None = None, callbacks: Sequence = ()) -> int:
             # Checks the repo id and token before training; the pusher uploads each checkpoint in the background.
             pusher = pusher_for_run(args, is_main_process=rank == 0)
             subscribers = [*callbacks, *(item for item in (evaluator, pusher) if item is not None)]
-            run_pretraining(args, callbacks=subscribers)
+            # What the model cards say made it: this command and the mixture's Hub datasets.
+            sources = [source.location for source in load_mixture(args.mixture).sources]
+            lineage = pretraining_lineage(sys.argv[1:] if argv is None else argv, data=args.mixture, datasets=sources)
+            run_pretraining(args, callbacks=subscribers, lineage=lineage)
     except (ConfigError, EvalError, CheckpointError, NonFiniteLossError) as error:
         print(f"[rank {rank}] {type(error).__name__}: {error}", file=sys.stderr, flush=True)
         return 1

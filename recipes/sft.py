@@ -25,6 +25,7 @@ from pathlib import Path
 from trl import ModelConfig, SFTConfig, SFTTrainer
 
 from genesis_hf.evaluate.during_training import checkpoint_evaluator
+from genesis_hf.model.lineage import finetune_lineage
 from genesis_hf.posttrain.chat import check_generation_markers
 from genesis_hf.posttrain.config import (
     RunFolderArguments,
@@ -87,12 +88,22 @@ def main(argv: list[str] | None = None, callbacks: Sequence = ()) -> int:
             eval_args.eval_tasks, eval_limit=eval_args.eval_limit, eval_include_path=eval_args.eval_include_path
         )
         # Data first: a bad row or schema stops the run before any model is loaded.
-        dataset, skipped = build_sft_dataset(load_mixture(data_args), on_bad_example=data_args.on_bad_example)
+        mixture = load_mixture(data_args)
+        dataset, skipped = build_sft_dataset(mixture, on_bad_example=data_args.on_bad_example)
         model, tokenizer, setup, source = chat_model(
             model_args.model_name_or_path,
             revision=model_args.model_revision,
             dtype=model_args.dtype,
             attn_implementation=model_args.attn_implementation,
+        )
+        lineage = finetune_lineage(
+            "sft",
+            sys.argv[1:] if argv is None else argv,
+            base_model=source,
+            base_model_revision=model_args.model_revision,
+            data=data_args.dataset_name or mixture.name,
+            datasets=[item.location for item in mixture.sources],
+            hub_model_id=training_args.hub_model_id if training_args.push_to_hub else None,
         )
         check_generation_markers(tokenizer.chat_template, training_args.assistant_only_loss)
         peft_config = lora_config(model_args, setup, tied_embeddings=model.config.tie_word_embeddings)
@@ -117,7 +128,7 @@ def main(argv: list[str] | None = None, callbacks: Sequence = ()) -> int:
         peft_config=peft_config,
         callbacks=run_callbacks([*callbacks, pusher, evaluator]),
     )
-    train_and_write_final(trainer, tokenizer, training_args, "Chat model", logger, plan)
+    train_and_write_final(trainer, tokenizer, training_args, "Chat model", logger, plan, lineage)
     return 0
 
 

@@ -132,3 +132,101 @@ def test_readme_data_benchmark(tmp_path):
     # A one-line document goes through pieces: same tokens as one whole encoding, for a fraction of its memory.
     assert long_document["pieces_2mb"]["tokens"] == long_document["whole_2mb"]["tokens"]
     assert long_document["pieces_4mb"]["tokens"] > long_document["pieces_2mb"]["tokens"]
+
+
+def readme_text() -> str:
+    return " ".join((ROOT / "README.md").read_text().replace("\\\n", " ").split())
+
+
+def test_readme_sft_and_dpo_default_numbers_are_what_the_recipes_count(tmp_path):
+    """The README's "SFT: N steps over T tokens, S% trainable; DPO: N steps over P pairs" are what the bare
+    `accelerate launch recipes/sft.py` and `recipes/dpo.py` count before they train: the recipes' own argument
+    parsing, data, chat setup of the main job's tokenizer (genesis-tiny's 1,024-token default tokenizer), statistics
+    and TRL trainers (their dataloaders give the steps), without the minutes of training."""
+    import copy
+    import math
+
+    from trl import DPOConfig, DPOTrainer, ModelConfig, SFTConfig, SFTTrainer
+
+    from genesis_hf import GenesisConfig, GenesisForCausalLM
+    from genesis_hf.posttrain.chat import prepare_chat_model
+    from genesis_hf.posttrain.config import (
+        DPODataArguments,
+        SFTDataArguments,
+        TrainingEvalArguments,
+        parse_recipe_args,
+    )
+    from genesis_hf.posttrain.data import (
+        apply_length_policy,
+        build_preference_dataset,
+        build_sft_dataset,
+        load_sft_mixture,
+        mixture_statistics,
+    )
+    from genesis_hf.tokenizer import default_tokenizer
+
+    match = re.search(
+        r"SFT: (\d+) steps over ([\d,]+) tokens, ([\d.]+)% trainable; DPO: (\d+) steps over (\d+) pairs", readme_text()
+    )
+    assert match, "the README's post-training section no longer states the default runs' numbers"
+    sft_steps, sft_tokens, sft_share, dpo_steps, dpo_pairs = match.groups()
+
+    config = GenesisConfig.from_preset("genesis-tiny")
+    tokenizer = copy.deepcopy(default_tokenizer(config.vocab_size))
+    model = GenesisForCausalLM(GenesisConfig.from_preset("debug", vocab_size=config.vocab_size))
+    prepare_chat_model(model, tokenizer)
+    out = ["--output_dir", str(tmp_path / "run"), "--report_to", "none"]
+
+    data_args, _, sft_args, _ = parse_recipe_args(
+        (SFTDataArguments, TrainingEvalArguments, SFTConfig, ModelConfig),
+        out,
+        ROOT / "recipes/configs/sft/genesis-tiny.yaml",
+    )
+    dataset, _ = build_sft_dataset(load_sft_mixture(data_args.mixture), on_bad_example=data_args.on_bad_example)
+    stats = mixture_statistics(dataset, tokenizer, max_length=sft_args.max_length)
+    dataset, _ = apply_length_policy(dataset, stats["lengths"], sft_args.max_length, data_args.overlong)
+    trainer = SFTTrainer(
+        model=model, args=sft_args, train_dataset=dataset.remove_columns("source"), processing_class=tokenizer
+    )
+    steps = math.ceil(len(trainer.get_train_dataloader()) / sft_args.gradient_accumulation_steps)
+    sft_measured = (steps * sft_args.num_train_epochs, stats["total"]["tokens"], stats["total"]["trainable_share"])
+
+    data_args, _, dpo_args, _ = parse_recipe_args(
+        (DPODataArguments, TrainingEvalArguments, DPOConfig, ModelConfig),
+        out,
+        ROOT / "recipes/configs/dpo/genesis-tiny.yaml",
+    )
+    pairs, _ = build_preference_dataset(data_args.dataset_name, on_bad_example=data_args.on_bad_example)
+    trainer = DPOTrainer(
+        model=model, ref_model=copy.deepcopy(model), args=dpo_args, train_dataset=pairs, processing_class=tokenizer
+    )
+    steps = math.ceil(len(trainer.get_train_dataloader()) / dpo_args.gradient_accumulation_steps)
+    measured = (*sft_measured[:2], round(100 * sft_measured[2], 1), steps * dpo_args.num_train_epochs, len(pairs))
+    readme = (int(sft_steps), int(sft_tokens.replace(",", "")), float(sft_share), int(dpo_steps), int(dpo_pairs))
+    assert readme == measured, f"README says (SFT steps, tokens, % trainable, DPO steps, pairs) = {readme}"
+
+
+def test_readme_sft_and_dpo_memory_plans_are_what_plan_prints(capsys):
+    from genesis_hf.cli import main as cli_main
+
+    match = re.search(r"([\d.]+) GiB per RTX 4090 for the seed's SFT, ([\d.]+) GiB for DPO", readme_text())
+    assert match, "the README's post-training section no longer states the seed's SFT and DPO memory plans"
+    printed = []
+    for stage in ("sft", "dpo"):
+        argv = ["plan", "--stage", stage, "--config", str(ROOT / f"recipes/configs/{stage}/genesis-1b.yaml")]
+        assert cli_main([*argv, "--gpu", "RTX 4090"]) == 0
+        (total,) = re.findall(r"^  total +([\d.]+)$", capsys.readouterr().out, flags=re.M)
+        printed.append(f"{float(total):.1f}")
+    assert list(match.groups()) == printed
+
+
+def test_readme_preset_table_parameter_counts_are_the_models():
+    from genesis_hf import GenesisConfig
+    from genesis_hf.model.sizes import parameter_counts
+
+    rows = re.findall(
+        r"^\| `([\w-]+)` \|.*\| ([\d,]+)(?: \(tied\))? \|$", (ROOT / "README.md").read_text(), flags=re.M
+    )
+    assert {name for name, _ in rows} == {"genesis-1b", "genesis-tiny", "debug"}
+    for name, count in rows:
+        assert int(count.replace(",", "")) == parameter_counts(GenesisConfig.from_preset(name)).total, name

@@ -309,9 +309,17 @@ def build_model_card(
     eval_results: list[EvalResult] | None = None,
     loss_curve_file: str | None = None,
     verification: dict | None = None,
+    lineage: dict | None = None,
+    source: str | None = None,
+    source_hub_id: str | None = None,
     redact: Iterable[str] = (),
 ) -> ModelCard:
-    """Build the model card of an export.
+    """Build the model card of an export, following the Hub's conventions for its kind of folder.
+
+    A pretrained model is trained from scratch (no `base_model`); an SFT or DPO model names the Hub id of the model it
+    was trained from as `base_model` with `base_model_relation: finetune`; a GGUF file names the model it was
+    converted from with `base_model_relation: quantized` and says how to run it with llama.cpp and Ollama. Local
+    paths go into the text only: the Hub resolves `base_model` and `datasets` as repos.
 
     Args:
         config: the model config (`GenesisConfig` or `LlamaConfig`).
@@ -320,7 +328,7 @@ def build_model_card(
         dtype: the dtype of the stored weights.
         revision: the branch of a training checkpoint (`step-0000400`), shown in the snippet.
         gguf_file: the GGUF file name, for `gguf` exports.
-        model_name: the title; defaults to the repo name.
+        model_name: the title; defaults to the lineage's model name, then the repo name.
         step: optimizer steps of the checkpoint.
         tokens_seen: training tokens of the checkpoint.
         loss: training loss at the checkpoint.
@@ -329,36 +337,109 @@ def build_model_card(
         eval_results: evaluation results, written to the `model-index` metadata and a table.
         loss_curve_file: a PNG next to the card to embed.
         verification: `{"max_abs_diff": ..., "tolerance": ...}` from the export's logit check.
+        lineage: what made the model (`genesis_hf.model.lineage`): stage, recipe command, base model, data.
+        source: the folder or checkpoint the export was written from (named in a GGUF card).
+        source_hub_id: the Hub id of that source, when it is published (a GGUF card's `base_model`).
         redact: strings (tokens) that must never appear in the card.
     """
-    redact = [secret for secret in redact if secret]
-    model_name = model_name or repo_id.rstrip("/").split("/")[-1]
-    tags = ["genesis", "llama", "text-generation", "pretraining"]
+    lineage = lineage or {}
+    stage = lineage.get("stage")  # None: a folder that does not say how it was made
+    title = model_name or lineage.get("model_name") or repo_id.rstrip("/").split("/")[-1]
     if export_format == "gguf":
-        tags.append("gguf")
-    card_data = ModelCardData(
-        language=["en"],
-        license=LICENSE,
-        library_name="transformers",
-        pipeline_tag="text-generation",
-        tags=tags,
-        model_name=model_name if eval_results else None,
+        base_model, relation = source_hub_id, "quantized"
+    else:
+        base_model, relation = lineage.get("base_model_hub_id"), "finetune"
+    gguf_tags = ["gguf"] if export_format == "gguf" else []
+    card_data = _card_data(
+        "gguf" if export_format == "gguf" else "transformers",
+        [*_STAGE_TAGS[stage], *gguf_tags],
+        lineage,
+        base_model=base_model if stage in ("sft", "dpo") or export_format == "gguf" else None,
+        relation=relation,
+        model_name=title if eval_results else None,
         eval_results=eval_results or None,
     )
-    sections = [
-        *_introduction_section(config, model_name, export_format, dtype, step, tokens_seen),
-        *["## Usage", "", "```python", usage_snippet(repo_id, export_format, revision, gguf_file), "```", ""],
-        *_architecture_section(config),
-        *_training_section(step, tokens_seen, loss, loss_curve_file, data_mixture, run_config, redact),
-        *_evaluation_section(eval_results or []),
-        *_export_check_section(verification),
-        *["## License", "", "Apache 2.0.", ""],
-    ]
-    content = f"---\n{card_data.to_yaml()}\n---\n\n" + "\n".join(sections)
-    content = redact_secrets(content, redact)
-    return ModelCard(content)
+    summary = _summary(config, stage, lineage, step, tokens_seen)
+    if export_format == "gguf":
+        summary += f" This folder holds it as one GGUF file, converted from `{source_hub_id or source or title}`."
+    shown_config = {key: value for key, value in (run_config or {}).items() if key != "lineage"}
+    facts = [("step", step), ("tokens seen", tokens_seen), ("training loss", loss)]
+    card = ModelCard.from_template(
+        card_data,
+        template_path=str(CARD_TEMPLATE),
+        kind="model",
+        title=title,
+        summary=summary,
+        stage=stage,
+        export_format=export_format,
+        dtype=dtype,
+        format_note=_FORMAT_NOTES.get(export_format, ""),
+        usage_block=_python_block(usage_snippet(repo_id, export_format, revision, gguf_file)),
+        gguf_file=gguf_file,
+        ollama_name=re.sub(r"[^a-z0-9._-]+", "-", title.lower()),
+        architecture_rows=architecture_rows(config),
+        lineage=lineage,
+        training_facts=[(label, _format_value(value)) for label, value in facts if value is not None],
+        loss_curve_file=loss_curve_file,
+        data_mixture=[(name, _format_value(share)) for name, share in (data_mixture or {}).items()],
+        run_config_yaml=yaml.safe_dump(redact_secrets(shown_config, redact), sort_keys=True).strip()
+        if shown_config
+        else None,
+        evaluation_rows=[
+            (result.dataset_name, result.metric_type, result.metric_value) for result in eval_results or []
+        ],
+        verification=verification,
+    )
+    return ModelCard(redact_secrets(str(card), redact))
 
 
+def build_adapter_card(lineage: dict, *, title: str, redact: Iterable[str] = ()) -> ModelCard:
+    """The card of a LoRA run's `adapter/`: PEFT's conventions (`library_name: peft`, `base_model_relation: adapter`).
+
+    Args:
+        lineage: the run's lineage (`genesis_hf.model.lineage.finetune_lineage`).
+        title: the model's name.
+        redact: strings (tokens) that must never appear in the card.
+    """
+    stage = lineage.get("stage") or "sft"
+    card_data = _card_data(
+        "peft", ["lora", *_STAGE_TAGS[stage]], lineage, base_model=lineage.get("base_model_hub_id"), relation="adapter"
+    )
+    usage = "\n".join(
+        [
+            "from peft import AutoPeftModelForCausalLM",
+            "",
+            'model = AutoPeftModelForCausalLM.from_pretrained("path/to/adapter", trust_remote_code=True)',
+            "merged = model.merge_and_unload()  # the run's final/ holds this merged model",
+        ]
+    )
+    summary = f"The LoRA adapter of `{title}`: " + _STAGE_SUMMARIES[stage].format(base=_base_words(lineage)) + "."
+    card = ModelCard.from_template(
+        card_data,
+        template_path=str(CARD_TEMPLATE),
+        kind="adapter",
+        title=f"{title} (LoRA adapter)",
+        summary=summary,
+        stage=stage,
+        usage_block=_python_block(usage),
+        lineage=lineage,
+    )
+    return ModelCard(redact_secrets(str(card), redact))
+
+
+CARD_TEMPLATE = Path(__file__).with_name("card_template.md")
+_STAGE_TAGS = {
+    None: [],
+    "pretraining": ["pretraining"],
+    "sft": ["trl", "sft", "conversational"],
+    "dpo": ["trl", "dpo", "conversational"],
+}
+_STAGE_SUMMARIES = {
+    None: "trained with genesis_hf",
+    "pretraining": "trained from scratch with genesis_hf",
+    "sft": "{base} fine-tuned into a chat model with TRL's `SFTTrainer` (loss on the assistant's tokens) by genesis_hf",
+    "dpo": "{base} aligned with direct preference optimisation (TRL's `DPOTrainer`) by genesis_hf",
+}
 _FORMAT_NOTES = {
     "hf": "Genesis weights with their modeling code: load with `trust_remote_code=True`.",
     "llama": "A plain `LlamaForCausalLM` checkpoint: no remote code; ready for vLLM, TGI and llama.cpp.",
@@ -366,73 +447,42 @@ _FORMAT_NOTES = {
 }
 
 
-def _introduction_section(
-    config, model_name: str, export_format: str, dtype: str, step: int | None, tokens_seen: int | None
-) -> list[str]:
-    """The title, what the model is (size, checkpoint step) and the format of the export."""
-    parameters = parameter_counts(config).total
-    summary = f"A {_human_count(parameters)}-parameter Llama-style decoder-only language model trained from scratch"
-    summary += " with genesis_hf."
+def _card_data(library_name: str, tags: list[str], lineage: dict, *, base_model, relation, **fields) -> ModelCardData:
+    """The metadata every card shares; `base_model_relation` only next to a `base_model` (a Hub id)."""
+    return ModelCardData(
+        language=["en"],
+        license=LICENSE,
+        library_name=library_name,
+        pipeline_tag="text-generation",
+        tags=["genesis", "llama", "text-generation", *tags],
+        base_model=base_model,
+        base_model_relation=relation if base_model else None,
+        datasets=lineage.get("datasets") or None,
+        **fields,
+    )
+
+
+def _python_block(code: str) -> str:
+    """A fenced Python block (built here: a literal one in the template would be reformatted by ruff as Python)."""
+    return f"```python\n{code}\n```"
+
+
+def _base_words(lineage: dict) -> str:
+    return f"`{lineage.get('base_model_hub_id') or lineage.get('base_model') or 'a Genesis model'}`"
+
+
+def _summary(config, stage: str, lineage: dict, step: int | None, tokens_seen: int | None) -> str:
+    """What the model is (size, how it was made) and which checkpoint this is."""
+    parameters = _human_count(parameter_counts(config).total)
+    kind = "chat model" if stage in ("sft", "dpo") else "language model"
+    summary = f"A {parameters}-parameter Llama-style decoder-only {kind}: "
+    summary += _STAGE_SUMMARIES[stage].format(base=_base_words(lineage)) + "."
     if step is not None:
-        summary += f" This is the training checkpoint at step {step:,}"
+        finetuned = stage in ("sft", "dpo")
+        summary += f" This is {'the model after' if finetuned else 'the training checkpoint at step'} {step:,}"
+        summary += " steps" if finetuned else ""
         summary += f" ({tokens_seen:,} tokens seen)." if tokens_seen is not None else "."
-    format_line = f"Format: **{export_format}** ({dtype} weights). {_FORMAT_NOTES.get(export_format, '')}"
-    return [f"# {model_name}", "", summary, "", format_line, ""]
-
-
-def _architecture_section(config) -> list[str]:
-    rows = [f"| {label} | {value} |" for label, value in architecture_rows(config)]
-    return ["## Architecture", "", "| field | value |", "|---|---|", *rows, ""]
-
-
-def _training_section(
-    step: int | None,
-    tokens_seen: int | None,
-    loss: float | None,
-    loss_curve_file: str | None,
-    data_mixture: dict | None,
-    run_config: dict | None,
-    redact: list[str],
-) -> list[str]:
-    """The checkpoint's step, tokens and loss, the loss curve, the data mixture and the (redacted) configuration."""
-    sections = ["## Training", ""]
-    facts = [("step", step), ("tokens seen", tokens_seen), ("training loss", loss)]
-    facts = [(label, value) for label, value in facts if value is not None]
-    if facts:
-        sections += ["| | |", "|---|---|", *[f"| {label} | {_format_value(value)} |" for label, value in facts], ""]
-    if loss_curve_file:
-        sections += [f"![Training loss]({loss_curve_file})", ""]
-    if data_mixture:
-        sections += ["### Data mixture", "", "| source | share |", "|---|---|"]
-        sections += [f"| {source} | {_format_value(share)} |" for source, share in data_mixture.items()]
-        sections.append("")
-    if run_config:
-        config_text = yaml.safe_dump(redact_secrets(run_config, redact), sort_keys=True).strip()
-        sections += ["### Training configuration", "", "```yaml", config_text, "```", ""]
-    if not (facts or loss_curve_file or data_mixture or run_config):
-        sections += ["No training metadata was found next to this checkpoint.", ""]
-    return sections
-
-
-def _evaluation_section(eval_results: list[EvalResult]) -> list[str]:
-    if not eval_results:
-        return []
-    rows = [f"| {result.dataset_name} | {result.metric_type} | {result.metric_value} |" for result in eval_results]
-    header = ["## Evaluation", "", "| task | metric | value |", "|---|---|---|"]
-    return [*header, *rows, "", "Results from lm-evaluation-harness.", ""]
-
-
-def _export_check_section(verification: dict | None) -> list[str]:
-    if verification is None:
-        return []
-    return [
-        "## Export check",
-        "",
-        f"The exported files were reloaded and their logits compared with the training checkpoint on fixed prompts "
-        f"(fp32): max absolute difference {verification['max_abs_diff']:.3g} "
-        f"(tolerance {verification['tolerance']:.3g}).",
-        "",
-    ]
+    return summary
 
 
 def find_run_files(checkpoint_dir: str | Path) -> dict[str, Path]:
@@ -477,6 +527,7 @@ __all__ = [
     "LICENSE",
     "LOSS_CURVE_FILE",
     "architecture_rows",
+    "build_adapter_card",
     "build_model_card",
     "extract_python_snippet",
     "find_run_files",

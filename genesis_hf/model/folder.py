@@ -70,6 +70,7 @@ from genesis_hf.layout import (
 
 from . import card as model_card
 from .convert import to_llama
+from .lineage import hub_id_of, is_hub_repo_id, model_name_of
 from .modeling_genesis import GenesisForCausalLM
 
 EXPORT_FORMATS = ("hf", "llama", "gguf")
@@ -114,11 +115,15 @@ class LoadedCheckpoint:
     loss: float | None = None
     trainer_state: dict | None = None
     run_config: dict | None = None
+    # What made the model (`genesis_hf.model.lineage`): recorded by the recipes, carried into every export's metadata.
+    lineage: dict | None = None
 
     @classmethod
     def from_folder(cls, model, tokenizer, path: Path, kind: str, state: dict, **fields) -> "LoadedCheckpoint":
         """A model loaded from `path`, with the step, tokens and loss its recorded `state` (a trainer state or
-        `genesis_checkpoint.json`) says and the run config saved next to it."""
+        `genesis_checkpoint.json`) says and the run config saved next to it (a pretraining checkpoint's lineage is in
+        its run config, an exported folder's in its metadata)."""
+        run_config = read_yaml_mapping(path / RUN_CONFIG_FILE)
         return cls(
             model=model,
             tokenizer=tokenizer,
@@ -127,7 +132,11 @@ class LoadedCheckpoint:
             step=state.get("step"),
             tokens_seen=state.get("tokens_seen"),
             loss=state.get("loss"),
-            run_config=read_yaml_mapping(path / RUN_CONFIG_FILE),
+            run_config=run_config,
+            # A pretraining checkpoint (DCP shards) of a run that recorded no lineage was still trained from scratch.
+            lineage=state.get("lineage")
+            or (run_config or {}).get("lineage")
+            or ({"stage": "pretraining"} if kind == "training" else None),
             **fields,
         )
 
@@ -656,7 +665,11 @@ def write_export_marker(folder: Path) -> None:
     (folder / EXPORT_MARKER_FILE).write_text(json.dumps(marker, indent=1) + "\n")
 
 
-def write_checkpoint_metadata(out_dir: Path, loaded: LoadedCheckpoint, export_format: str, dtype: str) -> None:
+def write_checkpoint_metadata(
+    out_dir: Path, loaded: LoadedCheckpoint, export_format: str, dtype: str, repo_id: str | None = None
+) -> None:
+    """`genesis_checkpoint.json`: step, tokens, loss, format, the source's name, its lineage and the Hub repo the
+    folder is written for (`hub_id`, when `repo_id` is a full `namespace/name`)."""
     metadata = {
         "step": loaded.step,
         "tokens_seen": loaded.tokens_seen,
@@ -665,6 +678,8 @@ def write_checkpoint_metadata(out_dir: Path, loaded: LoadedCheckpoint, export_fo
         "dtype": dtype,
         "source": loaded.path.name,
         "genesis_hf_version": genesis_hf.__version__,
+        "lineage": loaded.lineage,
+        "hub_id": repo_id if is_hub_repo_id(repo_id) else None,
     }
     (out_dir / CHECKPOINT_METADATA_FILE).write_text(json.dumps(metadata, indent=2) + "\n")
 
@@ -706,11 +721,16 @@ def _write_card(staging: Path, source: LoadedCheckpoint, out_dir: Path, settings
     eval_results = model_card.read_eval_results(eval_path) if eval_path else None
     if source.run_config is None and RUN_CONFIG_FILE in run_files:
         source.run_config = read_yaml_mapping(run_files[RUN_CONFIG_FILE])
+    model_name = None  # the repo's name when it is given, else the source model's: not the OUT folder's ("gguf")
+    if not settings.get("repo_id"):
+        model_name = (source.lineage or {}).get("model_name") or model_name_of(source.path)
+        model_name += "-GGUF" if settings["export_format"] == "gguf" else ""
     model_card.write_model_card(
         staging,
         source.model.config,
         metrics_path=run_files.get(METRICS_FILE),
         repo_id=settings.get("repo_id") or out_dir.name,
+        model_name=model_name,
         export_format=settings["export_format"],
         dtype=settings["dtype"],
         revision=settings.get("revision"),
@@ -722,6 +742,9 @@ def _write_card(staging: Path, source: LoadedCheckpoint, out_dir: Path, settings
         data_mixture=_data_mixture(source),
         eval_results=eval_results,
         verification=dataclasses.asdict(verification) if verification else None,
+        lineage=source.lineage,
+        source=str(source.path) if source.kind != "memory" else None,
+        source_hub_id=hub_id_of(source.path) if source.kind != "memory" else None,
         redact=settings.get("redact", ()),
     )
 
@@ -785,7 +808,7 @@ def write_model_folder(
     staging = Path(tempfile.mkdtemp(prefix=f"{out_dir.name}-partial-", dir=out_dir.parent))
     try:
         gguf_file = _write_format(source, staging, export_format, dtype, max_shard_size)
-        write_checkpoint_metadata(staging, source, export_format, dtype)
+        write_checkpoint_metadata(staging, source, export_format, dtype, repo_id)
         verification = None
         if verify:
             verification = verify_export(

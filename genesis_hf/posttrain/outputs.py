@@ -7,6 +7,7 @@ from pathlib import Path
 import torch
 
 from genesis_hf.layout import ADAPTER_DIR, CHECKPOINT_METADATA_FILE, FINAL_DIR
+from genesis_hf.model.card import build_adapter_card
 from genesis_hf.model.folder import LoadedCheckpoint, write_model_folder
 
 from .model import merge_lora
@@ -72,7 +73,14 @@ def last_loss(trainer) -> float | None:
 
 
 def write_final(
-    model, tokenizer, output_dir: str | Path, *, step: int, loss: float | None, dtype: str = "fp32"
+    model,
+    tokenizer,
+    output_dir: str | Path,
+    *,
+    step: int,
+    loss: float | None,
+    dtype: str = "fp32",
+    lineage: dict | None = None,
 ) -> Path:
     """Write `model` and `tokenizer` to `<output_dir>/final` with the one model-folder writer
     (`genesis_hf.model.folder`: reloaded with `trust_remote_code` and its logits compared) and a model card built from
@@ -85,6 +93,8 @@ def write_final(
         step: the optimizer step reached.
         loss: the last training loss.
         dtype: weights dtype of the export (`fp32`, `bf16`).
+        lineage: the stage, recipe command, base model and data (`genesis_hf.model.lineage.finetune_lineage`), kept
+            in `genesis_checkpoint.json` and told by the card.
 
     Raises:
         FileExistsError: `final/` exists and was not written by genesis_hf.
@@ -97,7 +107,9 @@ def write_final(
         )
     # `path` points at final/ so that the model card finds the run's metrics.jsonl next to it. An earlier final/ of
     # this output_dir (a rerun) is replaced only once the new one is complete and verified.
-    source = LoadedCheckpoint(model=model, tokenizer=tokenizer, path=final_dir, kind="memory", step=step, loss=loss)
+    source = LoadedCheckpoint(
+        model=model, tokenizer=tokenizer, path=final_dir, kind="memory", step=step, loss=loss, lineage=lineage
+    )
     write_model_folder(source, final_dir, dtype=dtype, repo_id=output_dir.name, overwrite=True)
     return final_dir
 
@@ -114,7 +126,17 @@ def run_callbacks(subscribers=()) -> list:
     return [MetricsJsonlCallback(), TrainerEvents([item for item in subscribers if item is not None])]
 
 
-def train_and_write_final(trainer, tokenizer, training_args, what: str, logger, plan) -> None:
+def write_adapter_card(output_dir: str | Path, lineage: dict, redact: tuple = ()) -> None:
+    """Replace PEFT's placeholder card in a LoRA run's `adapter/` with one that names the base model and the run."""
+    adapter_dir = Path(output_dir) / ADAPTER_DIR
+    if (adapter_dir / "adapter_config.json").is_file():
+        card = build_adapter_card(lineage, title=lineage.get("model_name") or Path(output_dir).name, redact=redact)
+        (adapter_dir / "README.md").write_text(str(card), encoding="utf-8")
+
+
+def train_and_write_final(
+    trainer, tokenizer, training_args, what: str, logger, plan, lineage: dict | None = None
+) -> None:
     """Train (from the checkpoint `plan` resumes, if any), then on the main process write `<output_dir>/final` and
     announce the end of the run (the pusher uploads `final/` then and waits for its uploads); every process then ends
     the run.
@@ -126,6 +148,7 @@ def train_and_write_final(trainer, tokenizer, training_args, what: str, logger, 
         what: how the log names the result ("Chat model", "Aligned model").
         logger: the recipe's logger.
         plan: the launch's `resume.RunPlan` (`resume.plan_run`).
+        lineage: what the cards of `final/` and `adapter/` say made the model (`genesis_hf.model.lineage`).
     """
     from transformers import Trainer
 
@@ -153,7 +176,10 @@ def train_and_write_final(trainer, tokenizer, training_args, what: str, logger, 
                 step=trainer.state.global_step,
                 loss=last_loss(trainer),
                 dtype="bf16" if training_args.bf16 else "fp32",
+                lineage=lineage,
             )
+            if lineage is not None:
+                write_adapter_card(training_args.output_dir, lineage, redact=(training_args.hub_token,))
             logger.info("%s in %s.", what, final_dir)
     finally:
         events.finish(training_args.output_dir, final_dir, trainer.state.global_step, is_main_process=is_main)

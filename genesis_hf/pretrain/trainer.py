@@ -324,8 +324,9 @@ def check_output_dir(args: PretrainArguments) -> None:
     )
 
 
-def setup_run(args: PretrainArguments, accelerator, events: Events) -> Run:
-    """Check the inputs, build everything, and resume from the newest intact checkpoint of `output_dir`."""
+def setup_run(args: PretrainArguments, accelerator, events: Events, lineage: dict | None = None) -> Run:
+    """Check the inputs, build everything, and resume from the newest intact checkpoint of `output_dir`; `lineage`
+    (the recipe command and data, `genesis_hf.model.lineage`) goes into every checkpoint's run config for the card."""
     from .flops import detect_peak_flops, flops_per_token
     from .schedules import build_lr_scheduler
 
@@ -354,6 +355,8 @@ def setup_run(args: PretrainArguments, accelerator, events: Events) -> Run:
     run_config = dict(
         args.to_dict(), gradient_accumulation_steps=gradient_accumulation_steps, world_size=accelerator.num_processes
     )
+    if lineage is not None:
+        run_config["lineage"] = lineage
     checkpoints = ckpt.CheckpointManager(
         output_dir,
         save_total_limit=args.save_total_limit,
@@ -504,6 +507,7 @@ _LAUNCH_ONLY_ARGUMENTS = {
     "output_dir", "resume_from_checkpoint", "allow_fresh_optimizer", "overwrite_output_dir", "max_steps", "disable_tqdm", "report_to",
     "run_name", "save_steps", "save_minutes", "save_total_limit", "milestone_steps", "async_save", "logging_steps",
     "push_to_hub", "hub_model_id", "consumer_gpu_env", "eval_steps", "eval_tasks", "eval_limit", "eval_include_path",
+    "lineage",
 }  # fmt: skip
 
 
@@ -733,7 +737,9 @@ def _final_report(run: Run, final_dir: Path) -> str:
 
 
 def run_pretraining(
-    args: PretrainArguments, callbacks: Sequence[TrainingCallback | Callable[[Path, int], Any]] = ()
+    args: PretrainArguments,
+    callbacks: Sequence[TrainingCallback | Callable[[Path, int], Any]] = (),
+    lineage: dict | None = None,
 ) -> Path | None:
     """Pretrain as `args` says, resuming from `output_dir` when it holds checkpoints; returns `final/` (rank 0).
 
@@ -743,6 +749,7 @@ def run_pretraining(
             `genesis_hf.publish.push.pusher_for_run`), or functions called on rank 0 as `fn(checkpoint_dir, step)`
             once each checkpoint is visible; a dict they return (e.g. `genesis_hf.evaluate.during_training`'s scores)
             is logged to `metrics.jsonl` and the trackers at that step. `final.FinalExport` is always subscribed last.
+        lineage: the recipe's command and data (`genesis_hf.model.lineage.pretraining_lineage`), for the cards.
 
     Raises:
         ConfigError: bad arguments, tokenizer or output directory (before anything trains).
@@ -757,7 +764,7 @@ def run_pretraining(
     )
     final_export = FinalExport()
     events = Events([*callbacks, final_export])
-    run = setup_run(args, accelerator, events)
+    run = setup_run(args, accelerator, events, lineage)
     if args.trackers:
         hyperparameters = {
             key: value
