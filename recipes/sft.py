@@ -47,7 +47,7 @@ from genesis_hf.posttrain.model import chat_model, lora_config
 from genesis_hf.posttrain.outputs import check_lora_topology, run_callbacks, train_and_write_final
 from genesis_hf.posttrain.resume import check_training_settings, plan_run, run_settings
 from genesis_hf.publish.push import pusher_for_run
-from genesis_hf.writer_lock import hold_folder
+from genesis_hf.writer_lock import FolderLock, hold_folder
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent / "configs" / "sft" / "genesis-tiny.yaml"
 logger = logging.getLogger("genesis_hf.sft")
@@ -68,13 +68,15 @@ def load_mixture(data_args: SFTDataArguments) -> SFTMixture:
 def main(argv: list[str] | None = None, callbacks: Sequence = ()) -> int:
     """Run the recipe; `callbacks` are extra subscribers to the run's events (`genesis_hf.events.TrainingCallback`)."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%X")
+    lock = FolderLock(None)
     try:
         data_args, eval_args, run_args, training_args, model_args = parse_recipe_args(
             (SFTDataArguments, TrainingEvalArguments, RunFolderArguments, SFTConfig, ModelConfig), argv, DEFAULT_CONFIG
         )
         push = hub_push_settings(training_args)
         check_training_settings(training_args)
-        hold_folder(training_args.output_dir, rank=training_args.process_index)  # one writer per folder
+        # One writer per folder, held until the run ends; a refused launch lets it go and leaves nothing behind.
+        lock = hold_folder(training_args.output_dir, rank=training_args.process_index)
         # The output folder: resume the run it holds, or refuse to replace its results (nothing is loaded yet).
         settings = run_settings("sft", data_args, training_args, model_args)
         plan = plan_run(training_args, settings, overwrite_output_dir=run_args.overwrite_output_dir)
@@ -112,24 +114,30 @@ def main(argv: list[str] | None = None, callbacks: Sequence = ()) -> int:
         pusher = pusher_for_run(push, is_main_process=training_args.process_index == 0)
     # ConfigError, ConversationError and ChatSetupError are ValueErrors, as are TRL's own argument checks.
     except ValueError as error:
+        lock.release()
         print(f"recipes/sft.py: error: {error}", file=sys.stderr, flush=True)
         return 1
-    logger.info("Starting from %s. %s", source, setup.describe())
-    stats = mixture_statistics(dataset, tokenizer, max_length=training_args.max_length)
-    dataset, overlong = apply_length_policy(dataset, stats["lengths"], training_args.max_length, data_args.overlong)
-    logger.info("SFT data (assistant tokens are trainable):\n%s", format_statistics(stats))
-    logger.info("Skipped rows: %s. Longer than max_length: %d (%s).", skipped.describe(), overlong, data_args.overlong)
+    with lock:
+        logger.info("Starting from %s. %s", source, setup.describe())
+        stats = mixture_statistics(dataset, tokenizer, max_length=training_args.max_length)
+        dataset, overlong = apply_length_policy(
+            dataset, stats["lengths"], training_args.max_length, data_args.overlong
+        )
+        logger.info("SFT data (assistant tokens are trainable):\n%s", format_statistics(stats))
+        logger.info(
+            "Skipped rows: %s. Longer than max_length: %d (%s).", skipped.describe(), overlong, data_args.overlong
+        )
 
-    trainer = SFTTrainer(
-        model=model,
-        args=training_args,
-        train_dataset=dataset.remove_columns("source"),
-        processing_class=tokenizer,
-        peft_config=peft_config,
-        callbacks=run_callbacks([*callbacks, pusher, evaluator]),
-    )
-    train_and_write_final(trainer, tokenizer, training_args, "Chat model", logger, plan, lineage)
-    return 0
+        trainer = SFTTrainer(
+            model=model,
+            args=training_args,
+            train_dataset=dataset.remove_columns("source"),
+            processing_class=tokenizer,
+            peft_config=peft_config,
+            callbacks=run_callbacks([*callbacks, pusher, evaluator]),
+        )
+        train_and_write_final(trainer, tokenizer, training_args, "Chat model", logger, plan, lineage)
+        return 0
 
 
 if __name__ == "__main__":
