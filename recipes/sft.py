@@ -112,6 +112,8 @@ def main(argv: list[str] | None = None, callbacks: Sequence = ()) -> int:
         check_lora_topology(peft_config)
         # Checks the repo id and token before anything loads; uploads each checkpoint in the background.
         pusher = pusher_for_run(push, is_main_process=training_args.process_index == 0)
+        if pusher is not None:
+            pusher.lineage = lineage  # for the cards of the checkpoint-N branches
     # ConfigError, ConversationError and ChatSetupError are ValueErrors, as are TRL's own argument checks.
     except ValueError as error:
         lock.release()

@@ -770,6 +770,9 @@ def test_sft_push_to_hub_publishes_one_branch_per_checkpoint(base_dir, tmp_path)
             files = server.branch_files("alice/genesis-sft", f"step-{step:07d}")
             assert {"model.safetensors", "config.json", "modeling_genesis.py", "chat_template.jinja"} <= set(files)
             assert json.loads(files["genesis_checkpoint.json"])["step"] == step
+            # Each branch's card is the SFT model's: its stage and base, not a model trained from scratch.
+            card = files["README.md"].decode()
+            assert "Stage: SFT" in card and "sft" in card.split("---")[1] and "pretraining" not in card.split("---")[1]
         assert json.loads(server.branch_files("alice/genesis-sft", "main")["genesis_checkpoint.json"])["step"] == 4
         assert server.write_token not in result.stdout + result.stderr
         # The pusher's copies of checkpoint-2 and checkpoint-4 are gone, checkpoint-4's too although final/ was then

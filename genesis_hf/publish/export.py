@@ -217,6 +217,7 @@ def export_checkpoint(
     step: int | None = None,
     overwrite: bool = False,
     log: Callable[[str], None] | None = None,
+    lineage: dict | None = None,
     **folder_options,
 ) -> ExportResult:
     """Load a checkpoint and write it with `genesis_hf.model.folder.write_model_folder` (verified, with a card).
@@ -233,6 +234,7 @@ def export_checkpoint(
         step: the training step, when the caller knows it better than the checkpoint's own metadata.
         overwrite: replace an existing non-empty `out_dir`, if it is an earlier export.
         log: called with progress lines.
+        lineage: what made the model (`genesis_hf.model.lineage`), when the checkpoint does not record it itself.
         folder_options: `tolerance`, `repo_id`, `revision`, `eval_results_path`, `verify`, `redact`, `extra_files`
             of `write_model_folder`.
 
@@ -247,6 +249,7 @@ def export_checkpoint(
     loaded = checkpoint if isinstance(checkpoint, LoadedCheckpoint) else load_checkpoint(checkpoint, tokenizer_path)
     if step is not None:
         loaded.step = step
+    loaded.lineage = loaded.lineage or lineage
     log(f"Loaded {loaded.kind} checkpoint {loaded.path} (step {loaded.step}).")
     return write_model_folder(
         loaded,

@@ -328,6 +328,9 @@ class CheckpointPusher(TrainingCallback):
         self.export_format = export_format
         self.dtype = dtype
         self.max_shard_size = max_shard_size
+        # What made the run's model (`genesis_hf.model.lineage`), for the cards of checkpoints that do not record it
+        # themselves (TRL's checkpoint-N); the SFT and DPO recipes set it.
+        self.lineage: dict | None = None
         self.private = private
         self.update_main = update_main
         self.max_attempts = max_attempts
@@ -614,6 +617,7 @@ class CheckpointPusher(TrainingCallback):
             revision=branch,
             step=step,
             redact=[self._token],
+            lineage=self.lineage,
         )
 
     # -----------------------------------------------------------------------------------------------------------------
