@@ -466,6 +466,15 @@ def test_prepare_command_line(data_dir, tokenizer, tmp_path, capsys):
         == 2
     )
     assert "--shard '3/2'" in capsys.readouterr().err
+    # Prepared tokens are never replaced: the same command again is refused in one line and leaves them as they were.
+    before = {path: path.read_bytes() for path in output.rglob("*") if path.is_file()}
+    assert (
+        cli.main(["data", "prepare", "--config", str(config), "--output-dir", str(output), "--max-tokens", "20000"])
+        == 2
+    )
+    error = capsys.readouterr().err.strip().splitlines()
+    assert len(error) == 1 and "already holds prepared tokens for shard 0/1" in error[0], error
+    assert {path: path.read_bytes() for path in output.rglob("*") if path.is_file()} == before
 
 
 def test_validation_documents_are_held_out(data_dir, tokenizer):

@@ -347,3 +347,15 @@ def test_cli_bad_input_exits_2(tmp_path, capsys, arguments, expected):
     assert exit_code == 2
     stderr = capsys.readouterr().err
     assert expected in stderr and "error:" in stderr
+
+
+def test_cli_never_replaces_a_trained_tokenizer(cli_runs, capsys):
+    root, results = cli_runs
+    assert results["embedded"][0] == 0
+    folder = root / "embedded"
+    before = {path.name: path.read_bytes() for path in folder.iterdir()}
+    exit_code = cli.main(["tokenizer", "train", "--output-dir", str(folder), "--vocab-size", "600"])
+    assert exit_code == 2
+    error = capsys.readouterr().err.strip().splitlines()
+    assert len(error) == 1 and "already holds a tokenizer (tokenizer.json, tokenizer_config.json)" in error[0], error
+    assert {path.name: path.read_bytes() for path in folder.iterdir()} == before

@@ -46,6 +46,7 @@ from genesis_hf.data.sources import open_reader
 from genesis_hf.data.tokenized import (
     FORMAT,
     FORMAT_VERSION,
+    INDEX_NAME,
     SPLITS,
     TokenFileWriter,
     merge_tokenized,
@@ -167,9 +168,10 @@ def prepare_tokenized(
     """
     mixture = mixture if isinstance(mixture, MixtureConfig) else load_mixture(mixture)
     _check_prepare_arguments(shard_index, num_shards, num_proc, max_tokens)
+    output_dir = Path(output_dir)
+    _check_not_prepared(output_dir, shard_index, num_shards)
     encoder = TokenEncoder(tokenizer)
     dtype = token_dtype(encoder.vocab_size)
-    output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     pool = _encoding_pool(encoder, num_proc)
     sources_index: dict[str, Any] = {}
@@ -213,6 +215,18 @@ def _check_prepare_arguments(shard_index: int, num_shards: int, num_proc: int, m
         raise ConfigError(f"num_proc must be a positive integer, got {num_proc!r}.")
     if max_tokens is not None and max_tokens < 1:
         raise ConfigError(f"max_tokens must be positive (or unset for no budget), got {max_tokens!r}.")
+
+
+def _check_not_prepared(output_dir: Path, shard_index: int, num_shards: int) -> None:
+    """Refuse to prepare a shard over a finished one: its index is written last, so a shard without one was cut off
+    and is written again, while a finished shard (or a merged folder) is never replaced."""
+    names = [shard_index_name(shard_index, num_shards)] + ([INDEX_NAME] if num_shards == 1 else [])
+    finished = [str(output_dir / name) for name in names if (output_dir / name).exists()]
+    if finished:
+        raise ConfigError(
+            f"{finished[0]} exists: {output_dir} already holds prepared tokens for shard {shard_index}/{num_shards}; "
+            "pass a new --output-dir (prepared tokens are never replaced)."
+        )
 
 
 def _encoding_pool(encoder: TokenEncoder, num_proc: int):
