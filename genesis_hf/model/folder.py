@@ -40,6 +40,7 @@ import json
 import os
 import shutil
 import tempfile
+import threading
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
@@ -87,6 +88,12 @@ VERIFY_PROMPTS = (
     "<|im_start|>user\nWhat is 2 + 2?<|im_end|>\n<|im_start|>assistant\n",
 )
 MAX_VERIFY_TOKENS = 48
+# Held while genesis_hf loads models to export or verify them. transformers' `from_pretrained` swaps process-wide
+# functions while it loads (`torch.nn.init.*` and `PreTrainedModel.tie_weights` become no-ops, see
+# `transformers.initialization.no_init_weights`/`no_tie_weights`) and puts back what it found: two threads loading at
+# once (the Hub pusher's export of a checkpoint and the run's final export) can leave them no-ops, and a tied model then
+# loads with an uninitialised head.
+MODEL_LOADING_LOCK = threading.RLock()
 # The class name `config.json` gives under `architectures` (a Genesis model is Llama's classes): the name serving
 # engines resolve, since they ignore auto_map.
 SERVING_ARCHITECTURE = "LlamaForCausalLM"
@@ -804,33 +811,34 @@ def write_model_folder(
     check_export_settings(export_format, dtype, max_shard_size)
     out_dir = Path(out_dir)
     check_output_folder(out_dir, source.path if source.kind != "memory" else None, overwrite)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f"{out_dir.name}-partial-", dir=out_dir.parent))
-    try:
-        gguf_file = _write_format(source, staging, export_format, dtype, max_shard_size)
-        write_checkpoint_metadata(staging, source, export_format, dtype, repo_id)
-        verification = None
-        if verify:
-            verification = verify_export(
-                source.model,
-                source.tokenizer,
-                staging,
-                export_format=export_format,
-                dtype=dtype,
-                tolerance=tolerance,
-                gguf_file=gguf_file,
-            )
-            log(verification.describe(export_format, dtype))
-        card = dict(export_format=export_format, dtype=dtype, repo_id=repo_id, revision=revision, redact=redact)
-        card.update(gguf_file=gguf_file, eval_results_path=eval_results_path)
-        _write_card(staging, source, out_dir, card, verification)
-        for name, value in (extra_files or {}).items():
-            (staging / name).write_text(json.dumps(value, indent=1) + "\n")
-        write_export_marker(staging)
-        _replace_folder(out_dir, staging, overwrite)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+    with MODEL_LOADING_LOCK:
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f"{out_dir.name}-partial-", dir=out_dir.parent))
+        try:
+            gguf_file = _write_format(source, staging, export_format, dtype, max_shard_size)
+            write_checkpoint_metadata(staging, source, export_format, dtype, repo_id)
+            verification = None
+            if verify:
+                verification = verify_export(
+                    source.model,
+                    source.tokenizer,
+                    staging,
+                    export_format=export_format,
+                    dtype=dtype,
+                    tolerance=tolerance,
+                    gguf_file=gguf_file,
+                )
+                log(verification.describe(export_format, dtype))
+            card = dict(export_format=export_format, dtype=dtype, repo_id=repo_id, revision=revision, redact=redact)
+            card.update(gguf_file=gguf_file, eval_results_path=eval_results_path)
+            _write_card(staging, source, out_dir, card, verification)
+            for name, value in (extra_files or {}).items():
+                (staging / name).write_text(json.dumps(value, indent=1) + "\n")
+            write_export_marker(staging)
+            _replace_folder(out_dir, staging, overwrite)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
     files = sorted(str(path.relative_to(out_dir)) for path in out_dir.rglob("*") if path.is_file())
     return ExportResult(out_dir, export_format, dtype, files, verification, gguf_file)
 
@@ -854,6 +862,7 @@ __all__ = [
     "DEFAULT_TOLERANCE",
     "EXPORT_DTYPES",
     "EXPORT_FORMATS",
+    "MODEL_LOADING_LOCK",
     "ExportError",
     "ExportMismatchError",
     "ExportResult",

@@ -17,7 +17,7 @@ import torch
 from genesis_hf.args import ConfigError
 from genesis_hf.events import TrainingCallback
 from genesis_hf.layout import EXPORT_MARKER_FILE, FINAL_DIR, FINAL_POINTER_FILE
-from genesis_hf.model.folder import EXPORT_DTYPES, LoadedCheckpoint, write_model_folder
+from genesis_hf.model.folder import EXPORT_DTYPES, MODEL_LOADING_LOCK, LoadedCheckpoint, write_model_folder
 
 from . import checkpoint as ckpt
 
@@ -94,7 +94,8 @@ def write_checkpoint_folder(checkpoint_path: Path, out_dir: Path, *, dtype: str 
         CheckpointError: the checkpoint is not intact or not for this model.
         ExportError: `out_dir` may not be written, or the written folder does not reproduce the model.
     """
-    source = checkpoint_source(checkpoint_path)
+    with MODEL_LOADING_LOCK:  # not while the Hub pusher's thread is inside from_pretrained (see the lock)
+        source = checkpoint_source(checkpoint_path)
     dtype = dtype or _DTYPE_NAMES.get(str(source.model.config.dtype).removeprefix("torch."), "fp32")
     return write_model_folder(source, out_dir, dtype=dtype, **folder_options)
 

@@ -32,6 +32,7 @@ from genesis_hf.model.folder import (
     DEFAULT_TOLERANCE,
     EXPORT_DTYPES,
     EXPORT_FORMATS,
+    MODEL_LOADING_LOCK,
     ExportError,
     ExportMismatchError,
     ExportResult,
@@ -246,7 +247,10 @@ def export_checkpoint(
     check_export_settings(export_format, dtype, max_shard_size)
     source = checkpoint.path if isinstance(checkpoint, LoadedCheckpoint) else Path(checkpoint)
     check_output_folder(Path(out_dir), source, overwrite)
-    loaded = checkpoint if isinstance(checkpoint, LoadedCheckpoint) else load_checkpoint(checkpoint, tokenizer_path)
+    with MODEL_LOADING_LOCK:  # not while another thread is inside from_pretrained (see the lock)
+        loaded = (
+            checkpoint if isinstance(checkpoint, LoadedCheckpoint) else load_checkpoint(checkpoint, tokenizer_path)
+        )
     if step is not None:
         loaded.step = step
     loaded.lineage = loaded.lineage or lineage
