@@ -80,7 +80,13 @@ def runs(tmp_path_factory, run_env, test_mixture) -> dict[str, Path]:
                 "--use_peft", "true", "--lora_r", "4", *POSTTRAIN_FLAGS]  # fmt: skip
     assert run_recipe_in_process("sft", sft_argv) == 0
     # DPO from the SFT model, which lives only on disk: no base_model in the metadata.
-    dpo_argv = ["--model_name_or_path", str(root / "sft" / "final"), "--output_dir", str(root / "dpo"), *POSTTRAIN_FLAGS]
+    dpo_argv = [
+        "--model_name_or_path",
+        str(root / "sft" / "final"),
+        "--output_dir",
+        str(root / "dpo"),
+        *POSTTRAIN_FLAGS,
+    ]
     assert run_recipe_in_process("dpo", dpo_argv) == 0
 
     from genesis_hf.publish.export import export_checkpoint
@@ -104,7 +110,9 @@ def test_pretraining_final_card_is_trained_from_scratch_with_its_command_and_num
     assert "Recipe: `accelerate launch recipes/pretrain.py --config" in card.text and "--seed 3" in card.text
     metadata = json.loads((runs["pretrain"] / "final" / "genesis_checkpoint.json").read_text())
     assert metadata["lineage"]["stage"] == "pretraining" and metadata["step"] == 2
-    assert f"| step | {metadata['step']} |" in card.text and f"| tokens seen | {metadata['tokens_seen']} |" in card.text
+    assert (
+        f"| step | {metadata['step']} |" in card.text and f"| tokens seen | {metadata['tokens_seen']} |" in card.text
+    )
     assert "| training loss |" in card.text and "lineage" not in card.text.split("### Training configuration")[1]
 
 
