@@ -624,7 +624,7 @@ def test_readme_constitution_commands(chat_model, llama_chat_model, served_model
     answers = [{"prompt": "p", "response": text, "category": "everyday"} for text, _ in HAND_WRITTEN.values()]
     (local / "answers.jsonl").write_text("".join(json.dumps(row) + "\n" for row in answers))
     run_cli(readme_command(".venv/bin/genesis-hf engagement --responses"), local)
-    scores = read_jsonl(local / "outputs" / "engagement" / "scores.jsonl")
+    scores = read_jsonl(local / "outputs" / "engagement-answers" / "scores.jsonl")
     assert [score["hedging"] for score in scores] == [expected["hedging"] for _, expected in HAND_WRITTEN.values()]
 
 
