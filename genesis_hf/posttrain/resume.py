@@ -245,8 +245,6 @@ def check_dcp_folders(checkpoint: str | Path) -> None:
 def _dcp_entry_bytes(folder: Path, info) -> bytes:
     """The bytes of one DCP entry, as `FileSystemReader.read_data` reads them: `info.length` bytes at `info.offset` of
     the shard `info.relative_path`, through the stream transforms the entry names (none unless the writer had some)."""
-    from torch.distributed.checkpoint.filesystem import _StorageReaderTransforms
-
     relative_path, offset, length = info.relative_path, info.offset, info.length
     if not (isinstance(relative_path, str) and isinstance(offset, int) and isinstance(length, int)):
         raise ValueError(f"its storage record is not a file slice ({info!r})")
@@ -259,7 +257,9 @@ def _dcp_entry_bytes(folder: Path, info) -> bytes:
         handle.seek(offset)
         data = handle.read(length)
     descriptors = getattr(info, "transform_descriptors", None) or ()
-    if descriptors:
+    if descriptors:  # DCP's own extensions (e.g. zstd), applied as its reader applies them
+        from torch.distributed.checkpoint.filesystem import _StorageReaderTransforms
+
         data = _StorageReaderTransforms().transform_load_stream(None, descriptors, io.BytesIO(data)).read()
     return data
 
