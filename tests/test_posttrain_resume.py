@@ -171,8 +171,8 @@ def fsdp_checkpoint(output_dir: Path, step: int, plant: tuple[str, Path] | None 
     the DCP folders Accelerate's sharded save writes, `pytorch_model_fsdp_0/` (`{"model": model state}`) and
     `optimizer_0/` (`{"optimizer": get_optimizer_state_dict(...)}`) of an AdamW with the Trainer's two parameter
     groups after a step of a LambdaLR schedule. `plant=(folder, marker)` puts a `MarkerPayload` in that folder's state
-    (the optimizer's first learning rate, or an extra model entry): DCP saves it as a bytes entry, a torch.save'd object,
-    and its `.metadata` holds only DCP's own classes."""
+    (the optimizer's first learning rate, or an extra model entry): DCP saves it as a bytes entry, a torch.save'd
+    object, and its `.metadata` holds only DCP's own classes."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
 
@@ -247,6 +247,7 @@ def test_a_planted_bytes_entry_in_an_fsdp_checkpoint_is_refused_before_anything_
     error = capsys.readouterr().err.strip().splitlines()
     assert len(error) == 1, error
     assert f"checkpoint-2: entry '{entry}' of {folder}/ holds objects other than tensors" in error[0], error
+    assert "weights_only refuses it: Unsupported global: GLOBAL io.open was not an allowed global" in error[0]
     assert not marker.exists() and snapshot(output_dir) == before
     # The oracle: torch's default reader and planner, as Accelerate loads the folder, run the planted code.
     state = (

@@ -27,6 +27,7 @@ import json
 import logging
 import math
 import os
+import re
 import time
 from pathlib import Path
 from typing import Any
@@ -161,9 +162,9 @@ def check_pickles(checkpoint: str | Path) -> None:
                         raise
                     torch.load(path, map_location="cpu", weights_only=True)  # an old, non-zip torch.save
         except pickle.UnpicklingError as error:
-            reason = str(error).strip().splitlines()[0][:200]
             raise ResumeError(
-                f"{path} holds objects other than tensors (torch.load with weights_only refuses it: {reason}); "
+                f"{path} holds objects other than tensors (torch.load with weights_only refuses it: "
+                f"{_weights_only_reason(error)}); "
                 "loading it could run code. The run did not write this: move the checkpoint out of the output "
                 f"folder (the run then resumes from an earlier one), or pass --resume_from_checkpoint with another."
             ) from None
@@ -174,6 +175,15 @@ def check_pickles(checkpoint: str | Path) -> None:
                 "another."
             ) from None
     check_dcp_folders(checkpoint)
+
+
+def _weights_only_reason(error: Exception) -> str:
+    """The line of a `torch.load(weights_only=True)` refusal that names what was refused (`Unsupported global: GLOBAL
+    io.open ...`), without torch's advice to load it with `weights_only=False` or its terminal colours."""
+    text = str(error)
+    match = re.search(r"WeightsUnpickler error: (.+?)(?: Please |\n|$)", text)
+    reason = match.group(1) if match else next(iter(text.strip().splitlines()), type(error).__name__)
+    return re.sub(r"\x1b\[[0-9;]*m", "", reason).strip()[:200]
 
 
 def check_dcp_folders(checkpoint: str | Path) -> None:
@@ -230,11 +240,10 @@ def check_dcp_folders(checkpoint: str | Path) -> None:
                 with safe_globals():
                     torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
             except pickle.UnpicklingError as error:
-                reason = str(error).strip().splitlines()[0][:200]
                 raise ResumeError(
                     f"{entry} holds objects other than tensors and plain values (torch.load with weights_only "
-                    f"refuses it: {reason}); Accelerate would unpickle it with weights_only=False, which could run "
-                    f"code. {fix}"
+                    f"refuses it: {_weights_only_reason(error)}); Accelerate would unpickle it with "
+                    f"weights_only=False, which could run code. {fix}"
                 ) from None
             except Exception as error:
                 raise ResumeError(
