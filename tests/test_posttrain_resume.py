@@ -156,6 +156,107 @@ def test_a_checkpoint_whose_pickle_would_run_code_is_refused_before_anything_loa
     assert not marker.exists() and snapshot(output_dir) == before
 
 
+class MarkerPayload:
+    """Unpickling it creates `path` (`open(path, "w")`): what a planted pickle could do."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def __reduce__(self):
+        return (open, (str(self.path), "w"))
+
+
+def fsdp_checkpoint(output_dir: Path, step: int, plant: tuple[str, Path] | None = None) -> Path:
+    """A `checkpoint-N` as an FSDP run leaves it (no training: the folders are built directly): the trainer state and
+    the DCP folders Accelerate's sharded save writes, `pytorch_model_fsdp_0/` (`{"model": model state}`) and
+    `optimizer_0/` (`{"optimizer": get_optimizer_state_dict(...)}`) of an AdamW with the Trainer's two parameter
+    groups after a step of a LambdaLR schedule. `plant=(folder, marker)` puts a `MarkerPayload` in that folder's state
+    (the optimizer's first learning rate, or an extra model entry): DCP saves it as a bytes entry, a torch.save'd
+    object, and its `.metadata` holds only DCP's own classes."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.LayerNorm(4))
+    groups = [{"params": [model[0].weight], "weight_decay": 0.1}, {"params": [model[0].bias, *model[1].parameters()]}]
+    optimizer = torch.optim.AdamW(groups, lr=1e-3)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0 / (step + 1))
+    model(torch.randn(2, 4)).sum().backward()
+    optimizer.step()
+    scheduler.step()
+    states = {
+        "pytorch_model_fsdp_0": {"model": get_model_state_dict(model)},
+        "optimizer_0": {"optimizer": get_optimizer_state_dict(model, optimizer)},
+    }
+    if plant is not None and plant[0] == "optimizer_0":
+        states["optimizer_0"]["optimizer"]["param_groups"][0]["lr"] = MarkerPayload(plant[1])
+    elif plant is not None:
+        states[plant[0]]["model"]["extra_state"] = MarkerPayload(plant[1])
+    checkpoint = output_dir / f"checkpoint-{step}"
+    for name, state in states.items():
+        dcp.save(state, checkpoint_id=checkpoint / name, no_dist=True)
+    (checkpoint / "trainer_state.json").write_text(json.dumps({"global_step": step}))
+    return checkpoint
+
+
+def test_the_dcp_folders_accelerate_writes_for_an_fsdp_run_pass_the_resume_check(tmp_path):
+    import pickle
+    from types import SimpleNamespace
+
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.metadata import BytesStorageMetadata
+
+    from genesis_hf.posttrain.resume import ResumeError, plan_run
+
+    output_dir = tmp_path / "run"
+    checkpoint = fsdp_checkpoint(output_dir, 4)
+    declared = dcp.FileSystemReader(str(checkpoint / "optimizer_0")).read_metadata().state_dict_metadata
+    pickled = {key for key, entry in declared.items() if isinstance(entry, BytesStorageMetadata)}
+    # What the check has to let through: the param_groups values are bytes entries (torch.save'd floats, bools, the
+    # betas tuple, the list of parameter names), one set per group.
+    assert {"optimizer.param_groups.0.lr", "optimizer.param_groups.1.betas", "optimizer.param_groups.1.initial_lr",
+            "optimizer.param_groups.0.params"} <= pickled  # fmt: skip
+    args = SimpleNamespace(output_dir=str(output_dir), resume_from_checkpoint=None)
+    plan = plan_run(args, {"world_size": 1})
+    assert (plan.checkpoint, plan.step) == (checkpoint, 4)
+    # A .metadata that is not DCP's own classes is refused before it is built.
+    marker = tmp_path / "code-ran"
+    (checkpoint / "optimizer_0" / ".metadata").write_bytes(pickle.dumps(MarkerPayload(marker)))
+    with pytest.raises(
+        ResumeError,
+        match=r"checkpoint-4: optimizer_0/\.metadata is not DCP metadata \(\w+\.open is not a DCP metadata class",
+    ):
+        plan_run(args, {"world_size": 1})
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize(
+    ("kind", "folder", "entry"),
+    [("sft", "optimizer_0", "optimizer.param_groups.0.lr"), ("dpo", "pytorch_model_fsdp_0", "model.extra_state")],
+)
+def test_a_planted_bytes_entry_in_an_fsdp_checkpoint_is_refused_before_anything_loads(
+    kind, folder, entry, base_dir, data, tmp_path, capsys
+):
+    import torch.distributed.checkpoint as dcp
+
+    output_dir = tmp_path / "run"
+    marker = tmp_path / "code-ran"
+    checkpoint = fsdp_checkpoint(output_dir, 2, plant=(folder, marker))
+    before = snapshot(output_dir)
+    assert run_recipe_in_process(kind, recipe_flags(kind, base_dir, data, output_dir)) == 1
+    error = capsys.readouterr().err.strip().splitlines()
+    assert len(error) == 1, error
+    assert f"checkpoint-2: entry '{entry}' of {folder}/ holds objects other than tensors" in error[0], error
+    assert "weights_only refuses it: Unsupported global: GLOBAL io.open was not an allowed global" in error[0]
+    assert not marker.exists() and snapshot(output_dir) == before
+    # The oracle: torch's default reader and planner, as Accelerate loads the folder, run the planted code.
+    state = (
+        {"optimizer": {"param_groups": [{"lr": 0.0}]}} if folder == "optimizer_0" else {"model": {"extra_state": 0}}
+    )
+    dcp.load(state, checkpoint_id=checkpoint / folder, no_dist=True)
+    assert marker.exists()
+
+
 @pytest.mark.parametrize("kind", ["sft", "dpo"])
 def test_finished_results_are_kept_and_refusals_come_before_anything_loads(
     kind, base_dir, data, finished, tmp_path, capsys

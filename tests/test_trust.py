@@ -97,7 +97,7 @@ def _plant(run_dir: Path, tmp_path: Path, part: str, fqn: str) -> tuple[Path, Pa
 
 
 def _unchecked_metadata(folder: Path):
-    return ckpt._DCPMetadataUnpickler(io.BytesIO((folder / layout.DCP_METADATA_FILE).read_bytes())).load()
+    return ckpt.unpickle_dcp_metadata(folder)
 
 
 def _one_line(text: str) -> str:

@@ -12,15 +12,22 @@
   with `torch.load(weights_only=True)`: tensors and plain containers, no code. transformers' Trainer loads them that
   way too; the check refuses a planted file with one line before any model loads. `training_args.bin` is never
   loaded (the Trainer writes it for humans; nothing here reads it).
+- An FSDP run's checkpoint also holds DCP folders (`pytorch_model_fsdp_0/`, `optimizer_0/`) that Accelerate loads
+  with torch's default reader and planner: they unpickle `.metadata` as it is, and each bytes entry it declares
+  without `weights_only` (any object, any code). So every `.metadata` is read with the restricted unpickler of
+  `genesis_hf.pretrain.checkpoint` (DCP's own classes only), and every bytes entry (the optimizer's `param_groups`
+  values: lr, betas, the parameter names...) is read from its shard and must load with `weights_only=True`.
 - `start_run` (main process, just before training): records the settings and, in `metrics.jsonl`, drops what the
   killed launch logged after the resumed step and marks the restart, so every step appears once.
 """
 
 import dataclasses
+import io
 import json
 import logging
 import math
 import os
+import re
 import time
 from pathlib import Path
 from typing import Any
@@ -132,7 +139,7 @@ def check_pickles(checkpoint: str | Path) -> None:
 
     Each `.pt`/`.pth`/`.bin` file (but `training_args.bin`, which nothing loads) is opened the way transformers'
     Trainer opens it on resume, `torch.load(weights_only=True)` with numpy's arrays allowed, memory-mapped so that the
-    tensors are not read.
+    tensors are not read; then the DCP folders of an FSDP run (`check_dcp_folders`).
 
     Raises:
         ResumeError: naming the file and the fix.
@@ -155,9 +162,9 @@ def check_pickles(checkpoint: str | Path) -> None:
                         raise
                     torch.load(path, map_location="cpu", weights_only=True)  # an old, non-zip torch.save
         except pickle.UnpicklingError as error:
-            reason = str(error).strip().splitlines()[0][:200]
             raise ResumeError(
-                f"{path} holds objects other than tensors (torch.load with weights_only refuses it: {reason}); "
+                f"{path} holds objects other than tensors (torch.load with weights_only refuses it: "
+                f"{_weights_only_reason(error)}); "
                 "loading it could run code. The run did not write this: move the checkpoint out of the output "
                 f"folder (the run then resumes from an earlier one), or pass --resume_from_checkpoint with another."
             ) from None
@@ -167,6 +174,103 @@ def check_pickles(checkpoint: str | Path) -> None:
                 "output folder (the run then resumes from an earlier one), or pass --resume_from_checkpoint with "
                 "another."
             ) from None
+    check_dcp_folders(checkpoint)
+
+
+def _weights_only_reason(error: Exception) -> str:
+    """The line of a `torch.load(weights_only=True)` refusal that names what was refused (`Unsupported global: GLOBAL
+    io.open ...`), without torch's advice to load it with `weights_only=False` or its terminal colours."""
+    text = str(error)
+    match = re.search(r"WeightsUnpickler error: (.+?)(?: Please |\n|$)", text)
+    reason = match.group(1) if match else next(iter(text.strip().splitlines()), type(error).__name__)
+    return re.sub(r"\x1b\[[0-9;]*m", "", reason).strip()[:200]
+
+
+def check_dcp_folders(checkpoint: str | Path) -> None:
+    """Refuse a checkpoint whose DCP folders (an FSDP run's `pytorch_model_fsdp_0/`, `optimizer_0/`) would run code
+    when Accelerate loads them.
+
+    Each `.metadata` is unpickled with DCP's own classes only (`unpickle_dcp_metadata`), and each bytes entry it
+    declares is read from its shard file and opened with `torch.load(weights_only=True)`: what Accelerate's sharded
+    save writes there (the optimizer's `param_groups` values) passes; a pickled object does not. Nothing is
+    unpickled otherwise, and the tensors are not read.
+
+    Raises:
+        ResumeError: naming the checkpoint, the DCP folder, the entry and the fix.
+    """
+    import pickle
+
+    import torch
+    from torch.distributed.checkpoint.metadata import BytesStorageMetadata
+    from transformers.trainer_pt_utils import safe_globals
+
+    from genesis_hf.layout import DCP_METADATA_FILE
+    from genesis_hf.pretrain.checkpoint import unpickle_dcp_metadata
+
+    checkpoint = Path(checkpoint)
+    fix = (
+        "The run did not write this: move the checkpoint out of the output folder (the run then resumes from an "
+        "earlier one), or pass --resume_from_checkpoint with another."
+    )
+    for metadata_path in sorted(checkpoint.rglob(DCP_METADATA_FILE)):
+        folder = metadata_path.parent
+        where = f"{checkpoint}: {folder.relative_to(checkpoint)}/{DCP_METADATA_FILE}"
+        if not metadata_path.is_file():
+            continue
+        try:
+            metadata = unpickle_dcp_metadata(folder)
+            declared = dict(metadata.state_dict_metadata or {})
+            storage = dict(metadata.storage_data or {})
+        except pickle.UnpicklingError as error:
+            reason = str(error).strip().splitlines()[0][:200] if str(error).strip() else type(error).__name__
+            raise ResumeError(
+                f"Checkpoint {where} is not DCP metadata ({reason}); loading it could run code. {fix}"
+            ) from None
+        except Exception as error:  # a truncated or planted pickle raises anything from EOFError to TypeError
+            raise ResumeError(
+                f"Checkpoint {where} cannot be read ({type(error).__name__}: {str(error)[:200]}). {fix}"
+            ) from None
+        for index, info in storage.items():
+            fqn = getattr(index, "fqn", index)
+            if not isinstance(declared.get(fqn), BytesStorageMetadata):
+                continue  # a tensor: DCP reads it with torch.load(weights_only=True) itself
+            entry = f"Checkpoint {checkpoint}: entry {fqn!r} of {folder.relative_to(checkpoint)}/"
+            try:
+                data = _dcp_entry_bytes(folder, info)
+                with safe_globals():
+                    torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+            except pickle.UnpicklingError as error:
+                raise ResumeError(
+                    f"{entry} holds objects other than tensors and plain values (torch.load with weights_only "
+                    f"refuses it: {_weights_only_reason(error)}); Accelerate would unpickle it with "
+                    f"weights_only=False, which could run code. {fix}"
+                ) from None
+            except Exception as error:
+                raise ResumeError(
+                    f"{entry} cannot be read ({type(error).__name__}: {str(error)[:200]}). {fix}"
+                ) from None
+
+
+def _dcp_entry_bytes(folder: Path, info) -> bytes:
+    """The bytes of one DCP entry, as `FileSystemReader.read_data` reads them: `info.length` bytes at `info.offset` of
+    the shard `info.relative_path`, through the stream transforms the entry names (none unless the writer had some)."""
+    relative_path, offset, length = info.relative_path, info.offset, info.length
+    if not (isinstance(relative_path, str) and isinstance(offset, int) and isinstance(length, int)):
+        raise ValueError(f"its storage record is not a file slice ({info!r})")
+    shard = folder / relative_path
+    if not shard.resolve().is_relative_to(folder.resolve()):
+        raise ValueError(f"it names a shard outside its folder ({relative_path!r})")
+    if offset < 0 or length < 0 or shard.stat().st_size < offset + length:
+        raise ValueError(f"shard {relative_path} holds {shard.stat().st_size} bytes, not {offset} + {length}")
+    with open(shard, "rb") as handle:
+        handle.seek(offset)
+        data = handle.read(length)
+    descriptors = getattr(info, "transform_descriptors", None) or ()
+    if descriptors:  # DCP's own extensions (e.g. zstd), applied as its reader applies them
+        from torch.distributed.checkpoint.filesystem import _StorageReaderTransforms
+
+        data = _StorageReaderTransforms().transform_load_stream(None, descriptors, io.BytesIO(data)).read()
+    return data
 
 
 def run_settings(recipe: str, *arguments) -> dict[str, Any]:
@@ -336,6 +440,7 @@ def check_training_settings(training_args) -> None:
 __all__ = [
     "ResumeError",
     "RunPlan",
+    "check_dcp_folders",
     "check_pickles",
     "check_training_settings",
     "checkpoint_problem",

@@ -211,6 +211,24 @@ class _DCPMetadataUnpickler(pickle.Unpickler):
         )
 
 
+def unpickle_dcp_metadata(folder: str | Path):
+    """The DCP `Metadata` of any DCP folder, unpickled with only DCP's own classes allowed (never runs code), whatever
+    entries it declares. `read_dcp_metadata` adds the trainer's own rule on entries.
+
+    Args:
+        folder: a DCP folder (one holding `.metadata`).
+
+    Raises:
+        pickle.UnpicklingError: the file references anything else, or is not DCP metadata.
+    """
+    from torch.distributed.checkpoint.metadata import Metadata
+
+    metadata = _DCPMetadataUnpickler(io.BytesIO((Path(folder) / DCP_METADATA_FILE).read_bytes())).load()
+    if not isinstance(metadata, Metadata):
+        raise pickle.UnpicklingError(f"it holds a {type(metadata).__name__}, not DCP Metadata")
+    return metadata
+
+
 def read_dcp_metadata(folder: str | Path):
     """The DCP `Metadata` of a checkpoint folder, unpickled with only DCP's own classes allowed (never runs code).
 
@@ -218,13 +236,12 @@ def read_dcp_metadata(folder: str | Path):
         folder: a DCP folder (`model/` or `optimizer/` of a checkpoint).
 
     Raises:
-        pickle.UnpicklingError: the file references anything else, or is not DCP metadata.
+        pickle.UnpicklingError: the file references anything else, is not DCP metadata, or declares a bytes entry
+            other than the optimizer's `param_groups` values.
     """
-    from torch.distributed.checkpoint.metadata import BytesStorageMetadata, Metadata
+    from torch.distributed.checkpoint.metadata import BytesStorageMetadata
 
-    metadata = _DCPMetadataUnpickler(io.BytesIO((Path(folder) / DCP_METADATA_FILE).read_bytes())).load()
-    if not isinstance(metadata, Metadata):
-        raise pickle.UnpicklingError(f"it holds a {type(metadata).__name__}, not DCP Metadata")
+    metadata = unpickle_dcp_metadata(folder)
     # A bytes entry is a torch.save'd object that DCP's default planner unpickles with weights_only=False. Model and
     # optimizer states are tensors, plus the primitive param_groups values the trainer writes itself.
     for key, entry in (metadata.state_dict_metadata or {}).items():
@@ -1077,6 +1094,7 @@ __all__ = [
     "load_model_from_checkpoint",
     "load_training_checkpoint",
     "read_dcp_metadata",
+    "unpickle_dcp_metadata",
     "restore_rng_state",
     "load_dcp",
     "safe_load_planner",
