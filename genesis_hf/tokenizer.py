@@ -340,7 +340,9 @@ def _run_train(args: argparse.Namespace) -> int:
             raise _UsageError(f"--model_max_length {args.model_max_length} must be positive, e.g. 2048.")
         if Path(args.output_dir).exists() and not Path(args.output_dir).is_dir():
             raise _UsageError(f"--output_dir {args.output_dir!r} is a file; pass a directory (it is created).")
-        held = [name for name in ("tokenizer.json", "tokenizer_config.json") if (Path(args.output_dir) / name).exists()]
+        held = [
+            name for name in ("tokenizer.json", "tokenizer_config.json") if (Path(args.output_dir) / name).exists()
+        ]
         if held:
             raise _UsageError(
                 f"--output_dir {args.output_dir!r} already holds a tokenizer ({', '.join(held)}); pass a new folder "
