@@ -8,6 +8,7 @@ with a 300-token tokenizer and no chat tokens, exactly the state of a pretrainin
 import copy
 import importlib.util
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -380,6 +381,9 @@ def test_embedded_data_is_a_few_hundred_valid_conversations_and_pairs():
     assert any(messages[0]["role"] == "system" for messages in conversations)
     assert any(len(messages) >= 4 for messages in conversations)
     assert sum("<think>" in messages[-1]["content"] for messages in conversations) > 50
+    # The same in every process: no memory address of a default argument (`<function copy2 at 0x...>`) in the text,
+    # which made the default SFT run's token count differ from run to run.
+    assert not [m["content"] for c in conversations for m in c if re.search(r" at 0x[0-9a-fA-F]+", m["content"])]
     pairs = embedded.preference_pairs()
     assert len(pairs) >= 200
     assert all(pair["chosen"] != pair["rejected"] and pair["prompt"][0]["role"] == "user" for pair in pairs)

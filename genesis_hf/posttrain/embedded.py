@@ -58,9 +58,12 @@ def _first_paragraph(doc: str) -> str:
 
 def _signature(function) -> str:
     try:
-        return str(inspect.signature(function))
+        signature = str(inspect.signature(function))
     except (TypeError, ValueError):
         return "(...)"
+    # A default that is a function or object prints its memory address, which changes from process to process (and
+    # with it the SFT data and its token count): keep the name only.
+    return re.sub(r" at 0x[0-9a-fA-F]+", "", signature)
 
 
 @functools.lru_cache(maxsize=1)
