@@ -6,11 +6,9 @@ interrupted. FSDP2 runs the 2x RTX 4090 Accelerate config itself (`--mixed_preci
 processes use gloo), so the wrapping, activation checkpointing and sharded checkpoints tested here are the GPU run's.
 """
 
-import itertools
 import json
 import os
 import random
-import re
 import signal
 import socket
 import subprocess
@@ -21,7 +19,6 @@ from pathlib import Path
 import pytest
 import yaml
 
-from genesis_hf import corpus
 from genesis_hf.pretrain import checkpoint as ckpt
 from genesis_hf.pretrain.reference import greedy_samples
 
@@ -245,9 +242,8 @@ def test_readme_command_trains_genesis_tiny_and_the_result_loads(tmp_path, run_e
     assert any((output_dir / "tensorboard").rglob("events.out.tfevents.*"))
     model = AutoModelForCausalLM.from_pretrained(output_dir / "final")
     tokenizer = AutoTokenizer.from_pretrained(output_dir / "final")
-    # Greedy samples hold words and identifiers of the corpus, not only spaces or digits.
+    # final/ loads as the model the run trained: its greedy samples are the ones the run printed from memory.
     samples = greedy_samples(model, tokenizer)
-    words = {word for sample in samples.values() for word in re.findall(r"[A-Za-z_][A-Za-z_0-9]{3,}", sample)}
-    corpus_text = "\n".join(itertools.islice(corpus.default_corpus(), 3000))
-    assert any(word in corpus_text for word in words), samples
+    for prompt, continuation in samples.items():
+        assert f"Sample (greedy) {prompt!r} -> {continuation!r}" in result.stdout, (samples, result.stdout[-2000:])
     print(f"README run: {elapsed:.0f}s, loss {first:.2f}, held-out {last:.2f} vs unigram {reference:.2f}")
