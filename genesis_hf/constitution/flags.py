@@ -11,9 +11,13 @@
 - `words` and `distinct_2` (distinct word bigrams over all bigrams; low values flag repetition).
 """
 
+import json
 import re
+from pathlib import Path
 
 SUBSTANCE_WORDS = 15
+FLAGS = ("follow_up", "hedging", "refusal", "generic_refusal")
+LABELS_FILE = Path(__file__).with_name("prompt_sets") / "engagement_labels.jsonl"
 
 _REFUSAL = re.compile(
     r"\bI(?:'m|\s+am)?\s+(?:can(?:no|')t|cannot|won't|will\s+not|(?:not\s+able|unable)\s+to|not\s+going\s+to|"
@@ -101,3 +105,48 @@ def engagement_flags(text: str) -> dict:
         "words": len(_WORD.findall(text)),
         "distinct_2": round(distinct_2(text), 4),
     }
+
+
+def load_labels(path: str | Path = LABELS_FILE) -> list[dict]:
+    """Hand-labelled responses: `prompt`, `category`, `response`, a boolean per flag and `split` (tune, held_out)."""
+    return [json.loads(line) for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def flag_agreement(rows: list[dict]) -> dict:
+    """How the rules agree with the hand labels of `rows`: per flag, precision, recall and the counts behind them.
+
+    Precision (recall) is None when the rules (the labels) mark no row, as there is nothing to be right about.
+    """
+    predicted = [engagement_flags(row["response"]) for row in rows]
+    result = {}
+    for flag in FLAGS:
+        pairs = [(bool(flags[flag]), bool(row[flag])) for flags, row in zip(predicted, rows)]
+        true_positive = sum(guess and label for guess, label in pairs)
+        flagged, positive = sum(guess for guess, _ in pairs), sum(label for _, label in pairs)
+        result[flag] = {
+            "precision": round(true_positive / flagged, 4) if flagged else None,
+            "recall": round(true_positive / positive, 4) if positive else None,
+            "n": len(pairs),
+            "n_positive": positive,
+            "n_flagged": flagged,
+            "false_positives": flagged - true_positive,
+            "false_negatives": positive - true_positive,
+        }
+    return result
+
+
+def agreement_table(rows: list[dict]) -> str:
+    """A markdown table of `flag_agreement` on each split of `rows` (tune, held_out) and on all of them."""
+    splits = sorted({row.get("split", "all") for row in rows}, key=lambda name: (name != "tune", name))
+    groups = [(name, [row for row in rows if row.get("split", "all") == name]) for name in splits]
+    if len(groups) > 1:
+        groups.append(("all", rows))
+    lines = ["| split | flag | precision | recall | positives | flagged |", "|---|---|---|---|---|---|"]
+    for name, group in groups:
+        for flag, entry in flag_agreement(group).items():
+            cells = ["-" if entry[key] is None else f"{entry[key]:.3f}" for key in ("precision", "recall")]
+            lines.append(
+                f"| {name} ({len(group)}) | {flag} | {cells[0]} | {cells[1]} | {entry['n_positive']} | "
+                f"{entry['n_flagged']} |"
+            )
+    return "\n".join(lines) + "\n"
