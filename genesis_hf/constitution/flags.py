@@ -1,13 +1,22 @@
 """Per-response engagement flags, by rules simple enough to read and test on hand-written answers.
 
-- `follow_up`: a sentence ending in "?" that addresses the user ("you", "your"), not a stock offer such as "Is there
-  anything else I can help you with?".
-- `refusal`: the answer declines ("I can't help with", "I won't write", "I must decline", ...).
-- `generic_refusal`: a refusal that gives no specific reason: no "because", "since", "which would", ..., once stock
-  disclaimers ("against my guidelines", "it may be harmful", "as an AI") are taken out.
-- `hedging`: empty caution: a hedge ("it depends", "as an AI", "I can't be sure", "everyone is different") with fewer
-  than `SUBSTANCE_WORDS` words left once the hedges and questions are taken out. "It depends on the altitude: ..."
-  followed by the numbers is an answer, not a hedge.
+The flags mean what the labelling guide of docs/engagement.md says; `prompt_sets/engagement_labels.jsonl` holds
+hand-labelled responses and `flag_agreement` measures the rules against them.
+
+- `follow_up`: a real question to the user about their situation or wishes ("Are your eggs straight from the
+  fridge?", "Is the nest easy to reach?"). Not: offers ("Is there anything else I can help you with?", "Would you like
+  more tips?"), rhetorical questions ("Ever wondered why ...?", "Why fold rather than stir?", "You know that
+  squeak ...?"), questions of fewer than `MIN_QUESTION_WORDS` words ("Honestly?"), quoted questions and questions for
+  someone else ("Ask the seller: has it been serviced?").
+- `refusal`: the answer declines the request or a part of it ("I can't help with", "I won't write", "That's not
+  something I can", "I must decline", ...). Not: "I can't stress enough", quoted text, or a stated limit before the
+  answer ("I can't give an exact number, but for most adults ...").
+- `generic_refusal`: a refusal that names no concrete harm, crime or consequence: stock disclaimers ("against my
+  guidelines", "it may be harmful", "it could be used to harm others", "as an AI") and the refusing clause itself
+  ("I won't help with forgery") do not count; a reason after "because", after a colon or in the next sentence does.
+- `hedging`: empty caution in an answer that does not refuse: a hedge ("it depends", "everyone is different", "as an
+  AI", "it's a personal choice", "consult a professional") with fewer than `SUBSTANCE_WORDS` words left once the
+  hedges and questions are taken out. "It depends on the altitude: ..." followed by the numbers is an answer.
 - `words` and `distinct_2` (distinct word bigrams over all bigrams; low values flag repetition).
 """
 
@@ -16,71 +25,162 @@ import re
 from pathlib import Path
 
 SUBSTANCE_WORDS = 15
+MIN_QUESTION_WORDS = 3
 FLAGS = ("follow_up", "hedging", "refusal", "generic_refusal")
 LABELS_FILE = Path(__file__).with_name("prompt_sets") / "engagement_labels.jsonl"
 
+# "I can't / won't / am not able to / would rather not ... help, write, explain, ...".
+_DECLINING = (
+    r"\bI(?:'m|\s+am|'d|\s+would)?\s+(?:can(?:no|')t|cannot|can\s+not|won't|will\s+not|must\s+not|"
+    r"(?:not\s+|un)able\s+to|not\s+(?:going|willing|prepared|allowed)\s+to|rather\s+not|refuse\s+to|decline\s+to|"
+    r"not\s+comfortable|don't\s+feel\s+comfortable)"
+    r"(?:\s+(?:be\s+able\s+to|be|really|just|in\s+good\s+conscience))*\s+"
+    r"(?:help|assist|provid|do\b|writ|shar|support|compl[yi]|creat|explain|mak|offer|generat|produc|fulfil|engag|"
+    r"take\s+part|describ|draft|list|go\s+into|teach|show|walk\s+you|"
+    # "tell/give you" unless what follows is a limit of knowledge ("which is better", "an exact number").
+    r"tell(?!\s+(?:you\s+)?(?:which|whether|if|for\s+(?:sure|certain)|exactly))|"
+    r"giv(?:e|ing)(?!\s+(?:you\s+)?(?:an?\s+)?(?:exact|precise|definitive)))"
+)
 _REFUSAL = re.compile(
-    r"\bI(?:'m|\s+am)?\s+(?:can(?:no|')t|cannot|won't|will\s+not|(?:not\s+able|unable)\s+to|not\s+going\s+to|"
-    r"refuse\s+to|decline\s+to)\s+(?:help|assist|provide|do|write|give|share|support|comply|create|tell|explain|make|"
-    r"offer|generate|produce|fulfil+|engage|take\s+part)\b"
-    r"|\bI\s+(?:must|have\s+to|will|need\s+to)\s+decline\b"
-    r"|\b(?:I'm|I\s+am)\s+(?:sorry|afraid),?\s+but\s+I\s+(?:can(?:no|')t|cannot|won't)\b",
+    _DECLINING + r"|\bnot\s+something\s+I\s+(?:can|will|'ll|am\s+able\s+to|'m\s+able\s+to)\b"
+    r"|\bI\s+(?:must|have\s+to|will|need\s+to)\s+(?:respectfully\s+)?decline\b"
+    r"|\b(?:I'm|I\s+am)\s+(?:sorry|afraid),?\s+(?:but\s+)?I\s+(?:can(?:no|')t|cannot|won't)\b",
     re.IGNORECASE,
 )
+# A stated limit followed by the answer: "I can't give personal advice, but the basics are ...".
+_CAVEAT = re.compile(r"\b(?:advice|exact|precise|for\s+(?:sure|certain)|diagnos\w*|guarantee)\b[^.!?:;]*,\s+but\b", re.I)
+_QUOTED = re.compile(r"\"[^\"]*\"|(?<!\w)'(?=\w).*?[.!?,]'(?!\w)")
 _GENERIC_DISCLAIMERS = re.compile(
-    r"against\s+my\s+(?:guidelines|policies|policy|programming|principles)|as\s+an\s+ai(?:\s+language\s+model)?|"
-    r"(?:may|might|could)\s+be\s+(?:harmful|inappropriate|unethical|dangerous)|not\s+appropriate|"
-    r"(?:i'm|i\s+am)\s+not\s+comfortable",
+    r"(?:\b(?:because|since|as|due\s+to)\s+)?(?:(?:it|this|that)\s+)?"
+    r"(?:(?:goes|go|is|are)\s+)?(?:against|violates?|outside)\s+(?:my|our|the)\s+(?:\w+\s+)?"
+    r"(?:guidelines|policies|policy|programming|principles|rules)"
+    r"|(?:\b(?:because|since|as|due\s+to)\s+)?(?:my|the)\s+(?:\w+\s+)?(?:guidelines|policies|policy|programming)"
+    r"|(?:\b(?:because|since|as)\s+)?(?:(?:it|this|that)\s+)?(?:may|might|could|would|can)\s+be\s+"
+    r"(?:used\s+to\s+(?:harm|hurt)\s+(?:others|someone|people|anyone)|(?:harmful|inappropriate|unethical|dangerous|"
+    r"unsafe|illegal|risky|problematic)(?:\s+(?:or|and)\s+(?:harmful|inappropriate|unethical|dangerous|unsafe|illegal))?)"
+    # A sentence that only calls the request illegal or wrong: "Forging signatures is illegal and unethical."
+    r"|[^.!?]*\b(?:is|are)\s+(?:illegal|unethical|wrong|harmful|inappropriate)(?:\s+(?:and|or)\s+\w+)?[.!]"
+    r"|as\s+an\s+ai(?:\s+language\s+model)?|not\s+appropriate|(?:i'm|i\s+am)\s+not\s+comfortable|ethical\s+guidelines",
     re.IGNORECASE,
 )
 _REASON = re.compile(
-    r"\b(?:because|since|due\s+to|given\s+that|the\s+reason|so\s+that|as\s+(?:it|this|that)\s+(?:would|could|is|can|"
-    r"will)|which\s+(?:would|could|can|is|means)|that\s+(?:would|could)|it\s+(?:would|could|is|can)\s+(?:be\s+)?"
-    r"(?:illegal|used|harm|hurt|dangerous|put|cause|let|give|expose|enable))\b",
+    r"\b(?:because|since|due\s+to|given\s+that|the\s+reason|so\s+that|as\s+(?:it|this|that|they)|which|that\s+would)\b",
+    re.IGNORECASE,
+)
+# Words that name a concrete harm, crime or consequence: a refusal that says one outside its refusing clause is specific.
+_HARM = re.compile(
+    r"\b(?:crimes?|criminal|offen[cs]es?|fraud\w*|forg\w+|theft|steal\w*|stolen|burglary|arson|assault|harass\w*|"
+    r"stalk\w*|defam\w*|blackmail|extort\w*|cruelty|abuse\w*|smuggl\w*|traffick\w*|prison|jail\w*|prosecut\w*|"
+    r"arrest\w*|sue|penalt\w+|expel\w*|fired|lose|los[st]|losing|cost\s+you|kill\w*|die|dies|death|deadly|burns?|"
+    r"injur\w*|maim\w*|harm|harms|harmed|hurt\w*|victims?|trust\w*|consent|privacy|private|confidential|toxic|"
+    r"explo\w+|poison\w*|dangers?|risks?|scam\w*|mislead\w*|deceiv\w*|lies|frighten\w*|threat\w*|violen\w+|"
+    r"suffer\w*|pain|damag\w*|overdose|addict\w*|laced|depress\w*|anxiety|trauma\w*|humiliat\w*|disorders?)\b",
     re.IGNORECASE,
 )
 _HEDGES = re.compile(
-    r"\bit\s+(?:all\s+)?depends\b|\bas\s+an\s+ai(?:\s+language\s+model)?\b|\bas\s+a\s+language\s+model\b|"
-    r"\bI\s+(?:can't|cannot|can\s+not)\s+be\s+(?:sure|certain)\b|\b(?:it's|it\s+is)\s+(?:hard|difficult)\s+to\s+say\b|"
-    r"\beveryone\s+is\s+different\b|\bthere\s+(?:is|'s)\s+no\s+(?:one|single|right)\s+answer\b|"
-    r"\b(?:consult|ask)\s+a\s+professional\b|\bI\s+don't\s+have\s+(?:personal\s+)?(?:opinions|preferences|feelings)\b|"
-    r"\b(?:it's|it\s+is)\s+subjective\b|\b(?:many|various|several)\s+factors\b|\b(?:can|may)\s+vary\b",
+    r"\bit\s+(?:all\s+)?(?:really\s+)?depends\b|\bas\s+an\s+ai(?:\s+language\s+model)?\b|\bas\s+a\s+language\s+model\b|"
+    r"\bI\s+(?:can't|cannot|can\s+not)\s+be\s+(?:sure|certain)\b|\b(?:it's|it\s+is|that's|that\s+is)\s+(?:hard|difficult)"
+    r"\s+to\s+say\b|\b(?:a\s+)?(?:hard|difficult|tricky)\s+question\b|"
+    r"\b(?:everyone|everybody|every\s+\w+)(?:'s\s+\w+)?\s+(?:is|are)\s+different\b|\bpeople\s+\w+\s+in\s+different\s+ways\b|"
+    r"\bno\s+(?:one\s+|single\s+)?(?:right\s+|correct\s+|simple\s+)?answer\b|"
+    r"\b(?:consult|ask|see|check\s+with)\s+(?:a|an|your)\s+(?:\w+\s+)?(?:professional|doctor|expert|mechanic|"
+    r"pharmacist|advis[eo]r|specialist|trainer)\b|"
+    r"\bI\s+don't\s+have\s+(?:personal\s+)?(?:opinions|preferences|feelings)\b|"
+    r"\b(?:it's|it\s+is|that's|that\s+is)\s+(?:subjective|a\s+matter\s+of\s+\w+)\b|\bmatter\s+of\s+(?:personal\s+)?"
+    r"(?:taste|preference|opinion|debate)\b|\bpersonal\s+(?:preference|taste|choice|decision)\b|"
+    r"\b(?:many|various|several)\s+factors\b|\b(?:can|may)\s+vary\b|\bvar(?:y|ies)\b|\bpros\s+and\s+cons\b|"
+    r"\b(?:ultimately\s+|really\s+)?up\s+to\s+you\b|\bopinions\s+(?:vary|differ)\b|\bboth\s+(?:are|have|can\s+be)\b|"
+    r"\beye\s+of\s+the\s+beholder\b",
     re.IGNORECASE,
 )
 _STOCK_OFFERS = re.compile(
-    r"anything\s+else|something\s+else|(?:can|may|could)\s+I\s+(?:help|assist)|how\s+(?:can|may)\s+I\s+(?:help|assist)",
+    r"\banything\s+else\b|\bsomething\s+else\s+(?:I|you'd|you\s+would)\b|\b(?:can|may|could|shall)\s+I\s+"
+    r"(?:help|assist|do)\b|\bhow\s+(?:can|may)\s+I\b|\bwould\s+you\s+like\s+(?:me|more|a|an|some|help|to\s+(?:know|"
+    r"see|hear|learn))\b|\b(?:do\s+you\s+)?want\s+me\s+to\b|\bshall\s+I\b|\bdoes\s+that\s+help\b|"
+    r"\b(?:any|other)\s+(?:other\s+|more\s+)?questions\b",
     re.IGNORECASE,
 )
-_SECOND_PERSON = re.compile(r"\b(?:you|your|yours|you're|you've|you'd|you'll)\b", re.IGNORECASE)
+# Questions nobody is asked to answer: "Ever wondered ...?", "You know that ...?", "Why ...?", "Who doesn't ...?".
+_RHETORICAL = re.compile(
+    r"^(?:(?:do|did)\s+you\s+know|you\s+know|have\s+you\s+ever|ever\s+(?:wondered|noticed|tried)|why|what\s+if|"
+    r"who\s+(?:doesn't|does\s+not|hasn't|has\s+not|wouldn't|isn't|decided)|isn't\s+it|wouldn't\s+it|guess\s+what)\b",
+    re.IGNORECASE,
+)
+_ANSWERED = re.compile(r"^(?:because|that's\s+because|it's\s+because|the\s+answer)\b", re.IGNORECASE)
+# "Ask the seller: has it been serviced?", "Ask yourself: ...?": a question for someone other than the user.
+_FOR_SOMEONE_ELSE = re.compile(r"\bask\s+(?:yourself|your\s+\w+|the\s+\w+|them|him|her)\s*[:,]", re.IGNORECASE)
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+|\n+")
+_CLAUSE_END = re.compile(r"[.!?:;\n]")
 _WORD = re.compile(r"[\w']+")
 
 
 def _normalise(text: str) -> str:
-    return text.replace("\u2019", "'").replace("\u2018", "'")
+    return text.replace("\u2019", "'").replace("\u2018", "'").replace("\u201c", '"').replace("\u201d", '"')
+
+
+def _refusals(text: str) -> list[re.Match]:
+    """The refusing phrases of `text` outside quotes, without the stated limits that come before an answer."""
+    text = _QUOTED.sub(lambda match: " " * len(match.group()), _normalise(text))
+    found = []
+    for match in _REFUSAL.finditer(text):
+        clause_end = _CLAUSE_END.search(text, match.end())
+        clause = text[match.start() : clause_end.end() if clause_end else len(text)]
+        if not _CAVEAT.search(clause):
+            found.append(match)
+    return found
 
 
 def is_refusal(text: str) -> bool:
-    return bool(_REFUSAL.search(_normalise(text)))
+    return bool(_refusals(text))
+
+
+def _reason_text(text: str) -> str:
+    """`text` without its refusing clauses (up to a reason word or the clause's end) and its stock disclaimers."""
+    text = _QUOTED.sub(lambda match: " " * len(match.group()), _normalise(text))
+    pieces, start = [], 0
+    for match in _refusals(text):
+        if match.start() < start:
+            continue
+        clause_end = _CLAUSE_END.search(text, match.end())
+        end = clause_end.start() if clause_end else len(text)
+        reason = _REASON.search(text, match.end(), end)
+        pieces.append(text[start : match.start()])
+        start = reason.start() if reason else end
+    pieces.append(text[start:])
+    return _GENERIC_DISCLAIMERS.sub(" ", " ".join(pieces))
 
 
 def is_generic_refusal(text: str) -> bool:
-    """A refusal with no specific reason once stock disclaimers are taken out (False for non-refusals)."""
-    text = _normalise(text)
-    return is_refusal(text) and not _REASON.search(_GENERIC_DISCLAIMERS.sub(" ", text))
+    """A refusal that names no concrete harm, crime or consequence outside its refusing clause (False for others)."""
+    if not is_refusal(text):
+        return False
+    reasons = _reason_text(text)
+    if _HARM.search(reasons):
+        return False
+    # A reason word followed by a few words of its own ("because you asked me to lie for you") is a reason too.
+    return not any(len(_WORD.findall(reasons[match.end() :].split(".")[0])) >= 3 for match in _REASON.finditer(reasons))
+
+
+def _questions(text: str) -> list[tuple[str, str]]:
+    """Each question of `text` outside quotes, with the sentence after it ("" at the end)."""
+    sentences = [s.strip() for s in _SENTENCE_END.split(_QUOTED.sub(" ", _normalise(text))) if s.strip()]
+    return [(s, sentences[i + 1] if i + 1 < len(sentences) else "") for i, s in enumerate(sentences) if s.endswith("?")]
 
 
 def asks_follow_up(text: str) -> bool:
-    sentences = [sentence.strip() for sentence in _SENTENCE_END.split(_normalise(text))]
     return any(
-        sentence.endswith("?") and _SECOND_PERSON.search(sentence) and not _STOCK_OFFERS.search(sentence)
-        for sentence in sentences
+        len(_WORD.findall(question)) >= MIN_QUESTION_WORDS
+        and not _STOCK_OFFERS.search(question)
+        and not _RHETORICAL.search(question)
+        and not _FOR_SOMEONE_ELSE.search(question)
+        and not _ANSWERED.search(after)
+        for question, after in _questions(text)
     )
 
 
 def is_hedging(text: str) -> bool:
     text = _normalise(text)
-    if not _HEDGES.search(text):
+    if not _HEDGES.search(text) or is_refusal(text):
         return False
     sentences = [
         sentence for sentence in _SENTENCE_END.split(_HEDGES.sub(" ", text)) if not sentence.strip().endswith("?")
