@@ -2,12 +2,14 @@
 
     genesis-hf engagement outputs/dpo-tiny/final --output_dir outputs/engagement      # generate, then score
     genesis-hf engagement --responses answers.jsonl --output_dir outputs/engagement   # score given responses
+    genesis-hf engagement --agreement genesis_hf:engagement_labels                    # the flags vs hand labels
 
 Generation asks the held-out `genesis_hf:engagement` prompts (or `--prompts`) with the same backends as
 `constitution generate` (`--base_url` for an endpoint). Each response gets the flags of `flags.engagement_flags`;
 writes `scores.jsonl` (one row per response), `engagement.json` (rates per category, benign vs harmful, and the
 headline numbers `genesis-hf report` shows) and `engagement.md` (the same as a table). `--judge_model` (or
-`--judge_base_url`) adds a judge model's 1-5 score per principle.
+`--judge_base_url`) adds a judge model's 1-5 score per principle. `--agreement` prints how far the flags agree with
+hand labels (precision and recall per flag and split; docs/engagement.md), so a change to the rules can be measured.
 """
 
 import argparse
@@ -22,12 +24,13 @@ from genesis_hf.writer_lock import create_exclusively, hold_folder
 
 from .backends import BackendArguments, BackendError, build_backend, check_backend_arguments
 from .cli import forward_to
-from .flags import engagement_flags
+from .flags import FLAGS, LABELS_FILE, agreement_table, engagement_flags, load_labels
 from .principles import ConstitutionError, load_constitution
 from .prompts import HARMFUL_CATEGORIES, PromptsError, load_prompts, read_utf8
 
 RATE_FLAGS = ("follow_up", "hedging", "refusal", "generic_refusal")
 # What a scoring run writes into --output_dir (never replaced), and what --compare writes.
+PACKAGED_LABELS = "genesis_hf:engagement_labels"
 RESULT_FILES = ("scores.jsonl", "engagement.json", "engagement.md")
 COMPARE_FILE = "engagement.md"
 JUDGE_TEMPLATE = (
@@ -57,6 +60,13 @@ class EngagementArguments:
         default=None, metadata={"help": "The judge's OpenAI-compatible endpoint, if it is served."}
     )
     constitution: str | None = dataclasses.field(default=None, metadata={"help": "Principles the judge scores."})
+    agreement: str | None = dataclasses.field(
+        default=None,
+        metadata={
+            "help": f"Instead of scoring: print the flags' precision and recall against the hand labels of this "
+            f".jsonl ({PACKAGED_LABELS} is the packaged set), per split."
+        },
+    )
     compare: str | None = dataclasses.field(
         default=None,
         metadata={
@@ -91,6 +101,27 @@ def load_responses(path: str) -> list[dict]:
         )
     if not rows:
         raise ConfigError(f"--responses {path!r} holds no rows; write one JSON object a line.")
+    return rows
+
+
+def load_labelled(spec: str) -> list[dict]:
+    """Rows with `response`, a boolean per flag and an optional `split`: the packaged set or a .jsonl file."""
+    path = LABELS_FILE if spec == PACKAGED_LABELS else Path(spec)
+    if not path.is_file():
+        raise ConfigError(f"--agreement {spec!r} is not a file; pass a labelled .jsonl or {PACKAGED_LABELS}.")
+    try:
+        rows = load_labels(path)
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ConfigError(f"--agreement {spec!r} is not UTF-8 JSON lines ({error}).") from None
+    for line_number, row in enumerate(rows, start=1):
+        if not isinstance(row, dict) or not isinstance(row.get("response"), str) or not all(
+            isinstance(row.get(flag), bool) for flag in FLAGS
+        ):
+            raise ConfigError(
+                f"--agreement row {line_number} needs a string \"response\" and true/false {', '.join(FLAGS)}."
+            )
+    if not rows:
+        raise ConfigError(f"--agreement {spec!r} holds no rows.")
     return rows
 
 
@@ -270,6 +301,9 @@ def main(argv: list[str]) -> int:
         argv = ["--model", argv[0], *argv[1:]]
     try:
         args, backend_args = parse_args((EngagementArguments, BackendArguments), argv)
+        if args.agreement:
+            print(agreement_table(load_labelled(args.agreement)), end="")
+            return 0
         if args.compare:
             if not args.output_dir:
                 raise ConfigError("--output_dir is required, e.g. --output_dir outputs/engagement.")
