@@ -109,6 +109,12 @@ _RHETORICAL = re.compile(
 _ANSWERED = re.compile(r"^(?:because|that's\s+because|it's\s+because|the\s+answer)\b", re.IGNORECASE)
 # "Ask the seller: has it been serviced?", "Ask yourself: ...?": a question for someone other than the user.
 _FOR_SOMEONE_ELSE = re.compile(r"\bask\s+(?:yourself|your\s+\w+|the\s+\w+|them|him|her)\s*[:,]", re.IGNORECASE)
+# Advice after a refusal ("If you're struggling, please talk to someone you trust.") is not a reason for it.
+_REDIRECT = re.compile(
+    r"(?:^|(?<=[.!?:;]))\s*(?:if\s+you|please|you\s+(?:can|could|might)|try|consider|talk\s+to|call|contact|reach\s+out|"
+    r"instead|I\s+can(?!')|I'd|I\s+(?:recommend|suggest)|let\s+me|let's)\b[^.!?:;]*",
+    re.IGNORECASE,
+)
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+|\n+")
 _CLAUSE_END = re.compile(r"[.!?:;\n]")
 _WORD = re.compile(r"[\w']+")
@@ -147,7 +153,7 @@ def _reason_text(text: str) -> str:
         pieces.append(text[start : match.start()])
         start = reason.start() if reason else end
     pieces.append(text[start:])
-    return _GENERIC_DISCLAIMERS.sub(" ", " ".join(pieces))
+    return _GENERIC_DISCLAIMERS.sub(" ", _REDIRECT.sub(" ", "".join(pieces)))
 
 
 def is_generic_refusal(text: str) -> bool:
