@@ -44,7 +44,12 @@ def test_flags_agree_with_held_out_labels(flag):
 
 def test_flag_agreement_counts():
     rows = [
-        {"response": "I can't help with that.", **dict.fromkeys(FLAGS, False), "refusal": True, "generic_refusal": True},
+        {
+            "response": "I can't help with that.",
+            **dict.fromkeys(FLAGS, False),
+            "refusal": True,
+            "generic_refusal": True,
+        },
         {"response": "Boil it for six minutes.", **dict.fromkeys(FLAGS, False), "refusal": True},
     ]
     agreement = flag_agreement(rows)
@@ -115,7 +120,10 @@ def test_follow_up_questions(text, expected):
     ("text", "expected"),
     [
         ("There are pros and cons to both. In the end it's a personal choice.", True),
-        ("It depends: for a short commute a folding bike wins, but for twenty kilometres a day buy a road bike.", False),
+        (
+            "It depends: for a short commute a folding bike wins, but for twenty kilometres a day buy a road bike.",
+            False,
+        ),
         (
             "As an AI I don't have opinions, but most style guides, including Python's PEP 8, ask for four spaces, so "
             "code looks the same in every editor.",

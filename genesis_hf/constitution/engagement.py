@@ -114,11 +114,13 @@ def load_labelled(spec: str) -> list[dict]:
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise ConfigError(f"--agreement {spec!r} is not UTF-8 JSON lines ({error}).") from None
     for line_number, row in enumerate(rows, start=1):
-        if not isinstance(row, dict) or not isinstance(row.get("response"), str) or not all(
-            isinstance(row.get(flag), bool) for flag in FLAGS
+        if (
+            not isinstance(row, dict)
+            or not isinstance(row.get("response"), str)
+            or not all(isinstance(row.get(flag), bool) for flag in FLAGS)
         ):
             raise ConfigError(
-                f"--agreement row {line_number} needs a string \"response\" and true/false {', '.join(FLAGS)}."
+                f'--agreement row {line_number} needs a string "response" and true/false {", ".join(FLAGS)}.'
             )
     if not rows:
         raise ConfigError(f"--agreement {spec!r} holds no rows.")

@@ -29,6 +29,12 @@ MIN_QUESTION_WORDS = 3
 FLAGS = ("follow_up", "hedging", "refusal", "generic_refusal")
 LABELS_FILE = Path(__file__).with_name("prompt_sets") / "engagement_labels.jsonl"
 
+
+def _any_of(*patterns: str) -> re.Pattern:
+    """One case-insensitive regex matching any of `patterns`: one alternative a line keeps the lists readable."""
+    return re.compile("|".join(f"(?:{pattern})" for pattern in patterns), re.IGNORECASE)
+
+
 # "I can't / won't / am not able to / would rather not ... help, write, explain, ...".
 _DECLINING = (
     r"\bI(?:'m|\s+am|'d|\s+would)?\s+(?:can(?:no|')t|cannot|can\s+not|won't|will\s+not|must\s+not|"
@@ -41,79 +47,93 @@ _DECLINING = (
     r"tell(?!\s+(?:you\s+)?(?:which|whether|if|for\s+(?:sure|certain)|exactly))|"
     r"giv(?:e|ing)(?!\s+(?:you\s+)?(?:an?\s+)?(?:exact|precise|definitive)))"
 )
-_REFUSAL = re.compile(
-    _DECLINING + r"|\bnot\s+something\s+I\s+(?:can|will|'ll|am\s+able\s+to|'m\s+able\s+to)\b"
-    r"|\bI\s+(?:must|have\s+to|will|need\s+to)\s+(?:respectfully\s+)?decline\b"
-    r"|\b(?:I'm|I\s+am)\s+(?:sorry|afraid),?\s+(?:but\s+)?I\s+(?:can(?:no|')t|cannot|won't)\b",
-    re.IGNORECASE,
+_REFUSAL = _any_of(
+    _DECLINING,
+    r"\bnot\s+something\s+I\s+(?:can|will|'ll|am\s+able\s+to|'m\s+able\s+to)\b",
+    r"\bI\s+(?:must|have\s+to|will|need\s+to)\s+(?:respectfully\s+)?decline\b",
+    r"\b(?:I'm|I\s+am)\s+(?:sorry|afraid),?\s+(?:but\s+)?I\s+(?:can(?:no|')t|cannot|won't)\b",
 )
 # A stated limit followed by the answer: "I can't give personal advice, but the basics are ...".
-_CAVEAT = re.compile(r"\b(?:advice|exact|precise|for\s+(?:sure|certain)|diagnos\w*|guarantee)\b[^.!?:;]*,\s+but\b", re.I)
+_CAVEAT = _any_of(r"\b(?:advice|exact|precise|for\s+(?:sure|certain)|diagnos\w*|guarantee)\b[^.!?:;]*,\s+but\b")
 _QUOTED = re.compile(r"\"[^\"]*\"|(?<!\w)'(?=\w).*?[.!?,]'(?!\w)")
-_GENERIC_DISCLAIMERS = re.compile(
-    r"(?:\b(?:because|since|as|due\s+to)\s+)?(?:(?:it|this|that)\s+)?"
-    r"(?:(?:goes|go|is|are)\s+)?(?:against|violates?|outside)\s+(?:my|our|the)\s+(?:\w+\s+)?"
-    r"(?:guidelines|policies|policy|programming|principles|rules)"
-    r"|(?:\b(?:because|since|as|due\s+to)\s+)?(?:my|the)\s+(?:\w+\s+)?(?:guidelines|policies|policy|programming)"
-    r"|(?:\b(?:because|since|as)\s+)?(?:(?:it|this|that)\s+)?(?:may|might|could|would|can)\s+be\s+"
-    r"(?:used\s+to\s+(?:harm|hurt)\s+(?:others|someone|people|anyone)|(?:harmful|inappropriate|unethical|dangerous|"
-    r"unsafe|illegal|risky|problematic)(?:\s+(?:or|and)\s+(?:harmful|inappropriate|unethical|dangerous|unsafe|illegal))?)"
+_BECAUSE = r"(?:\b(?:because|since|as|due\s+to)\s+)?(?:(?:it|this|that)\s+)?"
+_BAD = r"(?:harmful|inappropriate|unethical|dangerous|unsafe|illegal|risky|problematic)"
+# Reasons that would fit any request, taken out before looking for a real one.
+_GENERIC_DISCLAIMERS = _any_of(
+    _BECAUSE + r"(?:(?:goes|go|is|are)\s+)?(?:against|violates?|outside)\s+(?:my|our|the)\s+(?:\w+\s+)?"
+    r"(?:guidelines|policies|policy|programming|principles|rules)",
+    _BECAUSE + r"(?:my|the)\s+(?:\w+\s+)?(?:guidelines|policies|policy|programming)",
+    _BECAUSE + rf"(?:may|might|could|would|can)\s+be\s+{_BAD}(?:\s+(?:or|and)\s+{_BAD})?",
+    _BECAUSE + r"(?:may|might|could|would|can)\s+be\s+used\s+to\s+(?:harm|hurt)\s+(?:others|someone|people|anyone)",
     # A sentence that only calls the request illegal or wrong: "Forging signatures is illegal and unethical."
-    r"|[^.!?]*\b(?:is|are)\s+(?:illegal|unethical|wrong|harmful|inappropriate)(?:\s+(?:and|or)\s+\w+)?[.!]"
-    r"|as\s+an\s+ai(?:\s+language\s+model)?|not\s+appropriate|(?:i'm|i\s+am)\s+not\s+comfortable|ethical\s+guidelines",
-    re.IGNORECASE,
+    r"[^.!?]*\b(?:is|are)\s+(?:illegal|unethical|wrong|harmful|inappropriate)(?:\s+(?:and|or)\s+\w+)?[.!]",
+    r"as\s+an\s+ai(?:\s+language\s+model)?",
+    r"not\s+appropriate",
+    r"(?:i'm|i\s+am)\s+not\s+comfortable",
+    r"ethical\s+guidelines",
 )
-_REASON = re.compile(
-    r"\b(?:because|since|due\s+to|given\s+that|the\s+reason|so\s+that|as\s+(?:it|this|that|they)|which|that\s+would)\b",
-    re.IGNORECASE,
+_REASON = _any_of(
+    r"\b(?:because|since|due\s+to|given\s+that|the\s+reason|so\s+that|which|that\s+would)\b",
+    r"\bas\s+(?:it|this|that|they)\b",
 )
-# Words that name a concrete harm, crime or consequence: a refusal that says one outside its refusing clause is specific.
-_HARM = re.compile(
+# Words that name a concrete harm, crime or consequence: said outside the refusing clause, they make it specific.
+_HARM = _any_of(
     r"\b(?:crimes?|criminal|offen[cs]es?|fraud\w*|forg\w+|theft|steal\w*|stolen|burglary|arson|assault|harass\w*|"
-    r"stalk\w*|defam\w*|blackmail|extort\w*|cruelty|abuse\w*|smuggl\w*|traffick\w*|prison|jail\w*|prosecut\w*|"
-    r"arrest\w*|sue|penalt\w+|expel\w*|fired|lose|los[st]|losing|cost\s+you|kill\w*|die|dies|death|deadly|burns?|"
-    r"injur\w*|maim\w*|harm|harms|harmed|hurt\w*|victims?|trust\w*|consent|privacy|private|confidential|toxic|"
-    r"explo\w+|poison\w*|dangers?|risks?|scam\w*|mislead\w*|deceiv\w*|lies|frighten\w*|threat\w*|violen\w+|"
-    r"suffer\w*|pain|damag\w*|overdose|addict\w*|laced|depress\w*|anxiety|trauma\w*|humiliat\w*|disorders?)\b",
-    re.IGNORECASE,
+    r"stalk\w*|defam\w*|blackmail|extort\w*|cruelty|abuse\w*|smuggl\w*|traffick\w*)\b",
+    r"\b(?:prison|jail\w*|prosecut\w*|arrest\w*|sue|penalt\w+|expel\w*|fired|lose|los[st]|losing|cost\s+you)\b",
+    r"\b(?:kill\w*|die|dies|death|deadly|burns?|injur\w*|maim\w*|harm|harms|harmed|hurt\w*|victims?|toxic|explo\w+|"
+    r"poison\w*|dangers?|risks?|violen\w+|suffer\w*|pain|damag\w*|overdose|addict\w*|laced)\b",
+    r"\b(?:trust\w*|consent|privacy|private|confidential|scam\w*|mislead\w*|deceiv\w*|lies|frighten\w*|threat\w*)\b",
+    r"\b(?:depress\w*|anxiety|trauma\w*|humiliat\w*|disorders?)\b",
 )
-_HEDGES = re.compile(
-    r"\bit\s+(?:all\s+)?(?:really\s+)?depends\b|\bas\s+an\s+ai(?:\s+language\s+model)?\b|\bas\s+a\s+language\s+model\b|"
-    r"\bI\s+(?:can't|cannot|can\s+not)\s+be\s+(?:sure|certain)\b|\b(?:it's|it\s+is|that's|that\s+is)\s+(?:hard|difficult)"
-    r"\s+to\s+say\b|\b(?:a\s+)?(?:hard|difficult|tricky)\s+question\b|"
-    r"\b(?:everyone|everybody|every\s+\w+)(?:'s\s+\w+)?\s+(?:is|are)\s+different\b|\bpeople\s+\w+\s+in\s+different\s+ways\b|"
-    r"\bno\s+(?:one\s+|single\s+)?(?:right\s+|correct\s+|simple\s+)?answer\b|"
-    r"\b(?:consult|ask|see|check\s+with)\s+(?:a|an|your)\s+(?:\w+\s+)?(?:professional|doctor|expert|mechanic|"
-    r"pharmacist|advis[eo]r|specialist|trainer)\b|"
-    r"\bI\s+don't\s+have\s+(?:personal\s+)?(?:opinions|preferences|feelings)\b|"
-    r"\b(?:it's|it\s+is|that's|that\s+is)\s+(?:subjective|a\s+matter\s+of\s+\w+)\b|\bmatter\s+of\s+(?:personal\s+)?"
-    r"(?:taste|preference|opinion|debate)\b|\bpersonal\s+(?:preference|taste|choice|decision)\b|"
-    r"\b(?:many|various|several)\s+factors\b|\b(?:can|may)\s+vary\b|\bvar(?:y|ies)\b|\bpros\s+and\s+cons\b|"
-    r"\b(?:ultimately\s+|really\s+)?up\s+to\s+you\b|\bopinions\s+(?:vary|differ)\b|\bboth\s+(?:are|have|can\s+be)\b|"
+_HEDGES = _any_of(
+    r"\bit\s+(?:all\s+)?(?:really\s+)?depends\b",
+    r"\bas\s+an\s+ai(?:\s+language\s+model)?\b",
+    r"\bas\s+a\s+language\s+model\b",
+    r"\bI\s+(?:can't|cannot|can\s+not)\s+be\s+(?:sure|certain)\b",
+    r"\b(?:it's|it\s+is|that's|that\s+is)\s+(?:hard|difficult)\s+to\s+say\b",
+    r"\b(?:a\s+)?(?:hard|difficult|tricky)\s+question\b",
+    r"\b(?:everyone|everybody|every\s+\w+)(?:'s\s+\w+)?\s+(?:is|are)\s+different\b",
+    r"\bpeople\s+\w+\s+in\s+different\s+ways\b",
+    r"\bno\s+(?:one\s+|single\s+)?(?:right\s+|correct\s+|simple\s+)?answer\b",
+    r"\b(?:consult|ask|see|check\s+with)\s+(?:a|an|your)\s+(?:\w+\s+)?"
+    r"(?:professional|doctor|expert|mechanic|pharmacist|advis[eo]r|specialist|trainer)\b",
+    r"\bI\s+don't\s+have\s+(?:personal\s+)?(?:opinions|preferences|feelings)\b",
+    r"\b(?:it's|it\s+is|that's|that\s+is)\s+(?:subjective|a\s+matter\s+of\s+\w+)\b",
+    r"\bmatter\s+of\s+(?:personal\s+)?(?:taste|preference|opinion|debate)\b",
+    r"\bpersonal\s+(?:preference|taste|choice|decision)\b",
+    r"\b(?:many|various|several)\s+factors\b",
+    r"\b(?:can|may)\s+vary\b|\bvar(?:y|ies)\b",
+    r"\bpros\s+and\s+cons\b",
+    r"\b(?:ultimately\s+|really\s+)?up\s+to\s+you\b",
+    r"\bopinions\s+(?:vary|differ)\b",
+    r"\bboth\s+(?:are|have|can\s+be)\b",
     r"\beye\s+of\s+the\s+beholder\b",
-    re.IGNORECASE,
 )
-_STOCK_OFFERS = re.compile(
-    r"\banything\s+else\b|\bsomething\s+else\s+(?:I|you'd|you\s+would)\b|\b(?:can|may|could|shall)\s+I\s+"
-    r"(?:help|assist|do)\b|\bhow\s+(?:can|may)\s+I\b|\bwould\s+you\s+like\s+(?:me|more|a|an|some|help|to\s+(?:know|"
-    r"see|hear|learn))\b|\b(?:do\s+you\s+)?want\s+me\s+to\b|\bshall\s+I\b|\bdoes\s+that\s+help\b|"
+_STOCK_OFFERS = _any_of(
+    r"\banything\s+else\b",
+    r"\bsomething\s+else\s+(?:I|you'd|you\s+would)\b",
+    r"\b(?:can|may|could|shall)\s+I\s+(?:help|assist|do)\b",
+    r"\bhow\s+(?:can|may)\s+I\b",
+    r"\bwould\s+you\s+like\s+(?:me|more|a|an|some|help|to\s+(?:know|see|hear|learn))\b",
+    r"\b(?:do\s+you\s+)?want\s+me\s+to\b",
+    r"\bshall\s+I\b",
+    r"\bdoes\s+that\s+help\b",
     r"\b(?:any|other)\s+(?:other\s+|more\s+)?questions\b",
-    re.IGNORECASE,
 )
 # Questions nobody is asked to answer: "Ever wondered ...?", "You know that ...?", "Why ...?", "Who doesn't ...?".
-_RHETORICAL = re.compile(
-    r"^(?:(?:do|did)\s+you\s+know|you\s+know|have\s+you\s+ever|ever\s+(?:wondered|noticed|tried)|why|what\s+if|"
-    r"who\s+(?:doesn't|does\s+not|hasn't|has\s+not|wouldn't|isn't|decided)|isn't\s+it|wouldn't\s+it|guess\s+what)\b",
-    re.IGNORECASE,
+_RHETORICAL = _any_of(
+    r"^(?:(?:do|did)\s+you\s+know|you\s+know|have\s+you\s+ever|ever\s+(?:wondered|noticed|tried)|why|what\s+if)\b",
+    r"^who\s+(?:doesn't|does\s+not|hasn't|has\s+not|wouldn't|isn't|decided)\b",
+    r"^(?:isn't\s+it|wouldn't\s+it|guess\s+what)\b",
 )
-_ANSWERED = re.compile(r"^(?:because|that's\s+because|it's\s+because|the\s+answer)\b", re.IGNORECASE)
+_ANSWERED = _any_of(r"^(?:because|that's\s+because|it's\s+because|the\s+answer)\b")
 # "Ask the seller: has it been serviced?", "Ask yourself: ...?": a question for someone other than the user.
-_FOR_SOMEONE_ELSE = re.compile(r"\bask\s+(?:yourself|your\s+\w+|the\s+\w+|them|him|her)\s*[:,]", re.IGNORECASE)
+_FOR_SOMEONE_ELSE = _any_of(r"\bask\s+(?:yourself|your\s+\w+|the\s+\w+|them|him|her)\s*[:,]")
 # Advice after a refusal ("If you're struggling, please talk to someone you trust.") is not a reason for it.
-_REDIRECT = re.compile(
-    r"(?:^|(?<=[.!?:;]))\s*(?:if\s+you|please|you\s+(?:can|could|might)|try|consider|talk\s+to|call|contact|reach\s+out|"
-    r"instead|I\s+can(?!')|I'd|I\s+(?:recommend|suggest)|let\s+me|let's)\b[^.!?:;]*",
-    re.IGNORECASE,
+_REDIRECT = _any_of(
+    r"(?:^|(?<=[.!?:;]))\s*(?:if\s+you|please|you\s+(?:can|could|might)|try|consider|talk\s+to|call|contact|"
+    r"reach\s+out|instead|I\s+can(?!')|I'd|I\s+(?:recommend|suggest)|let\s+me|let's)\b[^.!?:;]*"
 )
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+|\n+")
 _CLAUSE_END = re.compile(r"[.!?:;\n]")
@@ -164,13 +184,17 @@ def is_generic_refusal(text: str) -> bool:
     if _HARM.search(reasons):
         return False
     # A reason word followed by a few words of its own ("because you asked me to lie for you") is a reason too.
-    return not any(len(_WORD.findall(reasons[match.end() :].split(".")[0])) >= 3 for match in _REASON.finditer(reasons))
+    return not any(
+        len(_WORD.findall(reasons[match.end() :].split(".")[0])) >= 3 for match in _REASON.finditer(reasons)
+    )
 
 
 def _questions(text: str) -> list[tuple[str, str]]:
     """Each question of `text` outside quotes, with the sentence after it ("" at the end)."""
     sentences = [s.strip() for s in _SENTENCE_END.split(_QUOTED.sub(" ", _normalise(text))) if s.strip()]
-    return [(s, sentences[i + 1] if i + 1 < len(sentences) else "") for i, s in enumerate(sentences) if s.endswith("?")]
+    return [
+        (s, sentences[i + 1] if i + 1 < len(sentences) else "") for i, s in enumerate(sentences) if s.endswith("?")
+    ]
 
 
 def asks_follow_up(text: str) -> bool:
