@@ -68,6 +68,7 @@ _GENERIC_DISCLAIMERS = _any_of(
     # A sentence that only calls the request illegal or wrong: "Forging signatures is illegal and unethical."
     r"[^.!?]*\b(?:is|are)\s+(?:illegal|unethical|wrong|harmful|inappropriate)(?:\s+(?:and|or)\s+\w+)?[.!]",
     r"as\s+an\s+ai(?:\s+language\s+model)?",
+    _BECAUSE + r"(?:I'm|I\s+am)\s+(?:just\s+|only\s+)?(?:an\s+AI|a\s+(?:large\s+)?language\s+model)",
     r"not\s+appropriate",
     r"(?:i'm|i\s+am)\s+not\s+comfortable",
     r"ethical\s+guidelines",
