@@ -10,6 +10,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -331,7 +332,6 @@ def test_async_save_is_published_only_once_its_shards_and_checksums_are_written(
     """`dcp.async_save` in one process, its shard writes held back: training goes on, nothing is visible (a kill now
     resumes from the previous checkpoint), and once released `poll` publishes the weights of the step that was saved."""
     import threading
-    import time
 
     from tokenizers import Tokenizer, models
     from torch.distributed.checkpoint.filesystem import _FileSystemWriter
@@ -578,3 +578,32 @@ def test_first_run_benchmark_reports_the_margin_and_plots_it(debug_run, tmp_path
     assert set(report["samples"]) == {"The", "self."}
     with Image.open(png) as image:
         assert image.format == "PNG" and image.width > 300
+
+
+def test_cpu_threads_give_way_to_another_program_and_come_back():
+    """A real program spinning on one core: the governor measures it and takes one thread from torch; once it stops,
+    the thread comes back. (OpenMP threads that share a core with another program stall every matmul.)"""
+    from genesis_hf.pretrain.distributed import CpuThreadGovernor
+
+    cores = len(os.sched_getaffinity(0))
+    previous = torch.get_num_threads()
+    governor = CpuThreadGovernor(share=cores, interval=0.0)
+    busy = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        time.sleep(0.5)
+        governor.others_load()  # from here on the busy loop runs the whole interval
+        time.sleep(2.0)
+        governor.on_step_end(1, {})
+        loaded, threads_loaded = governor.load, governor.threads
+        assert loaded >= 0.8 and threads_loaded == torch.get_num_threads() <= max(1, cores - 1), (loaded, cores)
+        busy.kill()
+        busy.wait()
+        governor.others_load()
+        time.sleep(2.0)
+        governor.on_step_end(2, {})
+        assert governor.load <= loaded - 0.7 and governor.threads >= threads_loaded
+        if governor.load < 0.25:  # nothing else ran meanwhile: every core is torch's again
+            assert governor.threads == cores == torch.get_num_threads()
+    finally:
+        busy.kill()
+        torch.set_num_threads(previous)

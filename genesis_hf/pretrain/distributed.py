@@ -22,11 +22,14 @@ environment win), so nobody has to remember them.
 
 import contextlib
 import logging
+import math
 import os
 import shutil
 import subprocess
+import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -34,6 +37,7 @@ import torch.distributed as dist
 from torch import nn
 
 from genesis_hf.args import ConfigError
+from genesis_hf.events import TrainingCallback
 
 logger = logging.getLogger(__name__)
 
@@ -125,7 +129,7 @@ def build_accelerator(*, mixed_precision: str | None, log_with: list[str], proje
         project_config=ProjectConfiguration(project_dir=project_dir, logging_dir=project_dir),
     )
     if accelerator.device.type == "cpu":
-        _use_all_cpu_cores(int(os.environ.get("LOCAL_WORLD_SIZE", accelerator.num_processes)))
+        _use_all_cpu_cores(local_processes(accelerator))
     if accelerator.mixed_precision not in ("no", "bf16"):
         raise ConfigError(
             f"mixed_precision={accelerator.mixed_precision!r} is not supported for pretraining (fp16 needs loss "
@@ -138,14 +142,97 @@ def build_accelerator(*, mixed_precision: str | None, log_with: list[str], proje
 CPU_THREADS_ENV = "GENESIS_HF_CPU_THREADS"
 
 
-def _use_all_cpu_cores(local_processes: int) -> None:
-    # Split the cores between this machine's processes, less one for the data loader's tokenizing thread: OpenMP
-    # threads spin-wait for each other, so one that shares its core makes every matmul wait. Measured on 2 cores with
-    # genesis-tiny: one thread 0.21 s/step, two threads 1.4-3.3 s/step. GENESIS_HF_CPU_THREADS sets the count.
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    threads = int(os.environ.get(CPU_THREADS_ENV) or max(1, cores // max(1, local_processes) - 1))
+def local_processes(accelerator) -> int:
+    """How many processes of this run share this machine (`LOCAL_WORLD_SIZE` under a launcher, else all of them)."""
+    return max(1, int(os.environ.get("LOCAL_WORLD_SIZE", accelerator.num_processes)))
+
+
+def _allowed_cores() -> list[int]:
+    return sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else list(range(os.cpu_count() or 1))
+
+
+def _use_all_cpu_cores(processes: int) -> int:
+    # Every core this process may use, split between the run's processes on this machine; the data loader's
+    # tokenizing thread gets no core of its own (it encodes the embedded corpus in a second or two per run). Measured
+    # side by side on an idle 2-core machine (benchmarks/pretrain.py, `recipe_cores_less_one`), keeping a core for it
+    # trained genesis-tiny at 0.6x the speed. `CpuThreadGovernor` lowers the count while other programs use the cores.
+    # GENESIS_HF_CPU_THREADS fixes it.
+    threads = int(os.environ.get(CPU_THREADS_ENV) or max(1, len(_allowed_cores()) // processes))
     if torch.get_num_threads() != threads:
         torch.set_num_threads(threads)
+    return threads
+
+
+def _busy_cpu_seconds(cores: list[int]) -> float | None:
+    """CPU seconds spent on `cores` by every program since boot (Linux /proc/stat), or None where unreadable."""
+    try:
+        lines = Path("/proc/stat").read_text().splitlines()
+    except OSError:
+        return None
+    names = {f"cpu{core}" for core in cores}
+    ticks = 0
+    for line in lines:
+        fields = line.split()
+        if fields and fields[0] in names:
+            values = [int(value) for value in fields[1:8]]  # user nice system idle iowait irq softirq
+            ticks += sum(values) - values[3] - values[4]
+    return ticks / os.sysconf("SC_CLK_TCK") if ticks else None
+
+
+class CpuThreadGovernor(TrainingCallback):
+    """Torch's thread count on a CPU run, lowered while other programs use this process's cores.
+
+    OpenMP threads spin-wait for each other: when another program takes a core from one of them, every matmul waits
+    for it. Measured on 2 cores with genesis-tiny: 0.17 s a step on two threads alone, 4 s on two threads next to
+    another training process, 0.27 s on one. So every `interval` seconds (at a step's end) this compares the cores'
+    busy time (/proc/stat) with this process's own CPU time: what the other programs used, less this run's other ranks'
+    share, is taken from torch's threads (at least one is kept), and given back when they stop. The thread count does
+    not change the numbers a step computes (the same losses and gradients on one and two threads; exact-resume
+    tests run under it), only their speed. Not used when `GENESIS_HF_CPU_THREADS` fixes the count, or off Linux.
+    """
+
+    def __init__(self, share: int, processes: int = 1, interval: float = 2.0) -> None:
+        self.share, self.processes, self.interval = share, processes, interval
+        self.cores = _allowed_cores()
+        self.threads = share
+        self.load: float | None = None  # the other programs' cores at the last check
+        self._mark = self._sample()
+
+    def _sample(self) -> tuple[float, float | None, float]:
+        return time.monotonic(), _busy_cpu_seconds(self.cores), time.process_time()
+
+    def others_load(self) -> float | None:
+        """Cores used by other programs since the last call (this run's other ranks on this machine excluded)."""
+        (wall, busy, own), self._mark = self._mark, self._sample()
+        if busy is None or self._mark[1] is None or self._mark[0] <= wall:
+            return None
+        others = (self._mark[1] - busy - (self._mark[2] - own)) / (self._mark[0] - wall)
+        return max(0.0, others - (self.processes - 1) * self.share)
+
+    def on_step_end(self, step: int, record: dict[str, Any]) -> None:
+        if time.monotonic() - self._mark[0] < self.interval:
+            return
+        load = self.load = self.others_load()
+        if load is None:
+            return
+        threads = max(1, min(self.share, self.share - math.ceil(load - 0.25)))
+        if threads != self.threads:
+            logger.info(
+                "Other programs use %.1f of this run's cores: torch threads %d -> %d", load, self.threads, threads
+            )
+            torch.set_num_threads(threads)
+            self.threads = threads
+
+
+def cpu_thread_governor(accelerator) -> CpuThreadGovernor | None:
+    """The governor of a CPU run whose thread count is not fixed by `GENESIS_HF_CPU_THREADS`, else None."""
+    if (
+        accelerator.device.type != "cpu"
+        or os.environ.get(CPU_THREADS_ENV)
+        or _busy_cpu_seconds(_allowed_cores()) is None
+    ):
+        return None
+    return CpuThreadGovernor(torch.get_num_threads(), local_processes(accelerator))
 
 
 @dataclass

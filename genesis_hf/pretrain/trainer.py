@@ -175,8 +175,13 @@ def build_optimizer(model: torch.nn.Module, args: PretrainArguments) -> torch.op
         if parameter.requires_grad:
             (decay if parameter.ndim >= 2 else no_decay).append(parameter)
     groups = [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    # The fused kernel (one pass over all parameters, what transformers' Trainer picks) on plain tensors; sharded
+    # (DTensor) parameters keep torch's default implementation. The optimizer state is the same either way.
+    from torch.distributed.tensor import DTensor
+
+    fused = not any(isinstance(parameter, DTensor) for parameter in decay + no_decay) or None
     return torch.optim.AdamW(
-        groups, lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_epsilon
+        groups, lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_epsilon, fused=fused
     )
 
 
@@ -763,7 +768,8 @@ def run_pretraining(
         project_dir=str(Path(args.output_dir) / TENSORBOARD_DIR),
     )
     final_export = FinalExport()
-    events = Events([*callbacks, final_export])
+    governor = distributed.cpu_thread_governor(accelerator)
+    events = Events([*callbacks, *([governor] if governor else []), final_export])
     run = setup_run(args, accelerator, events, lineage)
     if args.trackers:
         hyperparameters = {
