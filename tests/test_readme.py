@@ -52,7 +52,7 @@ RUN_HERE = (
     ".venv/bin/genesis-hf tokenizer train",
     ".venv/bin/genesis-hf data prepare",
     ".venv/bin/genesis-hf plan",
-    ".venv/bin/python benchmarks/model.py",
+    ".venv/bin/python benchmarks/generation.py",
     ".venv/bin/python benchmarks/pretrain.py",
     ".venv/bin/python benchmarks/data.py",
 )
@@ -108,19 +108,24 @@ def test_readme_plan_command(tmp_path):
     assert "fits" in output and "RTX 4090" in output
 
 
-def test_readme_model_benchmark(tmp_path):
-    command = readme_command(".venv/bin/python benchmarks/model.py")
-    output = run(command + ["--preset", "debug", "--rounds", "1", "--seq-len", "16", "--new-tokens", "4"], tmp_path)
-    report = json.loads(output)
-    assert report["same_greedy_tokens"] is True
-    assert report["ratio_train_step_genesis_over_llama"] > 0
+def test_readme_generation_benchmark(tmp_path):
+    command = readme_command(".venv/bin/python benchmarks/generation.py")
+    report = json.loads(run(command + ["--rounds", "1", "--new-tokens", "4", "--sizes", "tiny"], tmp_path))
+    for mode in ("greedy", "sampled"):
+        assert report["sizes"]["tiny"][mode]["ratio_playground_loop_over_generate"] > 0
 
 
 def test_readme_pretrain_benchmark(tmp_path):
+    """Shortened: one round of each kind at a few steps; the speed section prints every kind and ratio, and the
+    checkpoint section its stalls."""
     command = readme_command(".venv/bin/python benchmarks/pretrain.py")
-    tiny = ["--preset", "debug", "--rounds", "1", "--batch", "2", "--seq-len", "16", "--checkpoint-rounds", "1"]
-    report = json.loads(run(command + tiny + ["--checkpoint-overrides", "{}"], tmp_path))
-    assert {"train_step", "checkpoint"} <= set(report)
+    report = json.loads(run(command + ["--sizes", "tiny", "--rounds", "1", "--steps", "5", "--skip", "1"], tmp_path))
+    tiny = report["sizes"]["tiny"]
+    assert {"recipe", "recipe_cores_less_one", "trainer", "torch_loop"} <= set(tiny)
+    assert tiny["ratio_recipe_over_trainer"] > 0 and tiny["recipe"]["steps_timed"] == 3
+    overrides = '{"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 1}'
+    report = json.loads(run(command + ["--only", "checkpoint", "--checkpoint-overrides", overrides], tmp_path))
+    assert report["checkpoint"]["sync"]["checkpoint_bytes"] > 0
 
 
 @pytest.mark.slow
