@@ -100,3 +100,31 @@ def test_given_turn_ends_are_scored_and_checked(tmp_path, capsys):
     answers.write_text(json.dumps({**lines[0], "turn_end": "yes"}) + "\n")
     assert main(["--responses", str(answers), "--output_dir", str(tmp_path / "f")]) == 2
     assert "turn_end='yes'" in capsys.readouterr().err
+
+
+def test_stage_data_keeps_the_held_out_prompts_out_and_pairs_show_the_behaviour(tmp_path):
+    from genesis_hf.constitution.prompts import load_prompts
+    from genesis_hf.constitution.stage_data import refusing_sentence, without_questions, write_stage_data
+
+    counts = write_stage_data(tmp_path)
+    sft = [json.loads(line) for line in (tmp_path / "sft.jsonl").read_text().splitlines()]
+    pairs = [json.loads(line) for line in (tmp_path / "dpo.jsonl").read_text().splitlines()]
+    assert len(sft) == counts["sft_conversations"] > 100
+    assert len(pairs) == counts["engagement_pairs"] + counts["embedded_pairs"]
+    held_out = {prompt.prompt for prompt in load_prompts("genesis_hf:engagement")}
+    asked = {row["messages"][0]["content"] for row in sft} | {pair["prompt"][0]["content"] for pair in pairs}
+    assert not asked & held_out
+    flags = [engagement_flags(row["messages"][1]["content"]) for row in sft]
+    assert sum(flag["follow_up"] for flag in flags) > 30 and not any(flag["hedging"] for flag in flags)
+    assert sum(flag["refusal"] and not flag["generic_refusal"] for flag in flags) > 30
+    engagement = pairs[counts["embedded_pairs"] :]
+    chosen = [engagement_flags(pair["chosen"][0]["content"]) for pair in engagement]
+    rejected = [engagement_flags(pair["rejected"][0]["content"]) for pair in engagement]
+    assert sum(c["follow_up"] and not r["follow_up"] for c, r in zip(chosen, rejected)) > 30
+    assert sum(r["hedging"] and not c["hedging"] for c, r in zip(chosen, rejected)) > 50
+    assert (
+        sum(r["generic_refusal"] and c["refusal"] and not c["generic_refusal"] for c, r in zip(chosen, rejected)) > 30
+    )
+    assert "location: embedded:sft" in (tmp_path / "mixture.yaml").read_text()
+    assert without_questions("Six minutes. Are your eggs cold? Salt the water.") == "Six minutes. Salt the water."
+    assert refusing_sentence("I won't write that: it is fraud.") == "I won't write that."
