@@ -98,8 +98,9 @@ def engagement_pairs(rows: list[dict]) -> list[dict]:
     return pairs
 
 
-def write_stage_data(output_dir: Path) -> dict[str, int]:
-    """Write `sft.jsonl`, `dpo.jsonl` and `mixture.yaml` into `output_dir`; returns the counts."""
+def write_stage_data(output_dir: Path, embedded_count: int | None = None) -> dict[str, int]:
+    """Write `sft.jsonl`, `dpo.jsonl` and `mixture.yaml` into `output_dir`; returns the counts. `embedded_count` takes
+    that many embedded conversations (of ~250, mostly about Python) into the mixture; `None` takes all."""
     rows = training_rows()
     sft = sft_conversations(rows)
     pairs = engagement_pairs(rows)
@@ -113,7 +114,8 @@ def write_stage_data(output_dir: Path) -> dict[str, int]:
         "# The embedded conversations and the engagement answers of genesis_hf.constitution.stage_data.\n"
         "name: engagement\nseed: 42\nsources:\n"
         "  - name: genesis-embedded\n    location: embedded:sft\n"
-        f"  - name: engagement\n    location: {json.dumps(str((output_dir / 'sft.jsonl').resolve()))}\n"
+        + ("" if embedded_count is None else f"    count: {embedded_count}\n")
+        + f"  - name: engagement\n    location: {json.dumps(str((output_dir / 'sft.jsonl').resolve()))}\n"
     )
     return {"sft_conversations": len(sft), "engagement_pairs": len(pairs), "embedded_pairs": len(embedded)}
 
@@ -121,8 +123,9 @@ def write_stage_data(output_dir: Path) -> dict[str, int]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--output_dir", required=True, help="Folder for sft.jsonl, dpo.jsonl and mixture.yaml.")
+    parser.add_argument("--embedded_count", type=int, default=None, help="Embedded conversations to mix in (all).")
     args = parser.parse_args(argv)
-    print(json.dumps(write_stage_data(Path(args.output_dir))))
+    print(json.dumps(write_stage_data(Path(args.output_dir), args.embedded_count)))
     return 0
 
 
