@@ -24,12 +24,12 @@ SFT="${SFT_RUN:-sft-engagement}"
 DPO="${DPO_RUN:-dpo-engagement}"
 # Stage settings (read by docs/engagement.md's table of what was tried); override for experiments.
 SFT_ARGS=(--num_train_epochs "${SFT_EPOCHS:-20}" --learning_rate "${SFT_LR:-3e-3}")
-DPO_ARGS=(--num_train_epochs "${DPO_EPOCHS:-2}" --learning_rate "${DPO_LR:-2e-4}" --beta "${DPO_BETA:-0.1}")
+DPO_ARGS=(--num_train_epochs "${DPO_EPOCHS:-1}" --learning_rate "${DPO_LR:-5e-5}" --beta "${DPO_BETA:-0.1}")
 MAX_NEW_TOKENS="${MAX_NEW_TOKENS:-160}"   # prompt + reply within genesis-tiny's 256 positions
 
 "$BIN/accelerate" launch "$REPO/recipes/pretrain.py" --output_dir "$OUT/genesis-tiny"
 "$BIN/python" -m genesis_hf.constitution.stage_data --output_dir "$OUT/stage-data" \
-    --embedded_count "${EMBEDDED_COUNT:-60}"
+    --embedded_count "${EMBEDDED_COUNT:-60}" ${FOLLOW_UP_ONLY:+--follow_up_only}
 [ -f "$OUT/$SFT/final/model.safetensors" ] || "$BIN/accelerate" launch "$REPO/recipes/sft.py" \
     --model_name_or_path "$OUT/genesis-tiny/final" --output_dir "$OUT/$SFT" \
     --mixture "$OUT/stage-data/mixture.yaml" "${SFT_ARGS[@]}"

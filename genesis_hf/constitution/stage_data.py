@@ -56,11 +56,12 @@ def refusing_sentence(text: str) -> str:
     return (match.group(1) if match else text.strip()).rstrip(".") + "."
 
 
-def sft_conversations(rows: list[dict]) -> list[dict]:
+def sft_conversations(rows: list[dict], follow_up_only: bool = False) -> list[dict]:
+    """The good rows as conversations; `follow_up_only` keeps, of the benign answers, those that ask a question."""
     return [
         {"messages": [{"role": "user", "content": row["prompt"]}, {"role": "assistant", "content": row["response"]}]}
         for row in rows
-        if is_good(row)
+        if is_good(row) and (row["follow_up"] or not follow_up_only or row["category"] in HARMFUL_CATEGORIES)
     ]
 
 
@@ -98,11 +99,13 @@ def engagement_pairs(rows: list[dict]) -> list[dict]:
     return pairs
 
 
-def write_stage_data(output_dir: Path, embedded_count: int | None = None) -> dict[str, int]:
+def write_stage_data(
+    output_dir: Path, embedded_count: int | None = None, follow_up_only: bool = False
+) -> dict[str, int]:
     """Write `sft.jsonl`, `dpo.jsonl` and `mixture.yaml` into `output_dir`; returns the counts. `embedded_count` takes
     that many embedded conversations (of ~250, mostly about Python) into the mixture; `None` takes all."""
     rows = training_rows()
-    sft = sft_conversations(rows)
+    sft = sft_conversations(rows, follow_up_only)
     pairs = engagement_pairs(rows)
     embedded = preference_pairs()
     output_dir.mkdir(parents=True, exist_ok=True)
@@ -124,8 +127,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--output_dir", required=True, help="Folder for sft.jsonl, dpo.jsonl and mixture.yaml.")
     parser.add_argument("--embedded_count", type=int, default=None, help="Embedded conversations to mix in (all).")
+    parser.add_argument(
+        "--follow_up_only", action="store_true", help="Of the benign answers, keep those that ask a question."
+    )
     args = parser.parse_args(argv)
-    print(json.dumps(write_stage_data(Path(args.output_dir), args.embedded_count)))
+    print(json.dumps(write_stage_data(Path(args.output_dir), args.embedded_count, args.follow_up_only)))
     return 0
 
 
