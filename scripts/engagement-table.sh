@@ -33,6 +33,16 @@ MAX_NEW_TOKENS="${MAX_NEW_TOKENS:-160}"   # prompt + reply within genesis-tiny's
 [ -f "$OUT/$SFT/final/model.safetensors" ] || "$BIN/accelerate" launch "$REPO/recipes/sft.py" \
     --model_name_or_path "$OUT/genesis-tiny/final" --output_dir "$OUT/$SFT" \
     --mixture "$OUT/stage-data/mixture.yaml" "${SFT_ARGS[@]}"
+# On-policy pairs: the SFT model answers the training prompts, and each hand-written answer is preferred over its
+# reply (ON_POLICY= turns this off).
+if [ -n "${ON_POLICY-1}" ]; then
+    REPLIES="$OUT/stage-data/replies-$SFT"
+    [ -f "$REPLIES/scores.jsonl" ] || OMP_NUM_THREADS=1 "$BIN/genesis-hf" engagement "$OUT/$SFT/final" \
+        --prompts "$OUT/stage-data/train_prompts.jsonl" --output_dir "$REPLIES" --temperature 0 \
+        --max_new_tokens "$MAX_NEW_TOKENS"
+    "$BIN/python" -m genesis_hf.constitution.stage_data --output_dir "$OUT/stage-data" \
+        --embedded_count "${EMBEDDED_COUNT:-60}" ${FOLLOW_UP_ONLY:+--follow_up_only} --on_policy "$REPLIES/scores.jsonl"
+fi
 [ -f "$OUT/$DPO/final/model.safetensors" ] || "$BIN/accelerate" launch "$REPO/recipes/dpo.py" \
     --model_name_or_path "$OUT/$SFT/final" --output_dir "$OUT/$DPO" \
     --dataset_name "$OUT/stage-data/dpo.jsonl" "${DPO_ARGS[@]}"

@@ -99,19 +99,44 @@ def engagement_pairs(rows: list[dict]) -> list[dict]:
     return pairs
 
 
+def on_policy_pairs(rows: list[dict], replies: list[dict]) -> list[dict]:
+    """A hand-written good answer over the SFT model's own reply to the same training prompt (`replies`: rows of
+    `genesis-hf engagement`'s scores.jsonl): the pairs `constitution generate` would make if the revision were written
+    by hand, aimed at what this model does wrong."""
+    good = {}
+    for row in rows:
+        if is_good(row):
+            good.setdefault(row["prompt"], row["response"])
+    return [
+        _pair(reply["prompt"], good[reply["prompt"]], reply["response"])
+        for reply in replies
+        if reply["prompt"] in good and reply["response"].strip() and reply["response"] != good[reply["prompt"]]
+    ]
+
+
 def write_stage_data(
-    output_dir: Path, embedded_count: int | None = None, follow_up_only: bool = False
+    output_dir: Path,
+    embedded_count: int | None = None,
+    follow_up_only: bool = False,
+    on_policy: Path | None = None,
 ) -> dict[str, int]:
     """Write `sft.jsonl`, `dpo.jsonl` and `mixture.yaml` into `output_dir`; returns the counts. `embedded_count` takes
     that many embedded conversations (of ~250, mostly about Python) into the mixture; `None` takes all."""
     rows = training_rows()
     sft = sft_conversations(rows, follow_up_only)
     pairs = engagement_pairs(rows)
+    if on_policy is not None:
+        replies = [json.loads(line) for line in on_policy.read_text(encoding="utf-8").splitlines() if line.strip()]
+        pairs += on_policy_pairs(rows, replies)
     embedded = preference_pairs()
     output_dir.mkdir(parents=True, exist_ok=True)
     (output_dir / "sft.jsonl").write_text("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in sft))
     (output_dir / "dpo.jsonl").write_text(
         "".join(json.dumps(pair, ensure_ascii=False) + "\n" for pair in embedded + pairs)
+    )
+    prompts = {row["prompt"]: row["category"] for row in rows if is_good(row)}
+    (output_dir / "train_prompts.jsonl").write_text(
+        "".join(json.dumps({"prompt": prompt, "category": category}) + "\n" for prompt, category in prompts.items())
     )
     (output_dir / "mixture.yaml").write_text(
         "# The embedded conversations and the engagement answers of genesis_hf.constitution.stage_data.\n"
@@ -130,8 +155,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--follow_up_only", action="store_true", help="Of the benign answers, keep those that ask a question."
     )
+    parser.add_argument(
+        "--on_policy",
+        default=None,
+        help="scores.jsonl of the SFT model on train_prompts.jsonl: add its own replies as rejected.",
+    )
     args = parser.parse_args(argv)
-    print(json.dumps(write_stage_data(Path(args.output_dir), args.embedded_count, args.follow_up_only)))
+    on_policy = Path(args.on_policy) if args.on_policy else None
+    print(json.dumps(write_stage_data(Path(args.output_dir), args.embedded_count, args.follow_up_only, on_policy)))
     return 0
 
 
