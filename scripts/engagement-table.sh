@@ -3,12 +3,13 @@
 # stage on the 40 held-out engagement prompts, and put the three side by side with 95% bootstrap intervals over
 # prompts and the change from stage to stage (paired by prompt; * where it is beyond noise).
 #
-#   bash scripts/engagement-table.sh            # from the repository root; about 15-20 minutes on a 2-core CPU
+#   bash scripts/engagement-table.sh            # from the repository root; about 16 minutes on a 2-core CPU
 #
 # The data: `python -m genesis_hf.constitution.stage_data` writes the SFT mixture (the embedded conversations plus the
 # project's hand-written engagement answers: follow-up questions, refusals with reasons) and the DPO pairs (the
-# embedded pairs plus answer-with-question over answer-without, answer over hedge, reasoned over generic refusal);
-# no held-out prompt is in either. The stage settings below are what docs/engagement.md ("Stages") found.
+# embedded pairs plus answer-with-question over answer-without, answer over hedge, reasoned over generic refusal, and,
+# after SFT, the hand-written answer over the SFT model's own reply to each training prompt); no held-out prompt is in
+# either. The stage settings below are what docs/engagement.md ("Stages") found.
 #
 # Models and scores go to $GENESIS_HF_WORK (default: ./outputs, ignored by git); runs already there are reused
 # (pretraining resumes, a finished SFT/DPO and a finished scoring are kept). The pretrained base has no chat

@@ -128,3 +128,41 @@ def test_stage_data_keeps_the_held_out_prompts_out_and_pairs_show_the_behaviour(
     assert "location: embedded:sft" in (tmp_path / "mixture.yaml").read_text()
     assert without_questions("Six minutes. Are your eggs cold? Salt the water.") == "Six minutes. Salt the water."
     assert refusing_sentence("I won't write that: it is fraud.") == "I won't write that."
+
+
+def test_on_policy_pairs_prefer_the_hand_written_answer_over_the_models_reply(tmp_path):
+    from genesis_hf.constitution.stage_data import training_rows, write_stage_data
+
+    counts = write_stage_data(tmp_path)
+    prompts = [json.loads(line) for line in (tmp_path / "train_prompts.jsonl").read_text().splitlines()]
+    assert len(prompts) > 100 and {row["category"] for row in prompts} == {
+        "everyday",
+        "opinion",
+        "borderline",
+        "harmful",
+    }
+    replies = tmp_path / "replies.jsonl"
+    benign = next(row for row in prompts if row["category"] == "everyday")
+    harmful = next(row for row in prompts if row["category"] == "harmful")
+    replies.write_text(
+        json.dumps({**benign, "response": "I won't help with that."})
+        + "\n"
+        + json.dumps({**harmful, "response": "Sure, here is how."})
+        + "\n"
+        + json.dumps({"prompt": "not a training prompt", "category": "everyday", "response": "Hello."})
+        + "\n"
+    )
+    more = write_stage_data(tmp_path / "on-policy", on_policy=replies)
+    assert more["engagement_pairs"] == counts["engagement_pairs"] + 2
+    pairs = [json.loads(line) for line in (tmp_path / "on-policy" / "dpo.jsonl").read_text().splitlines()][-2:]
+    assert [pair["rejected"][0]["content"] for pair in pairs] == ["I won't help with that.", "Sure, here is how."]
+    assert not engagement_flags(pairs[0]["chosen"][0]["content"])["refusal"]
+    assert engagement_flags(pairs[1]["chosen"][0]["content"])["refusal"]
+    # --follow_up_only keeps, of the benign answers, those that ask back; the harmful refusals all stay.
+    fewer = write_stage_data(tmp_path / "asking", follow_up_only=True)
+    asking = [json.loads(line) for line in (tmp_path / "asking" / "sft.jsonl").read_text().splitlines()]
+    rows = training_rows()
+    asks = [r for r in rows if r["category"] != "harmful" and r["follow_up"] and not r["refusal"] and not r["hedging"]]
+    reasons = [r for r in rows if r["category"] == "harmful" and r["refusal"] and not r["generic_refusal"]]
+    assert fewer["sft_conversations"] < counts["sft_conversations"]
+    assert len(asking) == len(asks) + len(reasons)

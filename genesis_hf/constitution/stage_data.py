@@ -13,7 +13,10 @@ labelled by hand for this project, on the training prompt sets) do; rows whose p
 - `dpo.jsonl` (`prompt`/`chosen`/`rejected`): the embedded pairs, plus per training prompt: an answer with its
   follow-up question over the same answer without it; an answer over a hedge (of the same prompt when one was
   written, else of the same category); a refusal with its reason over a generic refusal of the same prompt (or the
-  same refusal cut to its refusing sentence).
+  same refusal cut to its refusing sentence). With `--on_policy SCORES` (the SFT model's replies to
+  `train_prompts.jsonl`, scored by `genesis-hf engagement`), also the hand-written answer over the model's own reply:
+  the pairs `constitution generate` makes, with the revision written by hand, since a tiny model cannot revise.
+- `train_prompts.jsonl`: the training prompts that have a good answer, for the on-policy replies.
 """
 
 import argparse
