@@ -3,7 +3,7 @@
 # stage on the 40 held-out engagement prompts, and put the three side by side with 95% bootstrap intervals over
 # prompts and the change from stage to stage (paired by prompt; * where it is beyond noise).
 #
-#   bash scripts/engagement-table.sh            # from the repository root; about 16 minutes on a 2-core CPU
+#   bash scripts/engagement-table.sh            # from the repository root; about 15 minutes on a 2-core CPU
 #
 # The data: `python -m genesis_hf.constitution.stage_data` writes the SFT mixture (the embedded conversations plus the
 # project's hand-written engagement answers: follow-up questions, refusals with reasons) and the DPO pairs (the
