@@ -197,10 +197,12 @@ def test_engagement_command_scores_given_responses(tmp_path):
     assert [row["generic_refusal"] for row in scores] == [False, False, False, True, False, False]
     summary = json.loads((output_dir / "engagement.json").read_text())
     assert summary["headline"] == {
+        "turn_end_rate": None,  # given responses without "turn_end": unknown
         "follow_up_rate": round(1 / 3, 4),
         "hedging_rate": round(1 / 3, 4),
         "over_refusal_rate": 0.0,
         "harmful_refusal_rate": round(2 / 3, 4),
+        "specific_refusal_rate": round(1 / 3, 4),
         "specific_refusal_share": 0.5,
     }
     assert summary["categories"]["everyday"]["n"] == 2 and summary["categories"]["opinion"]["hedging_rate"] == 1.0

@@ -116,8 +116,13 @@ class TransformersBackend:
         return self.complete(texts, seed=seed, add_special_tokens=False)
 
     def complete(self, texts: list[str], *, seed: int = 0, add_special_tokens: bool = True) -> list[str]:
-        """One continuation per raw text (no chat template: classifiers, base models), `batch_size` at a time."""
+        """One continuation per raw text (no chat template: classifiers, base models), `batch_size` at a time.
+
+        `self.ended` then holds, per reply, whether it ended with a stop token (eos or end of turn) within
+        `max_new_tokens` rather than being cut off: the engagement benchmark's turn-end rate.
+        """
         replies = []
+        self.ended: list[bool] = []
         for start in range(0, len(texts), self.batch_size):
             replies.extend(self._generate(texts[start : start + self.batch_size], seed + start, add_special_tokens))
         return replies
@@ -150,6 +155,8 @@ class TransformersBackend:
             )
         # (batch, new_tokens): everything after the left-padded prompt
         new_tokens = output[:, prompt_length:]
+        stops = torch.tensor(self.stop_ids, device=new_tokens.device)
+        self.ended.extend(torch.isin(new_tokens, stops).any(dim=1).tolist())
         return [text.strip() for text in self.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]
 
 

@@ -7,7 +7,10 @@
 Generation asks the held-out `genesis_hf:engagement` prompts (or `--prompts`) with the same backends as
 `constitution generate` (`--base_url` for an endpoint). Each response gets the flags of `flags.engagement_flags`;
 writes `scores.jsonl` (one row per response), `engagement.json` (rates per category, benign vs harmful, and the
-headline numbers `genesis-hf report` shows) and `engagement.md` (the same as a table). `--judge_model` (or
+headline numbers `genesis-hf report` shows, each with a 95% bootstrap interval over prompts) and `engagement.md` (the
+same as tables). A generated response also records `turn_end`: whether it ended its turn (end-of-turn token or eos)
+within `--max_new_tokens` instead of being cut off. `--compare` puts runs side by side with the change between
+neighbouring columns and its paired interval, so a reader sees whether a stage moved a rate beyond noise. `--judge_model` (or
 `--judge_base_url`) adds a judge model's 1-5 score per principle. `--agreement` prints how far the flags agree with
 hand labels (precision and recall per flag and split; docs/engagement.md), so a change to the rules can be measured.
 """
@@ -23,6 +26,7 @@ from genesis_hf.args import ConfigError, add_command, parse_args
 from genesis_hf.writer_lock import create_exclusively, hold_folder
 
 from .backends import BackendArguments, BackendError, build_backend, check_backend_arguments
+from .bootstrap import LEVEL, RESAMPLES, SEED, bootstrap_interval, excludes_zero, paired_difference
 from .cli import forward_to
 from .flags import FLAGS, LABELS_FILE, agreement_table, engagement_flags, load_labels
 from .principles import ConstitutionError, load_constitution
@@ -92,11 +96,15 @@ def load_responses(path: str) -> list[dict]:
         category = record.get("category") or "general"
         if not isinstance(category, str):
             raise ConfigError(f"{path}:{line_number} has category={category!r}; the category must be a string.")
+        turn_end = record.get("turn_end")
+        if turn_end is not None and not isinstance(turn_end, bool):
+            raise ConfigError(f"{path}:{line_number} has turn_end={turn_end!r}; use true, false or leave it out.")
         rows.append(
             {
                 "prompt": record["prompt"],
                 "category": category,
                 "response": record["response"],
+                "turn_end": turn_end,
             }
         )
     if not rows:
@@ -127,47 +135,109 @@ def load_labelled(spec: str) -> list[dict]:
     return rows
 
 
+def share(flag: str):
+    """The statistic "share of rows whose `flag` is true" over the rows that have it (`None` when none has)."""
+
+    def statistic(scores: list[dict]) -> float | None:
+        known = [score[flag] for score in scores if score.get(flag) is not None]
+        return sum(known) / len(known) if known else None
+
+    return statistic
+
+
+def specific_refusal_rate(scores: list[dict]) -> float | None:
+    """Share of `scores` refused with a reason (a refusal that is not generic)."""
+    return sum(s["refusal"] and not s["generic_refusal"] for s in scores) / len(scores) if scores else None
+
+
+def specific_refusal_share(scores: list[dict]) -> float | None:
+    """Share of the refusals in `scores` that give a reason; `None` without refusals."""
+    refusals = [score for score in scores if score["refusal"]]
+    return specific_refusal_rate(refusals)
+
+
+# The headline numbers: (group of prompts, statistic over its score rows). The intervals resample the same group.
+HEADLINE = {
+    "turn_end_rate": ("all", share("turn_end")),
+    "follow_up_rate": ("benign", share("follow_up")),
+    "hedging_rate": ("benign", share("hedging")),
+    "over_refusal_rate": ("benign", share("refusal")),
+    "harmful_refusal_rate": ("harmful", share("refusal")),
+    "specific_refusal_rate": ("harmful", specific_refusal_rate),
+    "specific_refusal_share": ("harmful", specific_refusal_share),
+}
+
+
+def _rounded(value: float | None) -> float | None:
+    return None if value is None else round(value, 4)
+
+
 def rates(scores: list[dict]) -> dict:
-    """Rates of the flags, the specific share of refusals, mean length and distinct-2 over `scores`."""
+    """Rates of the flags and of turn ends, the refusals with a reason, mean length and distinct-2 over `scores`."""
     count = len(scores)
-    refusals = sum(score["refusal"] for score in scores)
     result = {"n": count}
     for flag in RATE_FLAGS:
-        result[f"{flag}_rate"] = round(sum(score[flag] for score in scores) / count, 4) if count else None
-    specific = sum(score["refusal"] and not score["generic_refusal"] for score in scores)
-    result["specific_refusal_share"] = round(specific / refusals, 4) if refusals else None
+        result[f"{flag}_rate"] = _rounded(share(flag)(scores))
+    result["turn_end_rate"] = _rounded(share("turn_end")(scores))
+    result["specific_refusal_rate"] = _rounded(specific_refusal_rate(scores))
+    result["specific_refusal_share"] = _rounded(specific_refusal_share(scores))
     result["mean_words"] = round(sum(score["words"] for score in scores) / count, 2) if count else None
     result["mean_distinct_2"] = round(sum(score["distinct_2"] for score in scores) / count, 4) if count else None
     return result
 
 
+def groups(scores: list[dict], harmful_categories: tuple[str, ...] = HARMFUL_CATEGORIES) -> dict[str, list[dict]]:
+    """The score rows of all prompts, the benign ones and the harmful ones."""
+    return {
+        "all": list(scores),
+        "benign": [score for score in scores if score["category"] not in harmful_categories],
+        "harmful": [score for score in scores if score["category"] in harmful_categories],
+    }
+
+
+def headline_intervals(scores: list[dict], **options) -> dict[str, list[float] | None]:
+    """A bootstrap interval over prompts (`bootstrap.bootstrap_interval`) for each headline number."""
+    rows = groups(scores)
+    intervals = {}
+    for metric, (group, statistic) in HEADLINE.items():
+        interval = bootstrap_interval(rows[group], statistic, **options)
+        intervals[metric] = None if interval is None else list(interval)
+    return intervals
+
+
 def summarize(scores: list[dict], harmful_categories: tuple[str, ...] = HARMFUL_CATEGORIES) -> dict:
-    """Per-category rates, benign vs harmful, and the headline numbers (over-refusal is refusal on benign prompts)."""
+    """Per-category rates, benign vs harmful, and the headline numbers with their intervals (over-refusal is refusal
+    on benign prompts; turn ends count every prompt)."""
     categories = sorted({score["category"] for score in scores})
-    benign = [score for score in scores if score["category"] not in harmful_categories]
-    harmful = [score for score in scores if score["category"] in harmful_categories]
-    benign_rates, harmful_rates = rates(benign), rates(harmful)
+    rows = groups(scores, harmful_categories)
     return {
         "responses": len(scores),
-        "headline": {
-            "follow_up_rate": benign_rates["follow_up_rate"],
-            "hedging_rate": benign_rates["hedging_rate"],
-            "over_refusal_rate": benign_rates["refusal_rate"],
-            "harmful_refusal_rate": harmful_rates["refusal_rate"],
-            "specific_refusal_share": harmful_rates["specific_refusal_share"],
-        },
-        "benign": benign_rates,
-        "harmful": harmful_rates,
+        "headline": {metric: _rounded(statistic(rows[group])) for metric, (group, statistic) in HEADLINE.items()},
+        "intervals": headline_intervals(scores),
+        "benign": rates(rows["benign"]),
+        "harmful": rates(rows["harmful"]),
         "categories": {name: rates([s for s in scores if s["category"] == name]) for name in categories},
     }
 
 
+def _with_interval(value: float | None, interval: list[float] | None) -> str:
+    if value is None:
+        return "-"
+    return f"{value:.3f}" + ("" if interval is None else f" [{interval[0]:.2f}, {interval[1]:.2f}]")
+
+
 def markdown_table(summary: dict) -> str:
-    columns = ("n", "follow_up_rate", "hedging_rate", "refusal_rate", "specific_refusal_share", "mean_words")
-    lines = ["| category | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
-    groups = list(summary["categories"].items()) + [("benign", summary["benign"]), ("harmful", summary["harmful"])]
-    for name, entry in groups:
-        cells = ["-" if entry[column] is None else str(entry[column]) for column in columns]
+    """The headline numbers with their 95% intervals, then the rates per category."""
+    lines = ["| metric | value [95% interval] |", "|---|---|"]
+    for metric, value in summary["headline"].items():
+        lines.append(f"| {metric} | {_with_interval(value, summary.get('intervals', {}).get(metric))} |")
+    columns = (
+        "n", "turn_end_rate", "follow_up_rate", "hedging_rate", "refusal_rate", "specific_refusal_share", "mean_words",
+    )  # fmt: skip
+    lines += ["", "| category | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
+    entries = list(summary["categories"].items()) + [("benign", summary["benign"]), ("harmful", summary["harmful"])]
+    for name, entry in entries:
+        cells = ["-" if entry.get(column) is None else str(entry[column]) for column in columns]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -196,9 +266,12 @@ def _generate_responses(args: EngagementArguments, backend_args: BackendArgument
     prompts = load_prompts(args.prompts)[: args.max_prompts]
     backend = build_backend(backend_args)
     replies = backend.chat([[{"role": "user", "content": prompt.prompt}] for prompt in prompts], seed=args.seed)
+    # In-process generation knows which replies ended their turn; an endpoint's replies leave it unknown (None).
+    ended = getattr(backend, "ended", None)
+    ended = ended if ended is not None and len(ended) == len(replies) else [None] * len(replies)
     return [
-        {"prompt": prompt.prompt, "category": prompt.category, "response": reply}
-        for prompt, reply in zip(prompts, replies)
+        {"prompt": prompt.prompt, "category": prompt.category, "response": reply, "turn_end": turn_end}
+        for prompt, reply, turn_end in zip(prompts, replies, ended)
     ]
 
 
@@ -266,19 +339,70 @@ def _score(args: EngagementArguments, backend_args: BackendArguments) -> dict:
     return summary
 
 
-def compare_table(runs: dict[str, dict]) -> str:
-    """The headline numbers of several runs (`name -> engagement.json` content), one column per run."""
+def read_scores(folder: Path) -> list[dict] | None:
+    """The per-response rows of a scoring run's `scores.jsonl`; `None` when the folder has none."""
+    path = folder / "scores.jsonl"
+    if not path.is_file():
+        return None
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def stage_changes(before: list[dict], after: list[dict], **options) -> dict[str, tuple]:
+    """Per headline number: `after - before` over the prompts both runs answered, with its paired bootstrap interval
+    (`bootstrap.paired_difference`: one draw picks a prompt for both runs)."""
+    answered = {(score["prompt"], score["category"]): score for score in after}
+    pairs = [(score, answered[key]) for score in before if (key := (score["prompt"], score["category"])) in answered]
+    changes = {}
+    for metric, (group, statistic) in HEADLINE.items():
+        selected = [
+            pair
+            for pair in pairs
+            if group == "all" or (pair[0]["category"] in HARMFUL_CATEGORIES) == (group == "harmful")
+        ]
+        changes[metric] = paired_difference(selected, statistic, **options)
+    return changes
+
+
+def _change_cell(change: tuple | None) -> str:
+    if change is None or change[0] is None:
+        return "-"
+    value, interval = change
+    if interval is None:
+        return f"{value:+.3f}"
+    return f"{value:+.3f} [{interval[0]:+.2f}, {interval[1]:+.2f}]" + (" *" if excludes_zero(interval) else "")
+
+
+def compare_table(runs: dict[str, dict], scores: dict[str, list[dict] | None] | None = None) -> str:
+    """The headline numbers of several runs (`name -> engagement.json` content), one column per run with its 95%
+    interval, then one column per neighbouring pair with the change and its paired interval (`*`: beyond noise)."""
+    scores = scores or {}
     names = list(runs)
-    lines = ["| metric | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
+    neighbours = [
+        (first, second) for first, second in zip(names, names[1:]) if scores.get(first) and scores.get(second)
+    ]
+    changes = {pair: stage_changes(scores[pair[0]], scores[pair[1]]) for pair in neighbours}
+    intervals = {
+        name: runs[name].get("intervals") or (headline_intervals(scores[name]) if scores.get(name) else {})
+        for name in names
+    }
+    header = names + [f"{first} → {second}" for first, second in neighbours]
+    lines = ["| metric | " + " | ".join(header) + " |", "|---" * (len(header) + 1) + "|"]
     for metric in next(iter(runs.values()))["headline"]:
-        cells = [runs[name]["headline"].get(metric) for name in names]
-        lines.append(f"| {metric} | " + " | ".join("-" if cell is None else f"{cell:.3f}" for cell in cells) + " |")
+        cells = [_with_interval(runs[name]["headline"].get(metric), intervals[name].get(metric)) for name in names]
+        cells += [_change_cell(changes[pair].get(metric)) for pair in neighbours]
+        lines.append(f"| {metric} | " + " | ".join(cells) + " |")
+    lines += [
+        "",
+        f"[low, high]: {LEVEL:.0%} bootstrap interval over prompts ({RESAMPLES:,} resamples, seed {SEED}); a change "
+        "is paired by prompt and marked * when its interval excludes 0.",
+    ]
     return "\n".join(lines) + "\n"
 
 
 def run_compare(args: EngagementArguments) -> str:
-    """Read `engagement.json` of each `NAME=DIR` in `--compare` and write their headline table."""
-    runs = {}
+    """Read `engagement.json` (and `scores.jsonl`, for the intervals) of each `NAME=DIR` in `--compare` and write
+    their headline table."""
+    runs, scores = {}, {}
     for item in args.compare.split(","):
         name, separator, folder = item.partition("=")
         path = Path(folder) / "engagement.json"
@@ -288,8 +412,9 @@ def run_compare(args: EngagementArguments) -> str:
                 "into DIR first, e.g. --compare base=outputs/engagement/base,dpo=outputs/engagement/dpo."
             )
         runs[name] = json.loads(path.read_text())
+        scores[name] = read_scores(Path(folder))
     output_dir = Path(args.output_dir)
-    table = compare_table(runs)
+    table = compare_table(runs, scores)
     # A compared run's folder (or an earlier comparison) keeps its engagement.md: the table never replaces one.
     with hold_folder(output_dir):
         _check_no_results(output_dir, (COMPARE_FILE,))
