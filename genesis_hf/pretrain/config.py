@@ -66,7 +66,7 @@ class PretrainArguments:
     )
 
     # Optimisation
-    max_steps: int = dataclasses.field(default=1000, metadata=_help("Optimizer steps; raise it on resume to extend."))
+    max_steps: int = dataclasses.field(default=1400, metadata=_help("Optimizer steps; raise it on resume to extend."))
     learning_rate: float = dataclasses.field(default=1e-2, metadata=_help("Peak LR after warmup."))
     min_learning_rate: float = dataclasses.field(default=5e-4, metadata=_help("LR at max_steps."))
     lr_scheduler_type: str = dataclasses.field(default="cosine", metadata=_help("cosine or wsd."))
@@ -99,7 +99,9 @@ class PretrainArguments:
     output_dir: str = dataclasses.field(
         default="outputs/genesis-tiny", metadata=_help("Checkpoints, metrics, final/.")
     )
-    save_steps: int = dataclasses.field(default=100, metadata=_help("Checkpoint every N steps."))
+    save_steps: int = dataclasses.field(
+        default=140, metadata=_help("Checkpoint every N steps (ten in the default run).")
+    )
     save_minutes: float = dataclasses.field(
         default=10.0, metadata=_help("And every N minutes of wall clock (0: off).")
     )
