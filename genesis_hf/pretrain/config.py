@@ -66,7 +66,7 @@ class PretrainArguments:
     )
 
     # Optimisation
-    max_steps: int = dataclasses.field(default=1400, metadata=_help("Optimizer steps; raise it on resume to extend."))
+    max_steps: int = dataclasses.field(default=1300, metadata=_help("Optimizer steps; raise it on resume to extend."))
     learning_rate: float = dataclasses.field(default=1e-2, metadata=_help("Peak LR after warmup."))
     min_learning_rate: float = dataclasses.field(default=5e-4, metadata=_help("LR at max_steps."))
     lr_scheduler_type: str = dataclasses.field(default="cosine", metadata=_help("cosine or wsd."))
