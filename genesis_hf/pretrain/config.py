@@ -100,7 +100,7 @@ class PretrainArguments:
         default="outputs/genesis-tiny", metadata=_help("Checkpoints, metrics, final/.")
     )
     save_steps: int = dataclasses.field(
-        default=140, metadata=_help("Checkpoint every N steps (ten in the default run).")
+        default=130, metadata=_help("Checkpoint every N steps (ten in the default run).")
     )
     save_minutes: float = dataclasses.field(
         default=10.0, metadata=_help("And every N minutes of wall clock (0: off).")
